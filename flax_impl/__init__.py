@@ -1,0 +1,11 @@
+"""The Flax NNX twin of the LLaMA-family decoder (mirrors `torch_impl` file for file)."""
+
+from .heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification
+from .layers.attention import Attention, KVCache
+from .layers.mlp import MLP
+from .layers.norm import RMSNorm
+from .layers.rope import RotaryEmbedding
+from .model import DecoderLayer, DecoderModel
+
+__all__ = ["Attention", "DecoderLayer", "DecoderModel", "ForCausalLM", "ForQuestionAnswering",
+           "ForSequenceClassification", "KVCache", "MLP", "RMSNorm", "RotaryEmbedding"]

@@ -1,0 +1,135 @@
+"""Grouped-query attention with a static KV cache.
+
+Axis legend for the whole project: B batch, T query length, S key length, H query heads,
+K kv heads, D head dim, E model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from weights.config import ModelConfig
+
+from .precision import compute_dtype
+from .rope import apply_rotary_pos_emb
+
+
+def concrete_int(x: jax.Array | int) -> int | None:
+    """`x` as a Python int, or None when it is traced under jit."""
+    try:
+        return int(x)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static cache: per layer keys and values `[B, K, S_max, D]`, written at index `length`.
+
+    All layers write at the same `length`; `DecoderModel` advances it once per forward pass.
+    A pytree, so it passes through `jax.jit`. Outside jit a write past the capacity grows the
+    buffers (a slow path; preallocate with `init`); under jit the capacity must suffice.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
+             dtype: jnp.dtype = jnp.float32) -> "KVCache":
+        """An empty cache with room for `max_length` positions."""
+        shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((), jnp.int32))
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers can hold."""
+        return self.keys[0].shape[2]
+
+    def key_length(self, num_new: int) -> int:
+        """Key axis length S after writing `num_new` more positions (the capacity under jit)."""
+        start = concrete_int(self.length)
+        return self.capacity if start is None else max(self.capacity, start + num_new)
+
+    def update(self, key: jax.Array, value: jax.Array, layer_idx: int
+               ) -> tuple["KVCache", jax.Array, jax.Array]:
+        """Write key/value `[B, K, T, D]` at `length`; return the new cache and the layer's full buffers."""
+        keys, values = list(self.keys), list(self.values)
+        start = concrete_int(self.length)
+        if start is not None and start + key.shape[2] > self.capacity:
+            grow = ((0, 0), (0, 0), (0, start + key.shape[2] - self.capacity), (0, 0))
+            keys[layer_idx], values[layer_idx] = jnp.pad(keys[layer_idx], grow), jnp.pad(values[layer_idx], grow)
+        index = (0, 0, self.length, 0)
+        keys[layer_idx] = jax.lax.dynamic_update_slice(keys[layer_idx], key.astype(keys[layer_idx].dtype), index)
+        values[layer_idx] = jax.lax.dynamic_update_slice(values[layer_idx], value.astype(values[layer_idx].dtype), index)
+        return self.replace(keys=tuple(keys), values=tuple(values)), keys[layer_idx], values[layer_idx]
+
+    def advance(self, num_tokens: int) -> "KVCache":
+        """Move the write position past `num_tokens` newly written positions."""
+        return self.replace(length=self.length + num_tokens)
+
+
+def repeat_kv(hidden_states: jax.Array, n_rep: int) -> jax.Array:
+    """`[B, K, S, D] -> [B, K * n_rep, S, D]`, each kv head repeated for its query group."""
+    if n_rep == 1:
+        return hidden_states
+    return jnp.repeat(hidden_states, n_rep, axis=1)
+
+
+def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                      scaling: float, num_key_value_groups: int) -> tuple[jax.Array, jax.Array]:
+    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`.
+
+    Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
+    """
+    key = repeat_kv(key, num_key_value_groups)
+    value = repeat_kv(value, num_key_value_groups)
+    scores = jnp.matmul(query, jnp.swapaxes(key, 2, 3)) * scaling
+    cdtype = compute_dtype(query.dtype)
+    # Masked scores take the most negative finite value, not -inf: a row with no visible key
+    # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
+    scores = jnp.where(mask, scores.astype(cdtype), jnp.finfo(cdtype).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+    return jnp.matmul(weights, value), weights
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        self.layer_idx = layer_idx
+        self.head_dim = config.resolved_head_dim
+        self.num_key_value_groups = config.num_key_value_groups
+        self.scaling = self.head_dim ** -0.5
+        e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
+        linear = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype or dtype,
+                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.q_proj = nnx.Linear(e, h * d, **linear)
+        self.k_proj = nnx.Linear(e, k * d, **linear)
+        self.v_proj = nnx.Linear(e, k * d, **linear)
+        self.o_proj = nnx.Linear(h * d, e, **linear)
+
+    def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
+                 attention_mask: jax.Array, past_key_value: KVCache | None = None
+                 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
+        (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, self.head_dim)
+        query = self.q_proj(hidden_states).reshape(shape).swapaxes(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).reshape(shape).swapaxes(1, 2)  # [B, K, T, D]
+        value = self.v_proj(hidden_states).reshape(shape).swapaxes(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_value is not None:
+            past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
+        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        out = out.swapaxes(1, 2).reshape(b, t, -1)
+        return self.o_proj(out), weights, past_key_value

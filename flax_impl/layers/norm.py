@@ -1,0 +1,31 @@
+"""RMSNorm (HF `LlamaRMSNorm`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .precision import compute_dtype
+
+
+def rms_norm(hidden_states: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32 (float64 for float64 input)."""
+    input_dtype = hidden_states.dtype
+    x = hidden_states.astype(compute_dtype(input_dtype))
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(variance + eps)
+    # HF casts back to the activation dtype *before* the weight multiply (LLaMA convention).
+    return weight * x.astype(input_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm over the last axis with a learned per-channel `weight` (init ones)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((hidden_size,), dtype=param_dtype or dtype))
+        self.variance_epsilon = eps
+
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        return rms_norm(hidden_states, self.weight[...], self.variance_epsilon)

@@ -1,0 +1,152 @@
+"""The decoder stack: `DecoderLayer` and `DecoderModel` (HF `LlamaDecoderLayer` / `LlamaModel`)."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from weights.config import ModelConfig
+
+from .layers.attention import Attention, KVCache, concrete_int
+from .layers.mlp import MLP
+from .layers.norm import RMSNorm
+from .layers.rope import RotaryEmbedding
+
+
+@flax.struct.dataclass
+class BaseModelOutput:
+    """What `DecoderModel` returns; tuples have one entry per layer (hidden states: + 1)."""
+
+    last_hidden_state: jax.Array
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+
+
+def make_attention_mask(attention_mask: jax.Array | None, batch_size: int, query_length: int,
+                        key_length: int, past_length: jax.Array | int) -> jax.Array:
+    """Boolean keep-mask `[B, 1, T, S]`: causal by cache index, and 2-D padding mask (1 = keep).
+
+    The query at step t sits at cache index `past_length + t` and sees keys at indices <= that;
+    slots not yet written lie beyond it and are masked by the same rule. `attention_mask` is
+    `[B, past_length + T]` (HF's convention) or `[B, S]`.
+    """
+    q_index = past_length + jnp.arange(query_length)
+    keep = jnp.arange(key_length)[None, :] <= q_index[:, None]  # [T, S]
+    keep = jnp.broadcast_to(keep[None, None], (batch_size, 1, query_length, key_length))
+    if attention_mask is None:
+        return keep
+    width = attention_mask.shape[-1]
+    past = concrete_int(past_length)
+    allowed = (key_length,) if past is None else (past + query_length, key_length)
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch_size or width not in allowed:
+        raise ValueError(f"attention_mask: expected shape [{batch_size}, {allowed[0]}] "
+                         f"(past + new tokens), got {list(attention_mask.shape)}")
+    padding = attention_mask.astype(bool)
+    if width < key_length:
+        padding = jnp.concatenate([padding, jnp.zeros((batch_size, key_length - width), bool)], axis=1)
+    return keep & padding[:, None, None, :]
+
+
+def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
+    """Raise a clear error for token ids outside `[0, vocab_size)` (JAX would silently clamp).
+
+    Under jit the ids are traced and cannot be checked; callers validate before compiling.
+    """
+    if isinstance(input_ids, jax.core.Tracer) or not input_ids.size:
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids: token id {int(input_ids[bad][0])} is outside the vocabulary [0, {vocab_size})")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
+        self.self_attn = Attention(config, layer_idx, **kw, rngs=rngs)
+        self.mlp = MLP(config, **kw, rngs=rngs)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+
+    def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
+                 attention_mask: jax.Array, past_key_value: KVCache | None = None
+                 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache)."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, attn_weights, past_key_value = self.self_attn(
+            hidden_states, position_embeddings, attention_mask, past_key_value)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states, attn_weights, past_key_value
+
+
+class DecoderModel(nnx.Module):
+    """Token embedding, the decoder layers and the final norm (HF `LlamaModel`)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
+                                      embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        if config.pad_token_id is not None:
+            table = self.embed_tokens.embedding
+            table[...] = table[...].at[config.pad_token_id].set(0)
+        self.layers = nnx.List([DecoderLayer(config, i, **kw, rngs=rngs) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, T, E]`; like torch's `padding_idx`, the pad row gets no gradient
+        from the positions that look it up."""
+        embeds = self.embed_tokens(input_ids)
+        if self.config.pad_token_id is None:
+            return embeds
+        is_pad = (input_ids == self.config.pad_token_id)[..., None]
+        return jnp.where(is_pad, jax.lax.stop_gradient(embeds), embeds)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
+                 inputs_embeds: jax.Array | None = None, use_cache: bool = False,
+                 output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutput:
+        """`input_ids [B, T]` (or `inputs_embeds [B, T, E]`) -> final hidden states `[B, T, E]`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache.init(self.config, b, t, dtype=inputs_embeds.dtype)
+        past_length = past_key_values.length if past_key_values is not None else 0
+        key_length = past_key_values.key_length(t) if past_key_values is not None else t
+        if position_ids is None:
+            position_ids = jnp.broadcast_to((past_length + jnp.arange(t, dtype=jnp.int32))[None], (b, t))
+        mask = make_attention_mask(attention_mask, b, t, key_length, past_length)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden: list[jax.Array] = []
+        all_attn: list[jax.Array] = []
+        for layer in self.layers:
+            all_hidden.append(hidden_states)
+            hidden_states, attn_weights, past_key_values = layer(hidden_states, position_embeddings, mask, past_key_values)
+            all_attn.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        # HF's convention: the last entry is the *normed* output, replacing the last layer's raw one.
+        all_hidden.append(hidden_states)
+        if past_key_values is not None:
+            past_key_values = past_key_values.advance(t)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )

@@ -1,0 +1,123 @@
+"""Grouped-query attention with a static KV cache.
+
+Axis legend for the whole project: B batch, T query length, S key length, H query heads,
+K kv heads, D head dim, E model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weights.config import ModelConfig
+
+from .precision import compute_dtype
+from .rope import apply_rotary_pos_emb
+
+
+class KVCache:
+    """Static cache: per layer keys and values `[B, K, S_max, D]`, written at index `length`.
+
+    All layers write at the same `length`; `DecoderModel` advances it once per forward pass.
+    A write past the capacity grows the buffers (a slow path; preallocate with `init`).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0):
+        self.keys = keys
+        self.values = values
+        self.length = length
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
+             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "KVCache":
+        """An empty cache with room for `max_length` positions."""
+        shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in layers])
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers can hold."""
+        return self.keys[0].shape[2]
+
+    def key_length(self, num_new: int) -> int:
+        """Key axis length S after writing `num_new` more positions."""
+        return max(self.capacity, self.length + num_new)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int
+               ) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
+        """Write key/value `[B, K, T, D]` at `length`; return the cache and the layer's full buffers."""
+        start, end = self.length, self.length + key.shape[2]
+        if end > self.capacity:
+            grow = end - self.capacity
+            pad = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (grow,) + t.shape[3:])], dim=2)
+            self.keys[layer_idx], self.values[layer_idx] = pad(self.keys[layer_idx]), pad(self.values[layer_idx])
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        return self, self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, num_tokens: int) -> "KVCache":
+        """Move the write position past `num_tokens` newly written positions."""
+        self.length += num_tokens
+        return self
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`[B, K, S, D] -> [B, K * n_rep, S, D]`, each kv head repeated for its query group."""
+    if n_rep == 1:
+        return hidden_states
+    b, k, s, d = hidden_states.shape
+    return hidden_states[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)
+
+
+def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                      scaling: float, num_key_value_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`.
+
+    Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
+    """
+    key = repeat_kv(key, num_key_value_groups)
+    value = repeat_kv(value, num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    cdtype = compute_dtype(query.dtype)
+    # Masked scores take the most negative finite value, not -inf: a row with no visible key
+    # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
+    scores = scores.to(cdtype).masked_fill(~mask, torch.finfo(cdtype).min)
+    weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    return torch.matmul(weights, value), weights
+
+
+class Attention(nn.Module):
+    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.resolved_head_dim
+        self.num_key_value_groups = config.num_key_value_groups
+        self.scaling = self.head_dim ** -0.5
+        e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(e, h * d, bias=bias, dtype=dtype)
+        self.k_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
+        self.v_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(h * d, e, bias=bias, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor, past_key_value: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+        """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
+        (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, K, T, D]
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_value is not None:
+            past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
+        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out), weights, past_key_value

@@ -1,0 +1,30 @@
+"""RMSNorm (HF `LlamaRMSNorm`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .precision import compute_dtype
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32 (float64 for float64 input)."""
+    input_dtype = hidden_states.dtype
+    x = hidden_states.to(compute_dtype(input_dtype))
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    # HF casts back to the activation dtype *before* the weight multiply (LLaMA convention).
+    return weight * x.to(input_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis with a learned per-channel `weight` (init ones)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)

@@ -1,0 +1,57 @@
+"""Rotary position embedding with HF's scalings (default, linear, dynamic NTK, llama3).
+
+The frequencies come from `weights.rope.rope_frequencies` (numpy, float64) so both twins use
+bit-identical values; angles are formed here in float32 (float64 for float64 models).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weights.config import ModelConfig
+from weights.rope import rope_frequencies
+
+from .precision import compute_dtype
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [-x2, x1]` over the last axis (HF's half-split rotary layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q `[B, H, T, D]` and k `[B, K, T, D]` by angles given as cos/sin `[B, T, D]`."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids into the (cos, sin) tables shared by every layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope.rope_type
+
+    def inv_freq(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        """`(inv_freq [D/2] in dtype, attention_scaling)` for these positions."""
+        # Dynamic NTK depends on the current length; HF uses max(position id) + 1 over the batch.
+        # Unlike HF's module, no length is remembered between calls (see README).
+        seq_len = int(position_ids.max()) + 1 if self.rope_type == "dynamic" else None
+        inv_freq, scaling = rope_frequencies(self.config, seq_len)
+        # Rounded once from float64, exactly as the Flax twin's numpy cast does.
+        return torch.tensor(inv_freq, dtype=torch.float64, device=position_ids.device).to(dtype), scaling
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[B, T, D]` in `x.dtype`, for integer `position_ids [B, T]`."""
+        cdtype = compute_dtype(x.dtype)
+        inv_freq, attention_scaling = self.inv_freq(position_ids, cdtype)
+        freqs = position_ids.to(cdtype)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * attention_scaling
+        sin = emb.sin() * attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)

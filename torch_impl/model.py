@@ -1,0 +1,153 @@
+"""The decoder stack: `DecoderLayer` and `DecoderModel` (HF `LlamaDecoderLayer` / `LlamaModel`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from weights.config import ModelConfig
+
+from .layers.attention import Attention, KVCache
+from .layers.mlp import MLP
+from .layers.norm import RMSNorm
+from .layers.rope import RotaryEmbedding
+
+
+@dataclass
+class BaseModelOutput:
+    """What `DecoderModel` returns; tuples have one entry per layer (hidden states: + 1)."""
+
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, query_length: int,
+                        key_length: int, past_length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean keep-mask `[B, 1, T, S]`: causal by cache index, and 2-D padding mask (1 = keep).
+
+    The query at step t sits at cache index `past_length + t` and sees keys at indices <= that;
+    slots not yet written lie beyond it and are masked by the same rule. `attention_mask` is
+    `[B, past_length + T]` (HF's convention) or `[B, S]`.
+    """
+    q_index = past_length + torch.arange(query_length, device=device)
+    keep = torch.arange(key_length, device=device)[None, :] <= q_index[:, None]  # [T, S]
+    keep = keep[None, None].expand(batch_size, 1, query_length, key_length)
+    if attention_mask is None:
+        return keep
+    width = attention_mask.shape[-1]
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or width not in (past_length + query_length, key_length):
+        raise ValueError(f"attention_mask: expected shape [{batch_size}, {past_length + query_length}] "
+                         f"(past + new tokens), got {list(attention_mask.shape)}")
+    padding = attention_mask.to(torch.bool)
+    if width < key_length:
+        padding = torch.cat([padding, padding.new_zeros(batch_size, key_length - width)], dim=1)
+    return keep & padding[:, None, None, :]
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a clear error for token ids outside `[0, vocab_size)` (torch would raise deep inside)."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"input_ids: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+
+
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """HF's init: normal(0, initializer_range) for linear and embedding weights, zero biases,
+    a zero embedding row at `pad_token_id`, ones for norms."""
+    std = config.initializer_range
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor, past_key_value: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+        """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache)."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, attn_weights, past_key_value = self.self_attn(
+            hidden_states, position_embeddings, attention_mask, past_key_value)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states, attn_weights, past_key_value
+
+
+class DecoderModel(nn.Module):
+    """Token embedding, the decoder layers and the final norm (HF `LlamaModel`)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype)
+        self.layers = nn.ModuleList([DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding(config)
+        init_weights(self, config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[B, T, E]`; `padding_idx` keeps the pad row's gradient at zero."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool = False,
+                output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutput:
+        """`input_ids [B, T]` (or `inputs_embeds [B, T, E]`) -> final hidden states `[B, T, E]`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache.init(self.config, b, t, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        past_length = past_key_values.length if past_key_values is not None else 0
+        key_length = past_key_values.key_length(t) if past_key_values is not None else t
+        if position_ids is None:
+            position_ids = (past_length + torch.arange(t, device=inputs_embeds.device))[None].expand(b, t)
+        mask = make_attention_mask(attention_mask, b, t, key_length, past_length, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden: list[torch.Tensor] = []
+        all_attn: list[torch.Tensor] = []
+        for layer in self.layers:
+            all_hidden.append(hidden_states)
+            hidden_states, attn_weights, past_key_values = layer(hidden_states, position_embeddings, mask, past_key_values)
+            all_attn.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        # HF's convention: the last entry is the *normed* output, replacing the last layer's raw one.
+        all_hidden.append(hidden_states)
+        if past_key_values is not None:
+            past_key_values = past_key_values.advance(t)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )

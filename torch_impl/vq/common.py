@@ -1,0 +1,55 @@
+"""Shared helpers of the Transformer-VQ torch twin: dtypes, stop-gradient forms, dropout masks.
+
+Axis legend for the whole `vq` package: `B` batch, `P` tokens in a call, `K` blocks in a call,
+`L` block length, `M` mem_len, `W = M + L` recent window, `H` heads, `S` codes per head,
+`d_k` / `d_v` key / value width per head, `D` model width, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
+
+# Finite stand-in for infinity in masks (pitfall P4): -inf would give inf - inf = NaN in the shift.
+MASK_INFTY_APPROX = 1e30
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def to_dtype(name: str) -> torch.dtype:
+    """Config dtype string -> torch dtype."""
+    return _DTYPES[name]
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The reference hard-codes float32 in three places (norm, tied logits, ScaledSin scale).
+    We promote to max(float32, dtype) instead, so float64 runs stay float64 (pitfall P10): the one
+    deliberate deviation from the reference, identical in both twins."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sg(x: torch.Tensor) -> torch.Tensor:
+    """Stop-gradient."""
+    return x.detach()
+
+
+def st(x: torch.Tensor) -> torch.Tensor:
+    """x - sg(x): forward value exactly 0, gradient the identity (the exact straight-through)."""
+    return x - x.detach()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A dense layer computed in `dtype` (inputs and params cast to it, like flax's Dense)."""
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype,
+                 generator: torch.Generator | None) -> torch.Tensor | None:
+    """Keep-mask scaled by 1/(1-p), or None when the dropout is off (p == 0)."""
+    if p == 0.0:
+        return None
+    keep = torch.rand(shape, generator=generator) >= p
+    return keep.to(dtype) / (1.0 - p)
