@@ -1,0 +1,59 @@
+"""Measuring the difference between two arrays: the unit every parity check reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A float64 (or integer) numpy copy of a torch tensor, jax array or numpy array."""
+    if hasattr(x, "detach"):  # torch, without importing it here
+        x = x.detach().cpu()
+        x = x.double() if x.is_floating_point() else x
+        return x.numpy()
+    a = np.asarray(x)
+    # kind "V" is ml_dtypes' bfloat16, which numpy does not count as floating.
+    return a.astype(np.float64) if a.dtype.kind in "fV" else a
+
+
+@dataclass
+class Comparison:
+    """How far `got` is from `reference`: the figures a parity table shows for one tensor."""
+
+    name: str
+    max_abs: float  # max |got - reference|
+    rel: float  # max_abs / max(1, max |reference|): what the tolerance bounds
+    worst_index: tuple[int, ...]  # where max_abs occurs
+    tolerance: float
+    passed: bool
+    shape: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready figures."""
+        return asdict(self)
+
+
+def compare(name: str, reference: Any, got: Any, tol: float) -> Comparison:
+    """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
+
+    NaN anywhere in either array (where the other is not NaN at the same place) fails.
+    """
+    ref, out = to_numpy(reference), to_numpy(got)
+    if ref.shape != out.shape:
+        return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape))
+    if ref.size == 0:
+        return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape))
+    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    both_nan = np.isnan(ref) & np.isnan(out)
+    diff = np.where(both_nan, 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    flat = int(np.argmax(diff))
+    max_abs = float(diff.reshape(-1)[flat])
+    finite = np.abs(ref[np.isfinite(ref)])
+    scale = max(1.0, float(finite.max()) if finite.size else 1.0)
+    rel = max_abs / scale
+    return Comparison(name, max_abs, rel, tuple(int(i) for i in np.unravel_index(flat, ref.shape)), tol,
+                      bool(rel <= tol), tuple(ref.shape))

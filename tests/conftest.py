@@ -1,0 +1,20 @@
+"""Test set-up: float64 in JAX, and hypothesis profiles (bounded and seeded on CI)."""
+
+import os
+
+import jax
+from hypothesis import HealthCheck, settings
+
+# Must run before any JAX array exists: float64 parity is the semantic check.
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci", max_examples=10, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
