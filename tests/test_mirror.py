@@ -1,0 +1,92 @@
+"""The twins mirror each other: same module files, public classes and functions, call
+signatures, and parameter names (the torch state-dict key maps onto the Flax path by the
+`weights.names` table and nothing else)."""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import flax_impl
+import torch_impl
+from parity.pairs import HEADS, build_pair
+from weights.config import ModelConfig
+from weights.names import flax_path, hf_name
+
+ROOT = Path(__file__).resolve().parents[1]
+# Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`; Flax constructors
+# take `param_dtype` and `rngs` besides `dtype`; torch allocations take a `device`.
+CALL = {"forward": "__call__"}
+ONE_SIDED_PARAMS = {"param_dtype", "rngs", "device"}
+# Public helpers that exist on one side only, each for a framework difference.
+ONE_SIDED = {
+    "checkpoint.py": {"tensor_to_numpy", "numpy_to_tensor"},  # torch has no bfloat16 <-> numpy bridge
+    "model.py": {"init_weights"},  # torch re-initialises after construction; NNX takes initializers
+    "layers/attention.py": {"concrete_int"},  # only JAX has traced values under jit
+}
+
+
+def module_files(pkg: str) -> set[str]:
+    return {str(p.relative_to(ROOT / pkg)) for p in (ROOT / pkg).rglob("*.py")}
+
+
+def public_defs(path: Path) -> dict[str, ast.AST]:
+    """Top-level public classes/functions and the public methods of classes, by qualified name."""
+    out: dict[str, ast.AST] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            out[node.name] = node
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and (not item.name.startswith("_") or item.name in ("__init__", "__call__")):
+                        out[f"{node.name}.{CALL.get(item.name, item.name)}"] = item
+    return out
+
+
+def arg_names(fn: ast.FunctionDef) -> list[str]:
+    a = fn.args
+    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ONE_SIDED_PARAMS]
+
+
+def test_same_module_files():
+    assert module_files("torch_impl") == module_files("flax_impl")
+
+
+@pytest.mark.parametrize("rel", sorted(module_files("torch_impl")))
+def test_same_public_names_and_signatures(rel):
+    t_defs, f_defs = public_defs(ROOT / "torch_impl" / rel), public_defs(ROOT / "flax_impl" / rel)
+    allowed = ONE_SIDED.get(rel, set())
+    # A dataclass-generated __init__ (Flax pytrees) has no source to compare.
+    t_names = {n for n in t_defs if n not in allowed and not n.endswith(".__init__")}
+    f_names = {n for n in f_defs if n not in allowed and not n.endswith(".__init__")}
+    assert sorted(t_names) == sorted(f_names), f"{rel}: public names differ"
+    for name, node in t_defs.items():
+        if isinstance(node, ast.FunctionDef) and name in f_defs:
+            assert arg_names(node) == arg_names(f_defs[name]), f"{rel}:{name}: signatures differ"
+
+
+def test_same_exports():
+    assert sorted(torch_impl.__all__) == sorted(flax_impl.__all__)
+
+
+CONFIGS = [
+    ModelConfig(vocab_size=17, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, attention_bias=True, mlp_bias=True, pad_token_id=0),
+    ModelConfig(vocab_size=17, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                tie_word_embeddings=True, num_labels=3),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_parameter_names_map_by_the_table(config, head):
+    from flax import nnx
+
+    t_model, f_model = build_pair(config, head)
+    t_names = set(t_model.state_dict())
+    f_paths = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(f_model, nnx.Param))}
+    assert {flax_path(n) for n in t_names} == f_paths
+    assert {hf_name(p) for p in f_paths} == t_names
+    if config.tie_word_embeddings and head == "causal_lm":
+        assert "lm_head.weight" not in t_names  # tied: stored once, as HF saves it
