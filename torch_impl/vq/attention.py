@@ -205,7 +205,7 @@ class VQAttention(nn.Module):
 
     def forward(self, state: dict, x: torch.Tensor, vq_spec: VQSpec | None = None, *,
                 is_train: bool = False, dropsin: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[dict, dict]:
+                rng: torch.Generator | None = None) -> tuple[dict, dict]:
         """One block x [B,L,D] -> (new_state, {res, l_commit, l_codebook, metrics}).
         `dropsin` is the [W, D] sinusoid dropout mask shared by all blocks of a call."""
         x_tilde = self.input_ln(x)
@@ -214,7 +214,7 @@ class VQAttention(nn.Module):
         out = self.attn(q, k, v, state, vq_spec, is_train, dropsin)
         res = linear(out["attn_out"] * g, self.res_proj.weight, None, self.dtype)
         if is_train:
-            mask = dropout_mask(tuple(res.shape), self.config.p_dropres, res.dtype, generator)
+            mask = dropout_mask(tuple(res.shape), self.config.p_dropres, res.dtype, rng)
             res = res if mask is None else res * mask
         new_state = self.update_state(out["recent_z"], out["recent_k_hat"], out["recent_v"], state)
         return new_state, dict(res=res, l_commit=out["l_commit"], l_codebook=out["l_codebook"],

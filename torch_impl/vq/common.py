@@ -41,15 +41,16 @@ def st(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A dense layer computed in `dtype` (inputs and params cast to it, like flax's Dense)."""
-    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A dense layer computed in `dtype` (inputs and params cast to it, like flax's Dense);
+    w is a torch `weight`, [out, in]."""
+    return F.linear(x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype,
-                 generator: torch.Generator | None) -> torch.Tensor | None:
+                 rng: torch.Generator | None) -> torch.Tensor | None:
     """Keep-mask scaled by 1/(1-p), or None when the dropout is off (p == 0)."""
     if p == 0.0:
         return None
-    keep = torch.rand(shape, generator=generator) >= p
+    keep = torch.rand(shape, generator=rng) >= p
     return keep.to(dtype) / (1.0 - p)

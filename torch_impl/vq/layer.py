@@ -39,18 +39,18 @@ class TransformerLayer(nn.Module):
         return [VQAttention.initial_state(config, batch_size), VQAttention.initial_state(config, batch_size)]
 
     def _sublayer(self, attn: VQAttention, x: torch.Tensor, state: dict, vq_specs: list[VQSpec] | None,
-                  is_train: bool, generator: torch.Generator | None):
+                  is_train: bool, rng: torch.Generator | None):
         """Scan one sublayer over the K blocks of x [K,B,L,D]; returns ([K,B,L,D], state, aux)."""
         c = self.config
         n_block, bsz, block_len, _ = x.shape
         # "timeless" masks: drawn once per call, shared by every block.
         dropsin = dropout_mask((c.mem_len + block_len, c.d_model), c.p_dropsin,
-                               at_least_float32(self.dtype), generator) if is_train else None
-        droplyr = dropout_mask((1, bsz, 1, 1), c.p_droplyr, self.dtype, generator) if is_train else None
+                               at_least_float32(self.dtype), rng) if is_train else None
+        droplyr = dropout_mask((1, bsz, 1, 1), c.p_droplyr, self.dtype, rng) if is_train else None
         res, outs = [], []
         for k in range(n_block):
             spec = None if vq_specs is None else vq_specs[k]
-            state, out = attn(state, x[k], spec, is_train=is_train, dropsin=dropsin, generator=generator)
+            state, out = attn(state, x[k], spec, is_train=is_train, dropsin=dropsin, rng=rng)
             res.append(out.pop("res"))
             outs.append(out)
         r = torch.stack(res)
@@ -59,11 +59,11 @@ class TransformerLayer(nn.Module):
         return x + r, state, mean_over_blocks(outs)
 
     def forward(self, x: torch.Tensor, state: list[dict], vq_specs: list[VQSpec] | None = None, *,
-                is_train: bool = False, generator: torch.Generator | None = None) -> dict:
+                is_train: bool = False, rng: torch.Generator | None = None) -> dict:
         """x [K,B,L,D] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
         state1, state2 = state
-        x, state1, aux1 = self._sublayer(self.scanned_attn1, x, state1, vq_specs, is_train, generator)
-        x, state2, aux2 = self._sublayer(self.scanned_attn2, x, state2, vq_specs, is_train, generator)
+        x, state1, aux1 = self._sublayer(self.scanned_attn1, x, state1, vq_specs, is_train, rng)
+        x, state2, aux2 = self._sublayer(self.scanned_attn2, x, state2, vq_specs, is_train, rng)
         metrics = {k: (aux1["metrics"][k] + aux2["metrics"][k]) / 2 for k in aux1["metrics"]}
         return dict(output_features=x, attn_state=[state1, state2],
                     l_commit=aux1["l_commit"] + aux2["l_commit"],

@@ -67,13 +67,13 @@ class Transformer(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: list, vq_spec: VQSpec | None = None, *,
                 block_len: int | None = None, is_train: bool | None = None,
-                generator: torch.Generator | None = None) -> dict:
+                rng: torch.Generator | None = None) -> dict:
         """inputs [B, P] token ids ([B, P, D] features when `no_emb`), state from `initial_state`
         or a previous call -> {logprobs [B,P,V], attn_state, l_commit, l_codebook, metrics}.
 
         `block_len` (default `config.block_len`) must divide P; the output does not depend on it.
         `is_train` (default `config.is_train`) turns on dropout, losses and metrics, and then
-        needs `vq_spec`.
+        needs `vq_spec`; `rng` (a torch.Generator) drives dropout in train mode.
         """
         c = self.config
         is_train = c.is_train if is_train is None else is_train
@@ -86,13 +86,13 @@ class Transformer(nn.Module):
         if c.pe_abs:
             x = x + self.position_embedder(present_len, state[0][0]["pos_offset"])
         if is_train:
-            mask = dropout_mask(tuple(x.shape), c.p_dropemb, x.dtype, generator)
+            mask = dropout_mask(tuple(x.shape), c.p_dropemb, x.dtype, rng)
             x = x if mask is None else x * mask
         x = get_blocks_from_sequence(x, block_len)
         vq_specs = get_blocks_of_vq_spec(vq_spec, block_len) if is_train else None
         new_state, aux = [], None
         for i, layer in enumerate(self.transformer_layers):
-            out = layer(x, state[i], vq_specs, is_train=is_train, generator=generator)
+            out = layer(x, state[i], vq_specs, is_train=is_train, rng=rng)
             new_state.append(out.pop("attn_state"))
             x = out.pop("output_features")
             aux = out if aux is None else dict(

@@ -1,0 +1,58 @@
+"""Shared helpers of the Transformer-VQ Flax twin: dtypes, stop-gradient forms, dropout masks.
+
+Axis legend for the whole `vq` package: `B` batch, `P` tokens in a call, `K` blocks in a call,
+`L` block length, `M` mem_len, `W = M + L` recent window, `H` heads, `S` codes per head,
+`d_k` / `d_v` key / value width per head, `D` model width, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
+
+# Finite stand-in for infinity in masks (pitfall P4): -inf would give inf - inf = NaN in the shift.
+MASK_INFTY_APPROX = 1e30
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def to_dtype(name: str) -> jnp.dtype:
+    """Config dtype string -> jax dtype."""
+    return jnp.dtype(_DTYPES[name])
+
+
+def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:
+    """The reference hard-codes float32 in three places (norm, tied logits, ScaledSin scale).
+    We promote to max(float32, dtype) instead, so float64 runs stay float64 (pitfall P10): the one
+    deliberate deviation from the reference, identical in both twins."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def sg(x: jax.Array) -> jax.Array:
+    """Stop-gradient."""
+    return jax.lax.stop_gradient(x)
+
+
+def st(x: jax.Array) -> jax.Array:
+    """x - sg(x): forward value exactly 0, gradient the identity (the exact straight-through)."""
+    return x - jax.lax.stop_gradient(x)
+
+
+def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+    """A dense layer computed in `dtype` (inputs and params cast to it, like flax's Dense);
+    w is an NNX `kernel`, [in, out]."""
+    y = jnp.matmul(x.astype(dtype), w.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, dtype: jnp.dtype, rng: jax.Array | None) -> jax.Array | None:
+    """Keep-mask scaled by 1/(1-p), or None when the dropout is off (p == 0)."""
+    if p == 0.0:
+        return None
+    if rng is None:
+        raise ValueError(f"dropout with p={p} in train mode needs an rng key")
+    keep = jax.random.uniform(rng, shape) >= p
+    return keep.astype(dtype) / (1.0 - p)

@@ -1,0 +1,62 @@
+"""Checkpoints of the torch twin: numpy <-> module, safetensors save/load through `weights/`,
+and the importer from the reference's Flax parameter tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from weights.vq_checkpoint import (import_reference_params, load_vq_checkpoint, save_vq_checkpoint,
+                                   validate_tensors)
+from weights.vq_config import TransformerVQConfig
+from .model import Transformer
+
+__all__ = ["to_numpy", "load_numpy", "save_pretrained", "from_pretrained", "from_reference_params"]
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits (bit-exact)
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy().copy()
+
+
+def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a).copy())
+
+
+def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
+    """Every parameter, named by the state dict, as numpy arrays (torch layout)."""
+    return {k: _tensor_to_numpy(v) for k, v in model.state_dict().items()}
+
+
+def load_numpy(model: Transformer, tensors: Mapping[str, np.ndarray]) -> Transformer:
+    """Copy torch-named numpy tensors into the model (names and shapes checked first)."""
+    validate_tensors(model.config, tensors)
+    state = {k: _numpy_to_tensor(np.asarray(v)) for k, v in tensors.items()}
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            p.copy_(state[k].to(p.dtype))
+    return model
+
+
+def save_pretrained(model: Transformer, directory: str | os.PathLike) -> None:
+    """Write `config.json` + `model.safetensors`."""
+    save_vq_checkpoint(directory, model.config, to_numpy(model))
+
+
+def from_pretrained(directory: str | os.PathLike) -> Transformer:
+    """Build a model from a directory written by either twin."""
+    config, tensors = load_vq_checkpoint(directory)
+    return load_numpy(Transformer(config), tensors)
+
+
+def from_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig) -> Transformer:
+    """A model holding the weights of the official Flax parameter tree (see `weights.vq_checkpoint`)."""
+    return load_numpy(Transformer(config), import_reference_params(tree, config))
