@@ -1,8 +1,34 @@
-"""The checkpoint format shared by both twins: config, name rules, safetensors IO.
+"""The checkpoint format shared by both twins: config, name rules, safetensors IO, converter.
 
-numpy + safetensors + ml_dtypes only: this package imports neither torch nor jax.
+numpy + safetensors + ml_dtypes only: this package imports neither torch nor jax (the one
+pickle path of the converter imports torch lazily, when explicitly asked to).
 """
 
+from .checkpoint import (FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointReader,
+                         ShardedWriter, atomic_directory, flax_key, hf_key_from_flax, parse_size,
+                         plan_shards)
 from .config import ConfigError, ModelConfig, RopeScaling
+from .convert import DTYPE_NAMES, ConvertResult, convert
+from .errors import (LOAD_ERRORS, CheckpointError, CheckpointNotFoundError, DataOffsetError,
+                     DestinationExistsError, HeaderError, MissingDependencyError, MissingKeysError,
+                     PickleRefusedError, SafetensorsFormatError, ShapeMismatchError, ShardIndexError,
+                     StateMismatchError, TiedWeightsMismatchError, TruncatedFileError,
+                     UnexpectedKeysError, UnknownDtypeError)
+from .names import flax_path, hf_name, is_transposed
+from .report import LoadReport, TensorMismatch, iter_tensors, match_state
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec, load_file, save_file
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling"]
+__all__ = [
+    "ModelConfig", "RopeScaling", "ConfigError",
+    "flax_path", "hf_name", "is_transposed", "flax_key", "hf_key_from_flax",
+    "SafetensorsFile", "SafetensorsWriter", "TensorSpec", "load_file", "save_file",
+    "CheckpointReader", "ShardedWriter", "atomic_directory", "parse_size", "plan_shards",
+    "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME",
+    "LoadReport", "TensorMismatch", "match_state", "iter_tensors",
+    "convert", "ConvertResult", "DTYPE_NAMES",
+    "CheckpointError", "SafetensorsFormatError", "TruncatedFileError", "HeaderError",
+    "UnknownDtypeError", "DataOffsetError", "ShardIndexError", "CheckpointNotFoundError",
+    "StateMismatchError", "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError",
+    "TiedWeightsMismatchError", "PickleRefusedError", "MissingDependencyError",
+    "DestinationExistsError", "LOAD_ERRORS",
+]
