@@ -1,5 +1,8 @@
 """The checkpoint format shared by both twins: config, name rules, safetensors IO, converter.
 
+The converter lives in `weights.convert` (`from weights.convert import convert`); it is not
+re-exported here, so that `weights.convert` stays the module.
+
 numpy + safetensors + ml_dtypes only: this package imports neither torch nor jax (the one
 pickle path of the converter imports torch lazily, when explicitly asked to).
 """
@@ -8,7 +11,6 @@ from .checkpoint import (FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
                          ShardedWriter, atomic_directory, flax_key, hf_key_from_flax, parse_size,
                          plan_shards)
 from .config import ConfigError, ModelConfig, RopeScaling
-from .convert import DTYPE_NAMES, ConvertResult, convert
 from .errors import (LOAD_ERRORS, CheckpointError, CheckpointNotFoundError, DataOffsetError,
                      DestinationExistsError, HeaderError, MissingDependencyError, MissingKeysError,
                      PickleRefusedError, SafetensorsFormatError, ShapeMismatchError, ShardIndexError,
@@ -25,7 +27,6 @@ __all__ = [
     "CheckpointReader", "ShardedWriter", "atomic_directory", "parse_size", "plan_shards",
     "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME",
     "LoadReport", "TensorMismatch", "match_state", "iter_tensors",
-    "convert", "ConvertResult", "DTYPE_NAMES",
     "CheckpointError", "SafetensorsFormatError", "TruncatedFileError", "HeaderError",
     "UnknownDtypeError", "DataOffsetError", "ShardIndexError", "CheckpointNotFoundError",
     "StateMismatchError", "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError",

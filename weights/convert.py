@@ -226,6 +226,15 @@ def _plan(reader: CheckpointReader | PickleReader, layout: str,
     return plan
 
 
+def _progress_bar(total: int, progress: bool | None, desc: str) -> Any:
+    from tqdm.auto import tqdm  # imported here: only the converter shows a bar
+
+    # Bytes on the bar, tensors in the postfix; `disable=None` means "only on a terminal".
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                disable=None if progress is None else not progress,
+                bar_format="{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
             max_shard_size: int | str = "5GB", layout: str = "hf", force: bool = False,
             allow_pickle: bool = False, progress: bool | None = None,
@@ -249,7 +258,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
     if not src.is_dir():
         raise CheckpointError("source checkpoint directory not found", file=src)
     config = _read_config(src, target)
-    from tqdm.auto import tqdm  # a dependency, but only the converter needs it
 
     with open_source(src, allow_pickle=allow_pickle) as reader:
         plan = _plan(reader, layout, target)
@@ -261,9 +269,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         total = sum(spec.nbytes for spec, _, _ in plan)
         with ShardedWriter(dst, specs, max_shard_size=limit, metadata=meta,
                            weights_name=weights_name, force=force, fsync=fsync) as writer, \
-                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                     disable=None if progress is None else not progress,
-                     desc=f"convert {src.name} -> {dst.name}", leave=False) as bar:
+                _progress_bar(total, progress, f"convert {src.name} -> {dst.name}") as bar:
             (writer.staging / CONFIG_NAME).write_bytes(config)
             for p in sorted(src.iterdir()):
                 if p.is_file() and p.name != CONFIG_NAME and not WEIGHT_FILE_RE.match(p.name):

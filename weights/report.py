@@ -129,6 +129,8 @@ def match_state(expected: Mapping[str, tuple[tuple[int, ...], Any]], reader: Ten
     `strict`, any problem raises a `StateMismatchError` listing all of them; otherwise the report
     is returned and `report.sources` holds what can be loaded.
     """
+    if file is None and getattr(reader, "directory", None) is not None:
+        file = str(reader.directory)
     report = LoadReport(file=file)
     use_legacy = not any(k.startswith(_LEGACY_PREFIX) for k in expected)
     keys = reader.keys()
