@@ -13,7 +13,8 @@ from flax import nnx
 
 from weights.config import ModelConfig
 
-from .layers.attention import KVCache
+from .layers.attention import KVCache, soft_cap
+from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
 from .model import DecoderModel
 
@@ -22,13 +23,17 @@ IGNORE_INDEX = -100
 
 @flax.struct.dataclass
 class CausalLMOutput:
-    """`ForCausalLM` output: logits `[B, T, V]`."""
+    """`ForCausalLM` output: logits `[B, T, V]`; with experts and `output_router_logits`, the
+    load-balancing `aux_loss` (already added to `loss`, times `router_aux_loss_coef`) and the
+    per-layer `router_logits` `[B * T, X]`."""
 
     loss: jax.Array | None = None
     logits: jax.Array | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
     attentions: tuple[jax.Array, ...] | None = None
+    aux_loss: jax.Array | None = None
+    router_logits: tuple[jax.Array, ...] | None = None
 
 
 @flax.struct.dataclass
@@ -131,20 +136,33 @@ class ForCausalLM(nnx.Module):
             config, config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs)
 
     def logits(self, hidden_states: jax.Array) -> jax.Array:
-        """`[B, T, E] -> [B, T, V]`."""
+        """`[B, T, E] -> [B, T, V]`, soft-capped with `final_logit_softcapping` (Gemma 2)."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden_states)
-        return self.lm_head(hidden_states)
+            logits = self.model.embed_tokens.attend(hidden_states)
+        else:
+            logits = self.lm_head(hidden_states)
+        if self.config.final_logit_softcapping is not None:
+            logits = soft_cap(logits, self.config.final_logit_softcapping)
+        return logits
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
                  labels: jax.Array | None = None, use_cache: bool = False,
                  output_hidden_states: bool = False, output_attentions: bool = False) -> CausalLMOutput:
+        past_length = past_key_values.length if past_key_values is not None else 0  # before the model advances it
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.logits(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        aux_loss = None
+        if out.router_logits is not None:  # HF Mixtral: the aux loss over this call's real tokens
+            token_mask = current_token_mask(attention_mask, past_length, input_ids.shape[1])
+            aux_loss = load_balancing_loss(out.router_logits, self.config.num_local_experts,
+                                           self.config.num_experts_per_tok, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.astype(loss.dtype)
+        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions, aux_loss,
+                              out.router_logits)
 
 
 class ForSequenceClassification(nnx.Module):

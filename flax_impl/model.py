@@ -11,6 +11,7 @@ from weights.config import ModelConfig
 
 from .layers.attention import Attention, KVCache, concrete_int
 from .layers.mlp import MLP
+from .layers.moe import SparseMoeBlock
 from .layers.norm import RMSNorm
 from .layers.rope import RotaryEmbedding
 
@@ -23,18 +24,24 @@ class BaseModelOutput:
     past_key_values: KVCache | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
     attentions: tuple[jax.Array, ...] | None = None
+    router_logits: tuple[jax.Array, ...] | None = None  # MoE with output_router_logits: per layer [N, X]
 
 
 def make_attention_mask(attention_mask: jax.Array | None, batch_size: int, query_length: int,
-                        key_length: int, past_length: jax.Array | int) -> jax.Array:
+                        key_length: int, past_length: jax.Array | int, sliding_window: int | None = None) -> jax.Array:
     """Boolean keep-mask `[B, 1, T, S]`: causal by cache index, and 2-D padding mask (1 = keep).
 
     The query at step t sits at cache index `past_length + t` and sees keys at indices <= that;
     slots not yet written lie beyond it and are masked by the same rule. `attention_mask` is
-    `[B, past_length + T]` (HF's convention) or `[B, S]`.
+    `[B, past_length + T]` (HF's convention) or `[B, S]`. With `sliding_window` w, the query
+    at index i sees only indices j with i - j < w, in the full pass and in cached decoding alike.
     """
     q_index = past_length + jnp.arange(query_length)
-    keep = jnp.arange(key_length)[None, :] <= q_index[:, None]  # [T, S]
+    k_index = jnp.arange(key_length)
+    keep = k_index[None, :] <= q_index[:, None]  # [T, S]
+    if sliding_window is not None:
+        # At most `sliding_window` slots back, by cache index (HF's sliding-window masks).
+        keep = keep & (q_index[:, None] - k_index[None, :] < sliding_window)
     keep = jnp.broadcast_to(keep[None, None], (batch_size, 1, query_length, key_length))
     if attention_mask is None:
         return keep
@@ -63,28 +70,56 @@ def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    With `sandwich_norm` (Gemma 2, Grok-1) each sublayer's output is normed again before the
+    residual add (`post_attention_layernorm` then follows attention, and the MLP sits between
+    `pre_feedforward_layernorm` and `post_feedforward_layernorm`). With experts the MLP is a
+    `SparseMoeBlock` named `block_sparse_moe` (HF Mixtral).
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
         self.self_attn = Attention(config, layer_idx, **kw, rngs=rngs)
-        self.mlp = MLP(config, **kw, rngs=rngs)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.is_moe = config.is_moe
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoeBlock(config, **kw, rngs=rngs)
+        else:
+            self.mlp = MLP(config, **kw, rngs=rngs)
+        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.sandwich_norm = config.sandwich_norm
+        if self.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                  attention_mask: jax.Array, past_key_value: KVCache | None = None
-                 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache)."""
+                 ) -> tuple[jax.Array, jax.Array, KVCache | None, jax.Array | None]:
+        """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache,
+        router logits `[B * T, X]` or None without experts)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights, past_key_value = self.self_attn(
             hidden_states, position_embeddings, attention_mask, past_key_value)
+        if self.sandwich_norm:
+            hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states, attn_weights, past_key_value
+        if self.sandwich_norm:
+            hidden_states = self.pre_feedforward_layernorm(hidden_states)
+        else:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if self.is_moe:
+            hidden_states, router_logits = self.block_sparse_moe(hidden_states)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        if self.sandwich_norm:
+            hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return residual + hidden_states, attn_weights, past_key_value, router_logits
 
 
 class DecoderModel(nnx.Module):
@@ -100,7 +135,7 @@ class DecoderModel(nnx.Module):
             table = self.embed_tokens.embedding
             table[...] = table[...].at[config.pad_token_id].set(0)
         self.layers = nnx.List([DecoderLayer(config, i, **kw, rngs=rngs) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, **kw)
         self.rotary_emb = RotaryEmbedding(config)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -129,16 +164,25 @@ class DecoderModel(nnx.Module):
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
             position_ids = jnp.broadcast_to((past_length + jnp.arange(t, dtype=jnp.int32))[None], (b, t))
-        mask = make_attention_mask(attention_mask, b, t, key_length, past_length)
+        windows = self.config.layer_windows
+        masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, w)
+                 for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)
 
         hidden_states = inputs_embeds
+        if self.config.scale_embeddings:
+            # Gemma: sqrt(E) is rounded to the activation dtype *before* the multiply, as HF does
+            # (bf16: sqrt(2048) = 45.25, not 45.2548); inputs_embeds passed in are scaled too.
+            hidden_states = hidden_states * jnp.asarray(self.config.hidden_size ** 0.5, dtype=hidden_states.dtype)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden: list[jax.Array] = []
         all_attn: list[jax.Array] = []
-        for layer in self.layers:
+        all_router: list[jax.Array] = []
+        for layer, window in zip(self.layers, windows):
             all_hidden.append(hidden_states)
-            hidden_states, attn_weights, past_key_values = layer(hidden_states, position_embeddings, mask, past_key_values)
+            hidden_states, attn_weights, past_key_values, router_logits = layer(
+                hidden_states, position_embeddings, masks[window], past_key_values)
             all_attn.append(attn_weights)
+            all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)
         # HF's convention: the last entry is the *normed* output, replacing the last layer's raw one.
         all_hidden.append(hidden_states)
@@ -149,4 +193,5 @@ class DecoderModel(nnx.Module):
             past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
+            router_logits=tuple(all_router) if self.config.is_moe and self.config.output_router_logits else None,
         )

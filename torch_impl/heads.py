@@ -14,7 +14,8 @@ from torch import nn
 
 from weights.config import ModelConfig
 
-from .layers.attention import KVCache
+from .layers.attention import KVCache, soft_cap
+from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
 from .model import DecoderModel, init_weights
 
@@ -23,13 +24,17 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    """`ForCausalLM` output: logits `[B, T, V]`."""
+    """`ForCausalLM` output: logits `[B, T, V]`; with experts and `output_router_logits`, the
+    load-balancing `aux_loss` (already added to `loss`, times `router_aux_loss_coef`) and the
+    per-layer `router_logits` `[B * T, X]`."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -128,20 +133,33 @@ class ForCausalLM(nn.Module):
             init_weights(self.lm_head, config)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`[B, T, E] -> [B, T, V]`."""
+        """`[B, T, E] -> [B, T, V]`, soft-capped with `final_logit_softcapping` (Gemma 2)."""
         if self.lm_head is None:
-            return F.linear(hidden_states, self.model.embed_tokens.weight)
-        return self.lm_head(hidden_states)
+            logits = F.linear(hidden_states, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden_states)
+        if self.config.final_logit_softcapping is not None:
+            logits = soft_cap(logits, self.config.final_logit_softcapping)
+        return logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 labels: torch.Tensor | None = None, use_cache: bool = False,
                 output_hidden_states: bool = False, output_attentions: bool = False) -> CausalLMOutput:
+        past_length = past_key_values.length if past_key_values is not None else 0  # before the model advances it
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.logits(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        aux_loss = None
+        if out.router_logits is not None:  # HF Mixtral: the aux loss over this call's real tokens
+            token_mask = current_token_mask(attention_mask, past_length, input_ids.shape[1])
+            aux_loss = load_balancing_loss(out.router_logits, self.config.num_local_experts,
+                                           self.config.num_experts_per_tok, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
+        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions, aux_loss,
+                              out.router_logits)
 
 
 class ForSequenceClassification(nn.Module):

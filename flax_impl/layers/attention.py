@@ -84,15 +84,24 @@ def repeat_kv(hidden_states: jax.Array, n_rep: int) -> jax.Array:
     return jnp.repeat(hidden_states, n_rep, axis=1)
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """`cap * tanh(x / cap)`: smoothly bounds logits to (-cap, cap) (Gemma 2, Grok-1)."""
+    return jnp.tanh(x / cap) * cap
+
+
 def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                      scaling: float, num_key_value_groups: int) -> tuple[jax.Array, jax.Array]:
-    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`.
+                      scaling: float, num_key_value_groups: int, softcap: float | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`;
+    `softcap` caps the scores before the mask (HF Gemma 2).
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
     key = repeat_kv(key, num_key_value_groups)
     value = repeat_kv(value, num_key_value_groups)
     scores = jnp.matmul(query, jnp.swapaxes(key, 2, 3)) * scaling
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)  # in the activation dtype, before the upcast, as HF does
     cdtype = compute_dtype(query.dtype)
     # Masked scores take the most negative finite value, not -inf: a row with no visible key
     # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
@@ -102,21 +111,28 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1)."""
+    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1).
+
+    Family switches: q/k/v bias (`attention_qkv_bias`), o bias (`attention_bias`), the score
+    scale (`query_scaling`) and score soft-capping (`attn_logit_softcapping`). A sliding window
+    arrives in the mask the model builds for this layer.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
         self.layer_idx = layer_idx
         self.head_dim = config.resolved_head_dim
         self.num_key_value_groups = config.num_key_value_groups
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = config.query_scaling
+        self.softcap = config.attn_logit_softcapping
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
-        linear = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype or dtype,
+        linear = dict(dtype=dtype, param_dtype=param_dtype or dtype,
                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-        self.q_proj = nnx.Linear(e, h * d, **linear)
-        self.k_proj = nnx.Linear(e, k * d, **linear)
-        self.v_proj = nnx.Linear(e, k * d, **linear)
-        self.o_proj = nnx.Linear(h * d, e, **linear)
+        bias = config.attention_qkv_bias
+        self.q_proj = nnx.Linear(e, h * d, use_bias=bias, **linear)
+        self.k_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
+        self.v_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
+        self.o_proj = nnx.Linear(h * d, e, use_bias=config.attention_bias, **linear)
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                  attention_mask: jax.Array, past_key_value: KVCache | None = None
@@ -132,6 +148,7 @@ class Attention(nnx.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
-        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
+                                         self.softcap)
         out = out.swapaxes(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value

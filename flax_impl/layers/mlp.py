@@ -32,7 +32,7 @@ class MLP(nnx.Module):
         self.gate_proj = nnx.Linear(e, i, **linear)
         self.up_proj = nnx.Linear(e, i, **linear)
         self.down_proj = nnx.Linear(i, e, **linear)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.mlp_activation]  # gemma: hidden_activation, tanh GELU fallback
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, E] -> [B, T, E]`."""

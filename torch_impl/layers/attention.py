@@ -71,15 +71,24 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """`cap * tanh(x / cap)`: smoothly bounds logits to (-cap, cap) (Gemma 2, Grok-1)."""
+    return torch.tanh(x / cap) * cap
+
+
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                      scaling: float, num_key_value_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`.
+                      scaling: float, num_key_value_groups: int, softcap: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`;
+    `softcap` caps the scores before the mask (HF Gemma 2).
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
     key = repeat_kv(key, num_key_value_groups)
     value = repeat_kv(value, num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)  # in the activation dtype, before the upcast, as HF does
     cdtype = compute_dtype(query.dtype)
     # Masked scores take the most negative finite value, not -inf: a row with no visible key
     # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
@@ -89,20 +98,26 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 class Attention(nn.Module):
-    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1)."""
+    """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1).
+
+    Family switches: q/k/v bias (`attention_qkv_bias`), o bias (`attention_bias`), the score
+    scale (`query_scaling`) and score soft-capping (`attn_logit_softcapping`). A sliding window
+    arrives in the mask the model builds for this layer.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.resolved_head_dim
         self.num_key_value_groups = config.num_key_value_groups
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = config.query_scaling
+        self.softcap = config.attn_logit_softcapping
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
-        bias = config.attention_bias
+        bias = config.attention_qkv_bias
         self.q_proj = nn.Linear(e, h * d, bias=bias, dtype=dtype)
         self.k_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
         self.v_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
-        self.o_proj = nn.Linear(h * d, e, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(h * d, e, bias=config.attention_bias, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor, past_key_value: KVCache | None = None
@@ -118,6 +133,7 @@ class Attention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
-        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
+                                         self.softcap)
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value

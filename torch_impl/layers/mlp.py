@@ -30,7 +30,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(e, i, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(e, i, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(i, e, bias=bias, dtype=dtype)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.mlp_activation]  # gemma: hidden_activation, tanh GELU fallback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, T, E] -> [B, T, E]`."""

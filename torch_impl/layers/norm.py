@@ -1,4 +1,4 @@
-"""RMSNorm (HF `LlamaRMSNorm`)."""
+"""RMSNorm (HF `LlamaRMSNorm`, and `GemmaRMSNorm` with `unit_offset`)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ from torch import nn
 from .precision import compute_dtype
 
 
-def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32 (float64 for float64 input)."""
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32 (float64 for float64 input);
+    with `unit_offset`, `(1 + weight) * ...` (Gemma)."""
     input_dtype = hidden_states.dtype
     x = hidden_states.to(compute_dtype(input_dtype))
     variance = x.pow(2).mean(-1, keepdim=True)
     x = x * torch.rsqrt(variance + eps)
+    if unit_offset:
+        # Gemma multiplies by (1 + weight) in float32 and casts back *after* (HF GemmaRMSNorm).
+        return (x * (1.0 + weight.to(x.dtype))).to(input_dtype)
     # HF casts back to the activation dtype *before* the weight multiply (LLaMA convention).
     return weight * x.to(input_dtype)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last axis with a learned per-channel `weight` (init ones)."""
+    """Root-mean-square norm over the last axis with a learned per-channel `weight` (init ones;
+    zeros with `unit_offset`, where the scale is `1 + weight`)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False, *,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.weight = nn.Parameter((torch.zeros if unit_offset else torch.ones)(hidden_size, dtype=dtype))
         self.variance_epsilon = eps
+        self.unit_offset = unit_offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.unit_offset)

@@ -1,0 +1,127 @@
+"""Mixture of experts (HF `MixtralSparseMoeBlock`): a router picks `num_experts_per_tok` of
+`num_local_experts` gated MLPs per token; the output is their routing-weighted sum.
+
+Axes beyond the legend in attention.py: N tokens (B * T), X experts, k experts per token,
+I expert width. Routing follows HF Mixtral: softmax over all experts (float32, float64 for
+float64 models), top-k, renormalised to sum 1 (`norm_topk_prob`; Grok-1 keeps the raw top-k
+probabilities). Ties between equal probabilities go to the lower expert index, in both twins:
+the top-k is a stable descending sort, never an unspecified `topk`.
+
+This twin has no loop over tokens: every expert runs on every token in one einsum over the
+stacked expert weights, and a dense `[N, X]` weight matrix (zero for unchosen experts) combines
+them. That costs X / k times the FLOPs of sparse dispatch — the price of a static shape under
+jit; a sort/segment dispatch would be the serving path. Each expert keeps one `nnx.Linear` per
+checkpoint tensor (stacked inside the forward), so the converter stays a table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from weights.config import ModelConfig
+
+from .mlp import ACT2FN
+from .precision import compute_dtype
+
+
+def top_k_lowest_index(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest of `probs [..., X]` and their indices; equal values go to the lower index."""
+    selected = jnp.argsort(probs, axis=-1, stable=True, descending=True)[..., :k]
+    return jnp.take_along_axis(probs, selected, axis=-1), selected
+
+
+def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """Router logits `[N, X]` -> (routing weights `[N, k]` in the compute dtype, expert indices `[N, k]`)."""
+    probs = jax.nn.softmax(router_logits.astype(compute_dtype(router_logits.dtype)), axis=-1)
+    weights, selected = top_k_lowest_index(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights, selected
+
+
+def load_balancing_loss(router_logits: tuple[jax.Array, ...], num_experts: int, top_k: int,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
+    """HF Mixtral's auxiliary loss: `num_experts * sum_x f_x * P_x`, where f is the fraction of
+    (token, slot) assignments to expert x and P its mean router probability, over every layer's
+    logits `[N, X]` and the real tokens of `attention_mask [B, T]` (all tokens when None).
+
+    In the compute dtype (HF: the logits' dtype); with no real token it is 0, not NaN.
+    """
+    logits = jnp.concatenate(router_logits, axis=0)
+    logits = logits.astype(compute_dtype(logits.dtype))
+    probs = jax.nn.softmax(logits, axis=-1)  # [L * N, X]
+    _, selected = top_k_lowest_index(probs, top_k)
+    expert_mask = jax.nn.one_hot(selected, num_experts, dtype=probs.dtype)  # [L * N, k, X]
+    if attention_mask is None:
+        keep = jnp.ones((logits.shape[0],), probs.dtype)
+    else:
+        layers = logits.shape[0] // attention_mask.size
+        keep = jnp.tile(attention_mask.reshape(-1), layers).astype(probs.dtype)  # [L * N]
+    count = jnp.maximum(keep.sum(), 1)
+    tokens_per_expert = (expert_mask * keep[:, None, None]).sum(axis=0) / count  # [k, X]
+    router_prob_per_expert = (probs * keep[:, None]).sum(axis=0) / count  # [X]
+    return (tokens_per_expert * router_prob_per_expert[None]).sum() * num_experts
+
+
+def current_token_mask(attention_mask: jax.Array | None, past_length: jax.Array | int, query_length: int
+                       ) -> jax.Array | None:
+    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens."""
+    if attention_mask is None or attention_mask.shape[-1] == query_length:
+        return attention_mask
+    return jax.lax.dynamic_slice_in_dim(attention_mask, past_length, query_length, axis=1)
+
+
+class ExpertMLP(nnx.Module):
+    """One expert: `w2(act(w1(x)) * w3(x))` (HF `MixtralBlockSparseTop2MLP`), no biases."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        e, i = config.hidden_size, config.intermediate_size
+        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype or dtype,
+                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.w1 = nnx.Linear(e, i, **linear)
+        self.w2 = nnx.Linear(i, e, **linear)
+        self.w3 = nnx.Linear(e, i, **linear)
+        self.act_fn = ACT2FN[config.mlp_activation]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[N, E] -> [N, E]`."""
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class SparseMoeBlock(nnx.Module):
+    """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.dtype = dtype
+        self.gate = nnx.Linear(config.hidden_size, self.num_experts, use_bias=False, dtype=dtype,
+                               param_dtype=param_dtype or dtype,
+                               kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.experts = nnx.List([ExpertMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                 for _ in range(self.num_experts)])
+        self.act_fn = ACT2FN[config.mlp_activation]
+
+    def __call__(self, hidden_states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """hidden `[B, T, E]` -> (output `[B, T, E]`, router logits `[N, X]`)."""
+        b, t, e = hidden_states.shape
+        x = hidden_states.reshape(-1, e)  # [N, E]
+        router_logits = self.gate(x)  # [N, X]
+        routing_weights, selected = route(router_logits, self.top_k, self.norm_topk_prob)
+        routing_weights = routing_weights.astype(x.dtype)
+        # [N, X]: each token's weight for every expert, zero for the experts it was not routed to.
+        dense_weights = jnp.einsum("nk,nkx->nx", routing_weights, jax.nn.one_hot(selected, self.num_experts, dtype=x.dtype))
+        # The experts' kernels stacked on a leading X axis, cast as nnx.Linear casts them.
+        w1 = jnp.stack([ex.w1.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
+        w3 = jnp.stack([ex.w3.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
+        w2 = jnp.stack([ex.w2.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, I, E]
+        h = self.act_fn(jnp.einsum("ne,xei->xni", x, w1)) * jnp.einsum("ne,xei->xni", x, w3)
+        y = jnp.einsum("xni,xie->xne", h, w2)  # every expert on every token
+        # Weight then sum over experts, as HF does per expert (products rounded in the dtype).
+        out = (dense_weights.T[:, :, None] * y).sum(axis=0)
+        return out.reshape(b, t, e), router_logits

@@ -1,0 +1,113 @@
+"""Mixture of experts (HF `MixtralSparseMoeBlock`): a router picks `num_experts_per_tok` of
+`num_local_experts` gated MLPs per token; the output is their routing-weighted sum.
+
+Axes beyond the legend in attention.py: N tokens (B * T), X experts, k experts per token,
+I expert width. Routing follows HF Mixtral: softmax over all experts (float32, float64 for
+float64 models), top-k, renormalised to sum 1 (`norm_topk_prob`; Grok-1 keeps the raw top-k
+probabilities). Ties between equal probabilities go to the lower expert index, in both twins:
+the top-k is a stable descending sort, never an unspecified `topk`.
+
+This twin runs each expert on the tokens routed to it (`index_add`), as HF does; the Flax twin
+runs every expert densely and masks. Both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weights.config import ModelConfig
+
+from .mlp import ACT2FN
+from .precision import compute_dtype
+
+
+def top_k_lowest_index(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of `probs [..., X]` and their indices; equal values go to the lower index."""
+    selected = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    return probs.gather(-1, selected), selected
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits `[N, X]` -> (routing weights `[N, k]` in the compute dtype, expert indices `[N, k]`)."""
+    probs = torch.softmax(router_logits.to(compute_dtype(router_logits.dtype)), dim=-1)
+    weights, selected = top_k_lowest_index(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, selected
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HF Mixtral's auxiliary loss: `num_experts * sum_x f_x * P_x`, where f is the fraction of
+    (token, slot) assignments to expert x and P its mean router probability, over every layer's
+    logits `[N, X]` and the real tokens of `attention_mask [B, T]` (all tokens when None).
+
+    In the compute dtype (HF: the logits' dtype); with no real token it is 0, not NaN.
+    """
+    logits = torch.cat(router_logits, dim=0)
+    logits = logits.to(compute_dtype(logits.dtype))
+    probs = torch.softmax(logits, dim=-1)  # [L * N, X]
+    _, selected = top_k_lowest_index(probs, top_k)
+    expert_mask = F.one_hot(selected, num_experts).to(probs.dtype)  # [L * N, k, X]
+    if attention_mask is None:
+        keep = torch.ones(logits.shape[0], dtype=probs.dtype, device=probs.device)
+    else:
+        layers = logits.shape[0] // attention_mask.numel()
+        keep = attention_mask.reshape(1, -1).expand(layers, -1).reshape(-1).to(probs.dtype)  # [L * N]
+    count = keep.sum().clamp(min=1)
+    tokens_per_expert = (expert_mask * keep[:, None, None]).sum(dim=0) / count  # [k, X]
+    router_prob_per_expert = (probs * keep[:, None]).sum(dim=0) / count  # [X]
+    return (tokens_per_expert * router_prob_per_expert[None]).sum() * num_experts
+
+
+def current_token_mask(attention_mask: torch.Tensor | None, past_length: int, query_length: int
+                       ) -> torch.Tensor | None:
+    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens."""
+    if attention_mask is None or attention_mask.shape[-1] == query_length:
+        return attention_mask
+    return attention_mask[:, past_length:past_length + query_length]
+
+
+class ExpertMLP(nn.Module):
+    """One expert: `w2(act(w1(x)) * w3(x))` (HF `MixtralBlockSparseTop2MLP`), no biases."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        e, i = config.hidden_size, config.intermediate_size
+        self.w1 = nn.Linear(e, i, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(i, e, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(e, i, bias=False, dtype=dtype)
+        self.act_fn = ACT2FN[config.mlp_activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, E] -> [N, E]`."""
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class SparseMoeBlock(nn.Module):
+    """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False, dtype=dtype)
+        self.experts = nn.ModuleList([ExpertMLP(config, dtype=dtype) for _ in range(self.num_experts)])
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden `[B, T, E]` -> (output `[B, T, E]`, router logits `[N, X]`)."""
+        b, t, e = hidden_states.shape
+        x = hidden_states.reshape(-1, e)  # [N, E]
+        router_logits = self.gate(x)  # [N, X]
+        routing_weights, selected = route(router_logits, self.top_k, self.norm_topk_prob)
+        routing_weights = routing_weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for expert_idx, expert in enumerate(self.experts):
+            # An expert with no tokens still runs (on zero rows), so every expert gets a gradient.
+            token_idx, slot = torch.where(selected == expert_idx)
+            y = expert(x[token_idx]) * routing_weights[token_idx, slot, None]
+            out = out.index_add(0, token_idx, y)
+        return out.reshape(b, t, e), router_logits
