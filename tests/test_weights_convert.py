@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import weights.safetensors_io as sio
+import weights.safetensors_writer as sio
 from parity.cli import main as cli
 from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
 from weights.config import ConfigError, ModelConfig
@@ -107,16 +107,19 @@ def test_same_dtype_keeps_config_bytes(tmp_path):
 
 # ---- the destination is never half-written ---------------------------------------------------
 def fail_after(monkeypatch, n: int, exc: BaseException) -> None:
-    real = sio.SafetensorsWriter.write
+    """Make the (n+1)-th tensor write raise `exc`, whichever way the tensor is written."""
     calls = {"n": 0}
 
-    def write(self, name, array, **kw):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise exc
-        return real(self, name, array, **kw)
+    def failing(real):
+        def write(self, *args, **kw):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise exc
+            return real(self, *args, **kw)
+        return write
 
-    monkeypatch.setattr(sio.SafetensorsWriter, "write", write)
+    for method in ("write", "write_from"):
+        monkeypatch.setattr(sio.SafetensorsWriter, method, failing(getattr(sio.SafetensorsWriter, method)))
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(28, "No space left on device")], ids=repr)

@@ -12,7 +12,7 @@ from weights.config import ModelConfig
 from weights.errors import (MissingKeysError, ShapeMismatchError, StateMismatchError, TiedWeightsMismatchError,
                             UnexpectedKeysError)
 from weights.report import iter_tensors, match_state
-from weights.safetensors_io import save_file
+from weights.safetensors_writer import save_file
 from weights.synthetic import hf_shapes, synthetic_tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from weights.errors import (LOAD_ERRORS, DataOffsetError, HeaderError, SafetensorsFormatError,
                             TruncatedFileError, UnknownDtypeError)
-from weights.safetensors_io import (DTYPES, MAX_HEADER_SIZE, SafetensorsFile, SafetensorsWriter, TensorSpec,
-                                    load_file, save_file)
+from weights.safetensors_io import DTYPES, MAX_HEADER_SIZE, SafetensorsFile, TensorSpec, load_file
+from weights.safetensors_writer import SafetensorsWriter, save_file
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # dtypes both twins use, plus a few the format carries for other models.
@@ -255,3 +255,36 @@ def test_fuzz_mutated_files_raise_only_documented_errors(tmp_path_factory, ops):
 def test_dtype_table_covers_what_twins_use():
     for dt in (np.float32, np.float16, BF16, np.float64, np.int64, np.int32, np.bool_):
         assert np.dtype(dt) in DTYPES.values()
+
+
+# ---- block copies --------------------------------------------------------------------------
+@settings(max_examples=30)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 70), dtype=st.sampled_from([np.float32, BF16, np.float16]),
+       to=st.sampled_from([None, np.float32, BF16]), transposed=st.booleans(), block=st.sampled_from([64, 1000, 1 << 20]))
+def test_row_blocks_equal_a_contiguous_copy(rows, cols, dtype, to, transposed, block):
+    import weights.blockcopy as bc
+
+    a = random_bits((rows, cols), dtype, rows * cols)
+    a = np.where(np.isfinite(a.astype(np.float32)), a, 0).astype(dtype)  # casts of NaN payloads vary
+    view = a.T if transposed else a
+    target = np.dtype(to or dtype)
+    old, bc.BLOCK_BYTES = bc.BLOCK_BYTES, block
+    try:
+        got = b"".join(b.tobytes() for b in bc.row_blocks(view, target))
+    finally:
+        bc.BLOCK_BYTES = old
+    assert got == np.ascontiguousarray(view, dtype=target).tobytes()
+
+
+def test_copy_file_range_falls_back_to_reads_and_writes(tmp_path, monkeypatch):
+    import os
+
+    import weights.blockcopy as bc
+
+    (tmp_path / "a").write_bytes(bytes(range(256)) * 10)
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.delattr(os, "copy_file_range", raising=False)
+        with open(tmp_path / "a", "rb") as s, open(tmp_path / "b", "wb+") as d:
+            bc.copy_file_range(s.fileno(), 100, d.fileno(), 7, 2000)
+        assert (tmp_path / "b").read_bytes() == b"\0" * 7 + (bytes(range(256)) * 10)[100:2100]

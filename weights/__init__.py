@@ -18,7 +18,8 @@ from .errors import (LOAD_ERRORS, CheckpointError, CheckpointNotFoundError, Data
                      UnexpectedKeysError, UnknownDtypeError)
 from .names import flax_path, hf_name, is_transposed
 from .report import LoadReport, TensorMismatch, iter_tensors, match_state
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec, load_file, save_file
+from .safetensors_io import SafetensorsFile, TensorSpec, load_file
+from .safetensors_writer import SafetensorsWriter, save_file
 
 __all__ = [
     "ModelConfig", "RopeScaling", "ConfigError",

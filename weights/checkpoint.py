@@ -26,7 +26,8 @@ import numpy as np
 from .errors import (CheckpointError, CheckpointNotFoundError, DestinationExistsError,
                      PickleRefusedError, ShardIndexError)
 from .names import flax_path, hf_name, is_transposed
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec
+from .safetensors_io import SafetensorsFile, TensorSpec
+from .safetensors_writer import SafetensorsWriter
 
 __all__ = [
     "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME", "PICKLE_PATTERNS",
@@ -194,6 +195,10 @@ class CheckpointReader:
         arr = f.get(key)
         return arr.T if self.layout == "flax" and is_transposed(name) else arr
 
+    def raw(self, name: str) -> tuple[SafetensorsFile, str]:
+        """The file and key holding `name`'s bytes as stored (for kernel copies)."""
+        return self._locate(name)
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (see `SafetensorsFile.release`)."""
         f, key = self._locate(name)
@@ -352,6 +357,12 @@ class ShardedWriter:
         if name not in self._shard_of:
             raise CheckpointError("tensor was not declared to the writer", file=self.directory, tensor=name)
         self._writers[self._shard_of[name]].write(name, array, cast=cast)
+
+    def write_from(self, name: str, source: SafetensorsFile, key: str) -> None:
+        """Write one declared tensor as a kernel copy of `key` in `source`."""
+        if name not in self._shard_of:
+            raise CheckpointError("tensor was not declared to the writer", file=self.directory, tensor=name)
+        self._writers[self._shard_of[name]].write_from(name, source, key)
 
     def commit(self) -> Path:
         """Finish every shard, write the index when sharded, and rename into place."""

@@ -275,8 +275,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
                 if p.is_file() and p.name != CONFIG_NAME and not WEIGHT_FILE_RE.match(p.name):
                     shutil.copy2(p, writer.staging / p.name)  # tokenizer, generation config, ...
             for i, (spec, key, transpose) in enumerate(plan):
-                arr = reader.get(key)
-                writer.write(spec.name, arr.T if transpose else arr, cast=arr.dtype != spec.dtype)
+                arr = reader.get(key)  # a view: no byte is read yet
+                out = arr.T if transpose else arr
+                if out.dtype == spec.dtype and out.flags.c_contiguous and isinstance(reader, CheckpointReader):
+                    writer.write_from(spec.name, *reader.raw(key))  # same bytes: the kernel copies them
+                else:
+                    writer.write(spec.name, out, cast=out.dtype != spec.dtype)
                 reader.release(key)
                 bar.update(spec.nbytes)
                 bar.set_postfix_str(f"tensor {i + 1}/{len(plan)}", refresh=False)

@@ -1,4 +1,4 @@
-"""Safetensors files read lazily through a memory map and written atomically, tensor by tensor.
+"""Safetensors files read lazily through a memory map, after validating every header byte.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
 N, N bytes of UTF-8 JSON mapping each tensor name to `{"dtype", "shape", "data_offsets"}` (plus
@@ -11,9 +11,7 @@ and what was found. Tensor data is never copied on read: `get()` returns a read-
 of the mapped file, and `release()` drops its pages from this process so a pass over a large
 file keeps resident memory near one tensor.
 
-The writer produces byte for byte what `safetensors.numpy.save_file` writes (same tensor order,
-same compact JSON, header padded with spaces to 8 bytes), streams each tensor to a temporary file
-in the destination's directory, and renames it into place only once everything is written.
+Writing is in `weights.safetensors_writer`.
 """
 
 from __future__ import annotations
@@ -23,27 +21,16 @@ import math
 import mmap
 import os
 import struct
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
 
 from .errors import DataOffsetError, HeaderError, SafetensorsFormatError, TruncatedFileError, UnknownDtypeError
 
-__all__ = [
-    "DTYPES",
-    "MAX_HEADER_SIZE",
-    "TensorInfo",
-    "TensorSpec",
-    "SafetensorsFile",
-    "SafetensorsWriter",
-    "dtype_name",
-    "load_file",
-    "save_file",
-]
+__all__ = ["DTYPES", "MAX_HEADER_SIZE", "TensorInfo", "TensorSpec", "SafetensorsFile", "dtype_name",
+           "load_file"]
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we, before
 # reading one byte of it, so a lying length cannot make us allocate gigabytes.
@@ -73,10 +60,9 @@ DTYPES: dict[str, np.dtype] = {
     "I64": np.dtype("<i8"),
     "U64": np.dtype("<u8"),
 }
-_RANK = {name: i for i, name in enumerate(DTYPES)}
+RANK = {name: i for i, name in enumerate(DTYPES)}  # the reference writer's sort key
 _NAMES = {dt: name for name, dt in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
-_CHUNK_BYTES = 16 << 20  # non-contiguous or re-typed tensors are written in blocks of this size
 
 
 def dtype_name(dtype: Any) -> str:
@@ -195,14 +181,19 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
+        self._file = None
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                self.metadata, self.tensors, data_start = self._read_header(f, size)
-                if size > data_start:
-                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._file = f = open(self.path, "rb")
+            size = os.fstat(f.fileno()).st_size
+            self.metadata, self.tensors, data_start = self._read_header(f, size)
+            if size > data_start:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
+            self.close()
             raise SafetensorsFormatError(f"cannot read file: {e.strerror or e}", file=self.path) from None
+        except BaseException:
+            self.close()
+            raise
 
     def _read_header(self, f, size: int) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
         path = self.path
@@ -294,8 +285,17 @@ class SafetensorsFile:
         except (OSError, ValueError):
             pass  # advice only; correctness never depends on it
 
+    def fileno(self) -> int:
+        """The open file's descriptor (for kernel copies of tensor bytes)."""
+        if self._file is None:
+            raise SafetensorsFormatError("file is closed", file=self.path)
+        return self._file.fileno()
+
     def close(self) -> None:
-        """Unmap the file. Views still alive keep the map open until they are garbage."""
+        """Close and unmap the file. Views still alive keep the map open until they are garbage."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -308,145 +308,6 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-# ---- writing ------------------------------------------------------------------------------
-def _file_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
-    # The reference writer's layout: dtype rank descending (widest first, so every tensor starts
-    # aligned to its itemsize), then name.
-    return sorted(specs, key=lambda s: (-_RANK[dtype_name(s.dtype)], s.name))
-
-
-def _header_bytes(ordered: list[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
-    header: dict[str, Any] = {}
-    if metadata is not None:  # the reference writer keeps an empty map too
-        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    offsets, cursor = {}, 0
-    for s in ordered:
-        header[s.name] = {"dtype": dtype_name(s.dtype), "shape": list(s.shape),
-                          "data_offsets": [cursor, cursor + s.nbytes]}
-        offsets[s.name] = cursor
-        cursor += s.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    if len(raw) > MAX_HEADER_SIZE:
-        raise HeaderError("header would exceed the 100 MB limit", found=f"{len(raw)} bytes")
-    return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-def _blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """C-contiguous blocks of `array` in `dtype`, about `_CHUNK_BYTES` each, in row-major order.
-
-    Bounds the extra memory of a transpose or a cast to one block instead of one tensor.
-    """
-    if array.ndim == 0 or array.size == 0:
-        yield np.ascontiguousarray(array, dtype=dtype)
-        return
-    row_bytes = max(1, array[0].size * max(array.itemsize, dtype.itemsize))
-    step = max(1, _CHUNK_BYTES // row_bytes)
-    for i in range(0, array.shape[0], step):
-        yield np.ascontiguousarray(array[i:i + step], dtype=dtype)
-
-
-class SafetensorsWriter:
-    """Write one safetensors file tensor by tensor, atomically.
-
-    The header is written first from `specs`, so nothing is held in memory; `write()` then
-    accepts tensors in any order (each goes to its own offset). `commit()` checks that every
-    tensor was written, fsyncs and renames the temporary file onto `path`; `abort()` (or an
-    exception inside the `with` block) deletes it, leaving `path` as it was.
-    """
-
-    def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec],
-                 metadata: Mapping[str, str] | None = None, *, fsync: bool = True):
-        self.path = Path(path)
-        self.specs = {s.name: s for s in _file_order(specs)}
-        for name in self.specs:
-            if name == "__metadata__":
-                raise HeaderError("'__metadata__' is reserved and cannot name a tensor", file=self.path)
-        header, offsets = _header_bytes(list(self.specs.values()), metadata)
-        self._base = {name: len(header) + off for name, off in offsets.items()}
-        self._written: set[str] = set()
-        self._fsync = fsync
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._f = open(self.tmp_path, "wb")
-        try:
-            self._f.write(header)
-            self._f.truncate(len(header) + sum(s.nbytes for s in self.specs.values()))
-        except BaseException:
-            self.abort()
-            raise
-
-    @property
-    def order(self) -> list[str]:
-        """Tensor names in file order; writing in this order writes the file sequentially."""
-        return list(self.specs)
-
-    def write(self, name: str, array: np.ndarray, *, cast: bool = False) -> None:
-        """Write one tensor. Its shape must match the spec; so must its dtype unless `cast`,
-        which converts block by block (bf16/fp16 bits are only ever touched by a cast)."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise SafetensorsFormatError("tensor was not declared to the writer", file=self.path, tensor=name)
-        if tuple(array.shape) != tuple(spec.shape):
-            raise SafetensorsFormatError("shape differs from the declared one", file=self.path, tensor=name,
-                                         expected=list(spec.shape), found=list(array.shape))
-        target = DTYPES[dtype_name(spec.dtype)]
-        # A byte-order change keeps every value, so it is not a cast anyone has to ask for.
-        cast = cast or array.dtype.newbyteorder("<") == target
-        if array.dtype != target and not cast:
-            raise SafetensorsFormatError("dtype differs from the declared one", file=self.path, tensor=name,
-                                         expected=str(target), found=str(array.dtype))
-        self._f.seek(self._base[name])
-        if array.dtype == target and array.flags.c_contiguous:
-            if array.size:
-                self._f.write(array.reshape(-1).view(np.uint8))
-        else:
-            for block in _blocks(array, target):
-                self._f.write(block.reshape(-1).view(np.uint8))
-        self._written.add(name)
-
-    def commit(self) -> Path:
-        """Finish the file and rename it onto `path`."""
-        missing = [n for n in self.specs if n not in self._written]
-        if missing:
-            self.abort()
-            raise SafetensorsFormatError(f"{len(missing)} declared tensors were never written",
-                                         file=self.path, tensor=missing[0])
-        self._f.flush()
-        if self._fsync:
-            os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp_path, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Delete the temporary file; `path` is left untouched."""
-        if not self._f.closed:
-            self._f.close()
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-              metadata: Mapping[str, str] | None = None, *, fsync: bool = True) -> Path:
-    """Write `tensors` to `path` atomically (same bytes as `safetensors.numpy.save_file`)."""
-    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    with SafetensorsWriter(path, specs, metadata, fsync=fsync) as w:
-        for name in w.order:
-            w.write(name, np.asarray(tensors[name]))
-    return Path(path)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:

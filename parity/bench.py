@@ -1,0 +1,206 @@
+"""`make bench`: measured figures, printed as one aligned table.
+
+A benchmark is a *section*: a function returning table rows, registered with `@section(name)`.
+`python -m parity.bench` runs them all, `python -m parity.bench convert` only the named ones.
+To add one, write a function returning `list[Row]` and decorate it; nothing else changes.
+
+Each measurement that reports memory runs in a fresh child process, so its peak RSS
+(`ru_maxrss`, which counts every page the process touched, file-backed ones included) is its
+own and not the bench driver's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["Row", "SECTIONS", "section", "print_table", "main", "cache_dir", "run_child"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: what was measured, the figure, the goal, and whether it is met."""
+
+    section: str
+    case: str
+    value: str
+    goal: str = ""
+    ok: bool | None = None  # None: informational, no goal
+
+
+SECTIONS: dict[str, Callable[[], list[Row]]] = {}
+
+
+def section(name: str) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:
+    """Register a benchmark section under `name` (the order of registration is the table's)."""
+
+    def register(fn: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
+        SECTIONS[name] = fn
+        return fn
+
+    return register
+
+
+def print_table(rows: list[Row], file=sys.stdout) -> None:
+    """Print rows as an aligned table."""
+    header = ("section", "case", "measured", "goal", "")
+    cells = [header] + [(r.section, r.case, r.value, r.goal, {True: "ok", False: "MISSED", None: ""}[r.ok])
+                        for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for n, c in enumerate(cells):
+        print("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip(), file=file)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def cache_dir() -> Path:
+    """Where generated benchmark inputs live: outside the repo, kept between runs."""
+    base = os.environ.get("TWINLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "twinlm")
+    return Path(base) / "bench"
+
+
+def run_child(code: str) -> dict:
+    """Run Python `code` in a fresh interpreter at the repo root; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- convert ---------------------------------------------------------------------------------
+# TinyLlama-1.1B's shape, in bf16: about 2.2 GB, 201 tensors, the largest the 131 MB embedding.
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+# The child's preamble: peak RSS in bytes (ru_maxrss is in KiB on Linux) and a wall clock.
+_MEASURE = """
+import json, os, resource, sys, time
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+
+def ensure_tinyllama(root: Path) -> Path:
+    """Generate the synthetic bf16 TinyLlama-shaped checkpoint once; reuse it afterwards."""
+    from weights.config import ModelConfig
+    from weights.synthetic import write_synthetic_checkpoint
+
+    import ml_dtypes
+
+    path = root / "tinyllama-bf16"
+    config = ModelConfig(**TINYLLAMA)
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        try:
+            if ModelConfig.from_pretrained(path).replace(architectures=None, torch_dtype=None) == config:
+                return path
+        except Exception:  # noqa: BLE001 - a stale or broken cache is regenerated
+            pass
+    print(f"generating the synthetic 1.1 B-parameter checkpoint in {path} (once) ...", file=sys.stderr)
+    write_synthetic_checkpoint(path, config, dtype=ml_dtypes.bfloat16, force=True)
+    return path
+
+
+def _copy_child(src: Path, dst: Path, fsync: bool) -> dict:
+    return run_child(_MEASURE + f"""
+import shutil
+t0 = time.perf_counter()
+shutil.copyfile({str(src)!r}, {str(dst)!r})
+if {fsync}:
+    fd = os.open({str(dst)!r}, os.O_RDONLY); os.fsync(fd); os.close(fd)
+print(json.dumps({{"wall": time.perf_counter() - t0, "rss": peak_rss()}}))
+""")
+
+
+def _convert_child(src: Path, dst: Path, layout: str, fsync: bool) -> dict:
+    return run_child(_MEASURE + f"""
+from weights.convert import convert
+t0 = time.perf_counter()
+convert({str(src)!r}, {str(dst)!r}, layout={layout!r}, force=True, progress=False, fsync={fsync})
+print(json.dumps({{"wall": time.perf_counter() - t0, "rss": peak_rss()}}))
+""")
+
+
+def _baseline_child() -> dict:
+    return run_child(_MEASURE + """
+import weights.convert, tqdm.auto
+print(json.dumps({"rss": peak_rss()}))
+""")
+
+
+def _drop(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()  # let the previous step's writeback finish before the next one is timed
+
+
+@section("convert")
+def bench_convert() -> list[Row]:
+    """Converter wall time against a plain copy of the same bytes, and its peak RSS."""
+    from weights.checkpoint import CheckpointReader
+
+    root = cache_dir()
+    src = ensure_tinyllama(root)
+    weights_file = src / "model.safetensors"
+    with CheckpointReader(src) as r:
+        largest = max(r.nbytes(k) for k in r.keys())
+        total = sum(r.nbytes(k) for k in r.keys())
+        n = len(r.keys())
+    with open(weights_file, "rb") as f:  # warm the page cache so copy and convert read alike
+        while f.read(64 << 20):
+            pass
+    scratch = root / "scratch"
+    _drop(scratch)
+    scratch.mkdir(parents=True)
+    rss_goal = largest + 500 * 10**6
+    base = _baseline_child()["rss"]
+    rows = [Row("convert", f"input: synthetic TinyLlama bf16, {n} tensors, {total / 1e9:.2f} GB",
+                f"largest tensor {largest / 1e6:.0f} MB"),
+            Row("convert", "python + weights imports, peak RSS", f"{base / 1e6:.0f} MB")]
+    cases = [("hf -> hf (re-shard 5GB)", "hf", src), ("hf -> flax layout", "flax", src),
+             ("flax -> hf layout", "hf", scratch / "flax")]
+    for fsync in (True, False):
+        tag = "fsync" if fsync else "no fsync"
+        copy = _copy_child(weights_file, scratch / "copy.safetensors", fsync)
+        _drop(scratch / "copy.safetensors")
+        rows.append(Row("convert", f"plain file copy ({tag})", f"{copy['wall']:.2f} s "
+                        f"({total / copy['wall'] / 1e9:.2f} GB/s)"))
+        for label, layout, source in cases:
+            out = scratch / ("flax" if layout == "flax" else "hf")
+            m = _convert_child(source, out, layout, fsync)
+            if layout == "hf":
+                _drop(out)
+            ratio = m["wall"] / copy["wall"]
+            rows.append(Row("convert", f"{label}: wall / copy ({tag})", f"{ratio:.2f} ({m['wall']:.2f} s)",
+                            "<= 1.5", ratio <= 1.5))
+            rows.append(Row("convert", f"{label}: peak RSS ({tag})", f"{m['rss'] / 1e6:.0f} MB",
+                            f"<= {rss_goal / 1e6:.0f} MB", m["rss"] <= rss_goal))
+        _drop(scratch / "flax")
+    _drop(scratch)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = list(argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s) {', '.join(unknown)}; available: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    for name in names:
+        rows += SECTIONS[name]()
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

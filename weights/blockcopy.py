@@ -1,0 +1,123 @@
+"""Moving tensor bytes fast with bounded memory: kernel file-to-file copies, and row blocks of
+transposed or re-typed arrays.
+
+Why this exists: numpy's copy of a transposed 2-D array (`np.ascontiguousarray(w.T)`) walks the
+source with a stride of one row per element and runs at ~0.15 GB/s on a [5632, 2048] bf16
+weight. Copying it in small tiles, whose rows stay in cache, is ~10x faster, and yielding the
+result a block of rows at a time bounds the extra memory to one block whatever the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["BLOCK_BYTES", "BlockWriter", "copy_file_range", "pwrite_all", "row_blocks"]
+
+BLOCK_BYTES = 8 << 20  # extra memory of a transpose or a cast, per tensor being written
+_TILE_ROWS = 32  # source rows per tile: 32 rows x the block's columns stay in L2
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def copy_file_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy `count` bytes between files inside the kernel (no page ever mapped in this process);
+    falls back to positioned reads and writes where the kernel cannot."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < count:
+                n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
+                if n == 0:
+                    break  # source shorter than promised: the loop below reports it
+                done += n
+        except OSError:
+            pass  # EXDEV on old kernels, ENOSYS, EINVAL on some filesystems: copy by hand below
+    while done < count:
+        chunk = os.pread(src_fd, min(BLOCK_BYTES, count - done), src_offset + done)
+        if not chunk:
+            raise OSError(f"source file ended {count - done} bytes early")
+        os.pwrite(dst_fd, chunk, dst_offset + done)
+        done += len(chunk)
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """Write all of `data` (bytes-like) at `offset`, looping over short writes."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class BlockWriter:
+    """Writes blocks at increasing offsets on a background thread, so that preparing the next
+    block (a transpose, a cast: numpy releases the GIL) overlaps writing this one.
+
+    At most `depth` blocks wait at a time, which bounds the memory to `depth + 1` blocks.
+    """
+
+    def __init__(self, fd: int, offset: int, depth: int = 2):
+        self.fd, self.offset, self.depth = fd, offset, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinlm-write")
+        self._pending: deque[Future] = deque()
+
+    def write(self, block: np.ndarray) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(pwrite_all, self.fd, block.reshape(-1).view(np.uint8), self.offset))
+        self.offset += block.nbytes
+
+    def close(self) -> None:
+        """Wait for every block; re-raise the first write error."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "BlockWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    # Same-size unsigned view: numpy copies native ints through its fast strided loops, while
+    # ml_dtypes types (bfloat16, float8) take a generic per-element path.
+    return a.view(_UINT[a.itemsize]) if a.itemsize in _UINT and a.dtype.kind not in "biu" else a
+
+
+def row_blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """C-contiguous blocks of `array` in `dtype`, about `BLOCK_BYTES` each, in row-major order.
+
+    The concatenated bytes are exactly `np.ascontiguousarray(array, dtype)`'s; bits are only
+    changed when `dtype` differs from `array.dtype`.
+    """
+    dtype = np.dtype(dtype)
+    if array.ndim == 0 or array.size == 0:
+        yield np.ascontiguousarray(array, dtype=dtype).reshape(array.shape)
+        return
+    row_bytes = max(1, array[0].size * max(array.itemsize, dtype.itemsize))
+    step = max(1, BLOCK_BYTES // row_bytes)
+    transposed = array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous
+    for i in range(0, array.shape[0], step):
+        part = array[i:i + step]
+        if transposed:
+            part = _tiled_transpose_copy(part)
+        if part.dtype != dtype:
+            part = part.astype(dtype)
+        yield np.ascontiguousarray(part)
+
+
+def _tiled_transpose_copy(part: np.ndarray) -> np.ndarray:
+    """C-contiguous copy of `part`, an F-contiguous 2-D view (`w.T[i:j]`), tile by tile."""
+    rows, cols = part.shape
+    out = np.empty((rows, cols), part.dtype)
+    src, dst = _bits(part.T), _bits(out)  # src: the C-contiguous [cols, rows] source
+    for c in range(0, cols, _TILE_ROWS):
+        dst[:, c:c + _TILE_ROWS] = src[c:c + _TILE_ROWS].T
+    return out
