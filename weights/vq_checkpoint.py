@@ -130,7 +130,7 @@ def save_vq_checkpoint(directory: str | os.PathLike, config: TransformerVQConfig
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / VQ_WEIGHTS_NAME
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(tmp),
               metadata={"format": "np", "model_type": config.model_type})
     os.replace(tmp, path)
     config.save_pretrained(directory)
@@ -181,7 +181,7 @@ def import_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig
         if parts[-1] == "kernel":
             parts[-1] = "weight"
             value = value.T
-        out[".".join(parts)] = np.ascontiguousarray(value)
+        out[".".join(parts)] = np.array(value, order="C")
     try:
         _check(config, out, "import_reference_params")
     except CheckpointError as e:

@@ -30,7 +30,7 @@ def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
     out = {}
     for name in vq_param_shapes(model.config):
         a = np.asarray(_variable(model, name)[...])
-        out[name] = np.ascontiguousarray(a.T) if vq_is_transposed(name) else a.copy()
+        out[name] = np.array(a.T, order="C") if vq_is_transposed(name) else a.copy()
     return out
 
 

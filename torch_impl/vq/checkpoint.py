@@ -27,8 +27,8 @@ def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
     if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a).copy())
+        return torch.from_numpy(np.array(a, order="C").view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a, order="C"))
 
 
 def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
