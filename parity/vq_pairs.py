@@ -14,7 +14,8 @@ from flax_impl.vq import checkpoint as fckpt
 from torch_impl.vq import checkpoint as tckpt
 from weights.vq_config import TransformerVQConfig
 
-__all__ = ["random_params", "build_vq_pair", "flatten_tree", "max_abs_diff"]
+__all__ = ["random_params", "build_vq_pair", "flatten_tree", "max_abs_diff", "torch_spec", "flax_spec",
+           "flax_forward", "flax_grads_to_numpy"]
 
 
 def random_params(config: TransformerVQConfig, seed: int) -> dict[str, np.ndarray]:
@@ -78,3 +79,33 @@ def max_abs_diff(a: Any, b: Any) -> tuple[float, float]:
             err = max(err, float(np.max(np.abs(x - y))))
             scale = max(scale, float(np.max(np.abs(x))))
     return err, scale
+
+
+def torch_spec(loss_mask: np.ndarray, n_block_per_update: int = 1, n_device: int = 1) -> tvq.VQSpec:
+    """A torch VQSpec from a numpy [B, P] loss mask."""
+    return tvq.VQSpec(torch.tensor([n_device]), torch.tensor([n_block_per_update]), torch.tensor(loss_mask))
+
+
+def flax_spec(loss_mask: np.ndarray, n_block_per_update: int = 1, n_device: int = 1) -> fvq.VQSpec:
+    """A Flax VQSpec from a numpy [B, P] loss mask."""
+    import jax.numpy as jnp
+    return fvq.VQSpec(jnp.array([n_device]), jnp.array([n_block_per_update]), jnp.asarray(loss_mask))
+
+
+@nnx.jit(static_argnames=("block_len", "is_train"))
+def flax_forward(model: fvq.Transformer, inputs, state, vq_spec, block_len: int, is_train: bool) -> dict:
+    """The Flax twin's forward, compiled once per shape and block length (blocks under lax.scan)."""
+    return model(inputs, state, vq_spec, block_len=block_len, is_train=is_train)
+
+
+def flax_grads_to_numpy(grads: Any, config: TransformerVQConfig) -> dict[str, np.ndarray]:
+    """An `nnx.grad` state of the Flax twin -> torch-named numpy arrays in torch layout."""
+    from weights.vq_checkpoint import vq_flax_path, vq_is_transposed, vq_param_shapes
+    out = {}
+    for name in vq_param_shapes(config):
+        node = grads
+        for part in vq_flax_path(name):
+            node = node[part]
+        a = np.asarray(node[...] if hasattr(node, "get_value") or hasattr(node, "value") else node)
+        out[name] = a.T if vq_is_transposed(name) else a
+    return out
