@@ -10,26 +10,33 @@ A user's own CI can draw from these to test a model change:
 
 Configs stay tiny (a forward pass in milliseconds) but cover every switch: MHA/GQA/MQA, head
 dims decoupled from the width, every rope scaling, biases, tied embeddings, activations, and
-position ids far from 0 (rotary bugs hide at short positions).
+position ids far from 0 (rotary bugs hide at short positions). They are drawn from every model
+family (`weights.families.FAMILIES`) with that family's switches — sliding windows shorter than
+the batches, Gemma's norms and embedding scale, soft-capping, sandwich norms, experts — and
+sometimes mixed across families (Grok-1: experts, sandwich norms and capped scores on one
+model). `family_examples()` gives one fixed tiny config per family.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.strategies import data  # re-exported for `@given(..., tst.data())`
 
 from weights.config import ACTIVATIONS, ModelConfig, RopeScaling
+from weights.families import FAMILIES
 
-__all__ = ["Batch", "batches", "configs", "data", "dtypes", "rope_scalings"]
+from .inputs import HEADS, Batch, head_labels
+
+__all__ = ["Batch", "batches", "configs", "data", "dtypes", "family_examples",
+           "family_switches", "heads", "rope_scalings"]
 
 
 @st.composite
-def rope_scalings(draw, max_position_embeddings: int) -> RopeScaling | None:
-    """None or one of the rotary scalings with valid parameters."""
-    kind = draw(st.sampled_from(["none", "default", "linear", "dynamic", "llama3"]))
+def rope_scalings(draw, max_position_embeddings: int, head_dim: int = 8) -> RopeScaling | None:
+    """None or one of the rotary scalings with valid parameters (dynamic needs head_dim > 2)."""
+    kinds = ["none", "default", "linear", "llama3"] + (["dynamic"] if head_dim > 2 else [])
+    kind = draw(st.sampled_from(kinds))
     if kind == "none":
         return None
     if kind == "default":
@@ -45,8 +52,17 @@ def rope_scalings(draw, max_position_embeddings: int) -> RopeScaling | None:
 
 
 @st.composite
-def configs(draw, max_layers: int = 2, families: bool = True) -> ModelConfig:
-    """A tiny valid `ModelConfig` drawn across every switch the twins support."""
+def configs(draw, max_layers: int = 2, families: bool = True, sparse_routing: bool = False) -> ModelConfig:
+    """A tiny valid `ModelConfig` drawn across every switch the twins support.
+
+    With `families` (the default) the config belongs to a drawn family (`model_type`) with
+    that family's switches (`family_switches`); without, it is a LLaMA config.
+
+    Mixture-of-experts configs route every token to all experts unless `sparse_routing`: a
+    top-k choice between two experts whose router logits differ by less than the rounding
+    error is a discrete flip, which half-precision parity cannot tolerate. Pass
+    `sparse_routing=True` for float64/float32 checks (a flip there needs an exact tie).
+    """
     heads = draw(st.sampled_from([1, 2, 4]))
     kv = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
     head_dim = draw(st.sampled_from([2, 4, 8, 16]))
@@ -54,7 +70,7 @@ def configs(draw, max_layers: int = 2, families: bool = True) -> ModelConfig:
     hidden = draw(st.sampled_from([8, 16, 24])) if decoupled else heads * head_dim
     max_pos = draw(st.sampled_from([32, 256, 2048, 4096]))
     vocab = draw(st.integers(8, 64))
-    return ModelConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=draw(st.sampled_from([8, 20, 32])),
@@ -66,7 +82,7 @@ def configs(draw, max_layers: int = 2, families: bool = True) -> ModelConfig:
         max_position_embeddings=max_pos,
         rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
         rope_theta=draw(st.sampled_from([10000.0, 500000.0])),
-        rope_scaling=draw(rope_scalings(max_pos)),
+        rope_scaling=draw(rope_scalings(max_pos, head_dim)),
         attention_bias=draw(st.booleans()),
         mlp_bias=draw(st.booleans()),
         tie_word_embeddings=draw(st.booleans()),
@@ -74,23 +90,74 @@ def configs(draw, max_layers: int = 2, families: bool = True) -> ModelConfig:
         pad_token_id=draw(st.one_of(st.none(), st.integers(0, vocab - 1))),
         num_labels=draw(st.integers(1, 4)),
     )
+    if not families:
+        return ModelConfig(**fields)
+    model_type = draw(st.sampled_from(tuple(FAMILIES)))
+    switches = draw(family_switches(model_type, fields["num_hidden_layers"], sparse_routing))
+    return ModelConfig.for_family(model_type, **fields, **switches)
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One batch of inputs as numpy arrays (framework-neutral); padding rows carry `pad_id`."""
+@st.composite
+def family_switches(draw, model_type: str, num_layers: int, sparse_routing: bool = False) -> dict:
+    """Switch values for a config of family `model_type` (field -> value), drawn around the
+    family's own: windows of 1-6 slots (shorter than the batches), caps small enough to bite,
+    and, in any family now and then, Grok-1's experts + sandwich norms + capped scores."""
+    window = st.integers(1, 6)
+    out: dict = {}
+    if model_type in ("mistral", "mixtral"):
+        out["sliding_window"] = draw(st.one_of(st.none(), window))
+    if model_type == "qwen2":
+        out.update(use_sliding_window=draw(st.booleans()), sliding_window=draw(window),
+                   max_window_layers=draw(st.integers(0, num_layers)))
+    if model_type in ("gemma", "gemma2"):
+        out["hidden_activation"] = draw(st.sampled_from([None, "gelu_pytorch_tanh", "gelu"]))
+    if model_type == "gemma2":
+        out.update(sliding_window=draw(window), query_pre_attn_scalar=draw(st.sampled_from([2, 16, 256])),
+                   attn_logit_softcapping=draw(st.sampled_from([None, 0.5, 50.0])),
+                   final_logit_softcapping=draw(st.sampled_from([None, 1.0, 30.0])))
+    grok = model_type != "mixtral" and draw(st.integers(0, 4)) == 0
+    if model_type == "mixtral" or grok:
+        experts = draw(st.integers(1, 4))
+        out.update(num_local_experts=experts,
+                   num_experts_per_tok=draw(st.integers(1, experts)) if sparse_routing else experts,
+                   norm_topk_prob=draw(st.booleans()), output_router_logits=draw(st.booleans()),
+                   router_aux_loss_coef=draw(st.sampled_from([0.0, 0.02, 0.5])))
+    if grok:
+        out.update(sandwich_norm=True, attn_logit_softcapping=draw(st.sampled_from([0.5, 30.0])),
+                   scale_embeddings=draw(st.booleans()))
+    return out
 
-    input_ids: np.ndarray  # [B, T] int64
-    attention_mask: np.ndarray  # [B, T] int64, 1 = real token
-    position_ids: np.ndarray | None  # [B, T] int64 or None for the default arange
-    labels: np.ndarray  # [B, T] int64 causal-LM labels (-100 where padded)
+
+def family_examples() -> dict[str, ModelConfig]:
+    """One tiny config per family, its switches on and its windows shorter than a 9-token
+    sequence (for the demo and the family tests); keys name the example, `model_type` the family."""
+    tiny = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "llama2": ModelConfig.for_family("llama", **{**tiny, "num_key_value_heads": None},
+                                         rope_scaling=RopeScaling("linear", factor=2.0)),
+        "llama3": ModelConfig.for_family("llama", **tiny, rope_theta=500000.0, attention_bias=True, mlp_bias=True,
+                                         rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
+                                                                  high_freq_factor=4.0,
+                                                                  original_max_position_embeddings=16)),
+        "mistral": ModelConfig.for_family("mistral", **tiny, sliding_window=4),
+        "qwen2": ModelConfig.for_family("qwen2", **tiny, use_sliding_window=True, sliding_window=4,
+                                        max_window_layers=1, tie_word_embeddings=True),
+        "gemma": ModelConfig.for_family("gemma", **{**tiny, "num_key_value_heads": 1}, head_dim=12, hidden_act="gelu"),
+        "gemma2": ModelConfig.for_family("gemma2", **{**tiny, "num_hidden_layers": 3}, head_dim=8, sliding_window=3,
+                                         query_pre_attn_scalar=6, attn_logit_softcapping=1.5,
+                                         final_logit_softcapping=2.0),
+        "mixtral": ModelConfig.for_family("mixtral", **tiny, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=5, output_router_logits=True, router_aux_loss_coef=0.1),
+    }
 
 
 @st.composite
 def batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 10,
             far_positions: bool = True) -> Batch:
-    """Token ids with left, right or no padding per row, and position ids that may start far
-    from 0 (up to `max_position_embeddings`, past it for dynamic rope)."""
+    """Token ids with left, right or no padding per row, position ids that may start far from 0
+    (up to `max_position_embeddings`, past it for dynamic rope), and labels for every head
+    (`batch.head_labels(head)` gives a head's loss arguments)."""
     b = draw(st.integers(1, max_batch))
     t = draw(st.integers(1, max_len))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -100,8 +167,10 @@ def batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 10,
     real = [v for v in range(config.vocab_size) if v != pad_id] or [0]
     ids = rng.choice(real, size=(b, t)).astype(np.int64)
     mask = np.ones((b, t), np.int64)
+    sides = []
     for row in range(b):
         side = draw(st.sampled_from(["none", "left", "right"])) if config.pad_token_id is not None else "none"
+        sides.append(side)
         n_pad = draw(st.integers(0, t - 1)) if side != "none" else 0
         if side == "left":
             mask[row, :n_pad] = 0
@@ -113,8 +182,12 @@ def batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 10,
         limit = config.max_position_embeddings + (64 if config.rope.rope_type == "dynamic" else 0)
         start = draw(st.integers(0, max(0, limit - t)))
         position_ids = np.broadcast_to(start + np.arange(t, dtype=np.int64), (b, t)).copy()
-    labels = np.where(mask == 1, ids, -100)
-    return Batch(ids, mask, position_ids, labels)
+    return Batch(ids, mask, position_ids, padding=tuple(sides), **head_labels(config, mask, ids, rng))
+
+
+def heads() -> st.SearchStrategy[str]:
+    """Head names: causal_lm, sequence_classification, question_answering (keys of `HEADS`)."""
+    return st.sampled_from(tuple(HEADS))
 
 
 def dtypes(include_half: bool = True) -> st.SearchStrategy[str]:

@@ -75,6 +75,7 @@ def test_save_and_load(tmp_path):
     ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling"),  # missing factor
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
                        "original_max_position_embeddings": 8192}}, "rope_scaling"),
+    ({"hidden_size": 8, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),  # d=2
     ({"pad_token_id": 10**9}, "pad_token_id"),
     ({"problem_type": "ranking"}, "problem_type"),
 ])

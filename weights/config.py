@@ -328,6 +328,8 @@ class ModelConfig:
                 fail(key, f"rope type {r.rope_type!r} needs '{name}'")
         if r.factor is not None and (not math.isfinite(r.factor) or r.factor < 1.0) and r.rope_type != "default":
             fail(key, f"'factor' must be >= 1, got {r.factor}")
+        if r.rope_type == "dynamic" and self.resolved_head_dim <= 2:
+            fail(key, "dynamic NTK scaling raises theta to the power d / (d - 2): head_dim must be > 2")
         if r.rope_type == "llama3":
             if not r.high_freq_factor > r.low_freq_factor > 0:
                 fail(key, "llama3 needs high_freq_factor > low_freq_factor > 0, got "
