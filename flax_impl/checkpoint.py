@@ -1,4 +1,5 @@
-"""The Flax twin's side of the checkpoint format: NNX state <-> numpy arrays with HF names.
+"""The Flax twin's side of the checkpoint format: NNX state <-> numpy arrays with HF names, and
+`from_pretrained` / `save_pretrained` on top of `weights.pretrained`.
 
 Parameter paths map to HF names by `weights.names`; linear kernels are the transpose of HF's
 `[out, in]` weights.
@@ -6,13 +7,24 @@ Parameter paths map to HF names by `weights.names`; linear kernels are the trans
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from weights.blockcopy import contiguous
+from weights.checkpoint import CheckpointReader
+from weights.config import ModelConfig
 from weights.names import hf_name, is_transposed
+from weights.pretrained import checkpoint_dtype, load_into, resolve_dtype, save_checkpoint
+from weights.report import LoadReport
+from weights.safetensors_io import TensorSpec
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def state_to_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -42,3 +54,116 @@ def load_numpy_state(model: nnx.Module, tensors: Mapping[str, np.ndarray]) -> No
             raise ValueError(f"{name}: expected shape {tuple(var[...].shape)[::-1] if is_transposed(name) else tuple(var[...].shape)}, "
                              f"found {tuple(tensors[name].shape)}")
         var[...] = jnp.asarray(value, dtype=var[...].dtype)
+
+
+# ---- from_pretrained / save_pretrained ------------------------------------------------------
+def _hf_params(state: Any) -> dict[str, tuple[tuple, Any]]:
+    """HF name -> (path, Variable) for every parameter of a (possibly abstract) NNX state."""
+    return {hf_name(path): (path, var) for path, var in nnx.to_flat_state(state)}
+
+
+def _expected(params: Mapping[str, tuple[tuple, Any]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """HF name -> (HF shape, dtype); works on abstract variables (`ShapeDtypeStruct` values) too."""
+    out = {}
+    for name, (_, var) in params.items():
+        value = var.get_value()
+        shape = tuple(value.shape)
+        out[name] = (shape[::-1] if is_transposed(name) else shape, np.dtype(value.dtype))
+    return out
+
+
+def _device_array(array: np.ndarray, name: str, dtype: np.dtype) -> jax.Array:
+    """One checkpoint tensor on the device in Flax layout and `dtype`, read once.
+
+    Kernels are transposed (tile by tile) into a fresh buffer; the copy from the memory-mapped
+    view happens before the call returns, so the view's pages can be released and the file
+    closed behind it.
+    """
+    if is_transposed(name) or array.dtype != dtype:
+        host = contiguous(array.T if is_transposed(name) else array, dtype)
+        return jax.device_put(host).block_until_ready()
+    return jax.device_put(array, may_alias=False).block_until_ready()
+
+
+def load_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+    """Load a checkpoint directory into `model`'s parameters, tensor by tensor (see
+    `torch_impl.checkpoint.load_checkpoint`: same matching, same casts)."""
+    params = _hf_params(nnx.state(model, nnx.Param))
+    expected = _expected(params)
+
+    def put(name: str, array: np.ndarray) -> None:
+        var = params[name][1]
+        var[...] = _device_array(array, name, np.dtype(var[...].dtype))
+
+    with CheckpointReader(directory) as reader:
+        return load_into(reader, expected, put, tie_word_embeddings=model.config.tie_word_embeddings,
+                         strict=strict)
+
+
+def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
+                    strict: bool = True) -> M | tuple[M, LoadReport]:
+    """Build `cls` from `<directory>/config.json` and load its weights, never holding a second
+    copy of the model: the module is first built abstractly (`nnx.eval_shape`, no memory), then
+    each parameter is read from the memory-mapped file, transposed if a kernel, and placed on the
+    device one at a time.
+
+    `dtype` (parameters and activations; a name such as "bfloat16" or a jnp dtype) defaults to
+    the checkpoint's own, so bf16 and fp16 weights stay bit-exact. With `strict=False`, loads
+    what matches and returns `(model, report)`; parameters the checkpoint lacks are initialised.
+    """
+    config = ModelConfig.from_pretrained(directory)
+    with CheckpointReader(directory) as reader:
+        np_dtype = checkpoint_dtype(reader, config) if dtype is None else resolve_dtype(dtype)
+    build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
+    abstract = nnx.eval_shape(build)
+    params = _hf_params(nnx.state(abstract, nnx.Param))
+    loaded: dict[tuple, jax.Array] = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        loaded[params[name][0]] = _device_array(array, name, np_dtype)
+
+    with CheckpointReader(directory) as reader:
+        report = load_into(reader, _expected(params), put, tie_word_embeddings=config.tie_word_embeddings,
+                           strict=strict)
+    graphdef, state = nnx.split(abstract)
+    variables = list(nnx.to_flat_state(state))
+    if len(loaded) == len(variables):
+        for path, var in variables:  # every variable is a loaded parameter: fill in the skeleton
+            var.set_value(loaded.pop(path))
+        return nnx.merge(graphdef, state) if strict else (nnx.merge(graphdef, state), report)
+    # Something the checkpoint cannot fill (a parameter it lacks, or a non-parameter variable):
+    # build the model for real, then overwrite what was loaded.
+    model = build()
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path in loaded:
+            var.set_value(loaded.pop(path))
+    return model if strict else (model, report)
+
+
+def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    """Write `config.json` and the weights in HF layout (the same files the torch twin writes),
+    tensor by tensor, transposing kernels back to `[out, in]`; `directory` is replaced atomically."""
+    params = _hf_params(nnx.state(model, nnx.Param))
+    specs = [TensorSpec(k, shape, dtype) for k, (shape, dtype) in _expected(params).items()]
+
+    def fetch(name: str) -> np.ndarray:
+        value = np.asarray(params[name][1][...])  # a host view on CPU; one tensor's copy otherwise
+        return value.T if is_transposed(name) else value
+
+    return save_checkpoint(directory, model.config, type(model).__name__, specs, fetch,
+                           max_shard_size=max_shard_size)
+
+
+class Pretrained:
+    """Mixin giving the heads HF's loading API: `Head.from_pretrained(dir, dtype=None,
+    strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True) -> Any:
+        """See `flax_impl.checkpoint.from_pretrained`."""
+        return from_pretrained(cls, directory, dtype=dtype, strict=strict)
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+        """See `flax_impl.checkpoint.save_pretrained`."""
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+

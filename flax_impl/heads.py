@@ -13,6 +13,7 @@ from flax import nnx
 
 from weights.config import ModelConfig
 
+from .checkpoint import Pretrained
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
@@ -124,7 +125,7 @@ def _linear(config: ModelConfig, n_in: int, n_out: int, use_bias: bool, dtype, p
                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
 
-class ForCausalLM(nnx.Module):
+class ForCausalLM(Pretrained, nnx.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -165,7 +166,7 @@ class ForCausalLM(nnx.Module):
                               out.router_logits)
 
 
-class ForSequenceClassification(nnx.Module):
+class ForSequenceClassification(Pretrained, nnx.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -187,7 +188,7 @@ class ForSequenceClassification(nnx.Module):
         return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
 
 
-class ForQuestionAnswering(nnx.Module):
+class ForQuestionAnswering(Pretrained, nnx.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,

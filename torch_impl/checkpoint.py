@@ -1,16 +1,28 @@
-"""The torch twin's side of the checkpoint format: state <-> numpy arrays with HF names.
+"""The torch twin's side of the checkpoint format: state <-> numpy arrays with HF names, and
+`from_pretrained` / `save_pretrained` on top of `weights.pretrained`.
 
 A torch `state_dict()` key *is* the HF tensor name, so no renaming happens here.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
 import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
+
+from weights.blockcopy import copy_into
+from weights.checkpoint import CheckpointReader
+from weights.config import ModelConfig
+from weights.pretrained import checkpoint_dtype, load_into, resolve_dtype, save_checkpoint
+from weights.report import LoadReport
+from weights.safetensors_io import TensorSpec
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -49,3 +61,88 @@ def load_numpy_state(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> Non
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"{name}: expected shape {tuple(param.shape)}, found {tuple(value.shape)}")
             param.copy_(value.to(param.dtype))
+
+
+# ---- from_pretrained / save_pretrained ------------------------------------------------------
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
+                 np.dtype(np.float16): torch.float16, np.dtype(np.float64): torch.float64}
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        for np_dtype, t in _TORCH_DTYPES.items():
+            if t == dtype:
+                return np_dtype
+        raise ValueError(f"{dtype} is not a parameter dtype twinlm saves")
+    return resolve_dtype(dtype)
+
+
+def _writable_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view sharing `t`'s memory (bfloat16 through an int16 view), so a checkpoint
+    tensor is copied straight into the parameter: no torch temporary, no second copy."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def load_checkpoint(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+    """Load a checkpoint directory into `model`'s parameters, tensor by tensor.
+
+    Values are cast to each parameter's dtype (numpy casts, the same in both twins); with equal
+    dtypes the bits are copied unchanged. Strict: any missing, unexpected or mis-shaped tensor
+    raises a `StateMismatchError` listing all of them; otherwise the report is returned.
+    """
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    expected = {k: (tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in state.items()}
+
+    def put(name: str, array: np.ndarray) -> None:
+        with torch.no_grad():
+            copy_into(_writable_view(state[name].data), array)
+
+    with CheckpointReader(directory) as reader:
+        return load_into(reader, expected, put, tie_word_embeddings=model.config.tie_word_embeddings,
+                         strict=strict)
+
+
+def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
+                    strict: bool = True) -> M | tuple[M, LoadReport]:
+    """Build `cls` from `<directory>/config.json` and load its weights.
+
+    `dtype` (a torch dtype or a name such as "bfloat16") defaults to the checkpoint's own, so
+    bf16 and fp16 weights stay bit-exact. With `strict=False`, loads what matches and returns
+    `(model, report)`; parameters the checkpoint lacks keep their initial values.
+    """
+    config = ModelConfig.from_pretrained(directory)
+    if dtype is None:
+        with CheckpointReader(directory) as reader:
+            np_dtype = checkpoint_dtype(reader, config)
+    else:
+        np_dtype = _numpy_dtype(dtype)
+    model = cls(config, dtype=_TORCH_DTYPES[np_dtype])
+    model.eval()
+    report = load_checkpoint(model, directory, strict=strict)
+    return model if strict else (model, report)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    """Write `config.json` and the weights in HF layout, as transformers would (shards + index
+    past `max_shard_size`), replacing `directory` atomically."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    specs = [TensorSpec(k, tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in state.items()]
+    return save_checkpoint(directory, model.config, type(model).__name__, specs,
+                           lambda name: tensor_to_numpy(state[name]), max_shard_size=max_shard_size)
+
+
+class Pretrained:
+    """Mixin giving the heads HF's loading API: `Head.from_pretrained(dir, dtype=None,
+    strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True) -> Any:
+        """See `torch_impl.checkpoint.from_pretrained`."""
+        return from_pretrained(cls, directory, dtype=dtype, strict=strict)
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+        """See `torch_impl.checkpoint.save_pretrained`."""
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+

@@ -14,6 +14,7 @@ from torch import nn
 
 from weights.config import ModelConfig
 
+from .checkpoint import Pretrained
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
@@ -120,7 +121,7 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (torch.arange(t, device=input_ids.device) * non_pad).argmax(-1)
 
 
-class ForCausalLM(nn.Module):
+class ForCausalLM(Pretrained, nn.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
@@ -162,7 +163,7 @@ class ForCausalLM(nn.Module):
                               out.router_logits)
 
 
-class ForSequenceClassification(nn.Module):
+class ForSequenceClassification(Pretrained, nn.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
@@ -185,7 +186,7 @@ class ForSequenceClassification(nn.Module):
         return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
 
 
-class ForQuestionAnswering(nn.Module):
+class ForQuestionAnswering(Pretrained, nn.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["BLOCK_BYTES", "BlockWriter", "copy_file_range", "pwrite_all", "row_blocks"]
+__all__ = ["BLOCK_BYTES", "BlockWriter", "contiguous", "copy_file_range", "copy_into", "pwrite_all", "row_blocks"]
 
 BLOCK_BYTES = 8 << 20  # extra memory of a transpose or a cast, per tensor being written
 _TILE_ROWS = 32  # source rows per tile: 32 rows x the block's columns stay in L2
@@ -121,3 +121,22 @@ def _tiled_transpose_copy(part: np.ndarray) -> np.ndarray:
     for c in range(0, cols, _TILE_ROWS):
         dst[:, c:c + _TILE_ROWS] = src[c:c + _TILE_ROWS].T
     return out
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy `src` (any strides, e.g. a transposed memory-mapped view) into the C-contiguous `dst`
+    of the same shape, casting to `dst.dtype` block by block."""
+    if dst.shape != src.shape or not dst.flags.c_contiguous:
+        raise ValueError(f"copy_into: need a C-contiguous destination of shape {src.shape}, got {dst.shape}")
+    flat, offset = dst.reshape(-1), 0
+    for block in row_blocks(src, dst.dtype):
+        flat[offset:offset + block.size] = block.reshape(-1)
+        offset += block.size
+
+
+def contiguous(src: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """A fresh C-contiguous copy of `src` in `dtype` (default: its own), fast for transposes."""
+    out = np.empty(src.shape, np.dtype(dtype) if dtype is not None else src.dtype)
+    copy_into(out, src)
+    return out
+

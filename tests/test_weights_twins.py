@@ -1,0 +1,175 @@
+"""Both twins read and write the same checkpoints: torch save -> flax load -> flax save -> torch
+load is byte-exact, both twins write identical files, and strict loading fails alike."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import flax_impl
+import torch_impl
+from weights.checkpoint import SAFE_WEIGHTS_INDEX_NAME, CheckpointReader
+from weights.config import ModelConfig
+from weights.convert import convert
+from weights.errors import MissingKeysError, ShapeMismatchError, TiedWeightsMismatchError
+from weights.safetensors_writer import save_file
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADS = ["ForCausalLM", "ForSequenceClassification", "ForQuestionAnswering"]
+
+
+def torch_bits(model: torch.nn.Module) -> dict[str, bytes]:
+    return {k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy().tobytes()
+            for k, v in model.state_dict().items()}
+
+
+def files(d) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("head,tied", [("ForCausalLM", False), ("ForCausalLM", True),
+                                       ("ForSequenceClassification", False), ("ForQuestionAnswering", False)])
+def test_torch_flax_torch_round_trip_is_byte_exact(tmp_path, dtype, head, tied):
+    config = TINY.replace(tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    original = getattr(torch_impl, head)(config, dtype=TORCH_DTYPES[dtype])
+    original.save_pretrained(tmp_path / "torch", max_shard_size="8KB")
+    flax_model = getattr(flax_impl, head).from_pretrained(tmp_path / "torch")
+    flax_model.save_pretrained(tmp_path / "flax", max_shard_size="8KB")
+    back = getattr(torch_impl, head).from_pretrained(tmp_path / "flax")
+
+    assert torch_bits(back) == torch_bits(original)
+    assert files(tmp_path / "flax") == files(tmp_path / "torch")  # both twins write the same bytes
+    assert (tmp_path / "torch" / SAFE_WEIGHTS_INDEX_NAME).exists()
+    config_json = json.loads((tmp_path / "torch" / "config.json").read_text())
+    assert config_json["torch_dtype"] == dtype and config_json["architectures"] == ["Llama" + head]
+    # The Flax parameters are the same bits, kernels transposed.
+    for path, var in nnx.to_flat_state(nnx.state(flax_model, nnx.Param)):
+        name = ".".join(map(str, path)).replace(".kernel", ".weight").replace(".embedding", ".weight")
+        value = np.asarray(var[...])
+        assert np.dtype(value.dtype) == np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+        t = original.state_dict()[name]
+        expect = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        assert (value.T if path[-1] == "kernel" else value).tobytes() == expect.tobytes()
+    if tied:
+        with CheckpointReader(tmp_path / "torch") as r:
+            assert "lm_head.weight" not in r  # transformers leaves a tied head out too
+
+
+def test_sharded_and_unsharded_load_the_same_in_both_twins(tmp_path):
+    model = torch_impl.ForCausalLM(TINY, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size=2000)
+    assert len(list((tmp_path / "many").glob("*.safetensors"))) > 5
+    assert torch_bits(torch_impl.ForCausalLM.from_pretrained(tmp_path / "many")) == torch_bits(model)
+    one = flax_impl.ForCausalLM.from_pretrained(tmp_path / "one")
+    many = flax_impl.ForCausalLM.from_pretrained(tmp_path / "many")
+    a, b = nnx.state(one, nnx.Param), nnx.state(many, nnx.Param)
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+        assert pa == pb and np.asarray(va[...]).tobytes() == np.asarray(vb[...]).tobytes()
+
+
+def test_dtype_change_on_load_is_the_same_numpy_cast_in_both_twins(tmp_path):
+    model = torch_impl.ForCausalLM(TINY, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "c")
+    t = torch_impl.ForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.bfloat16)
+    f = flax_impl.ForCausalLM.from_pretrained(tmp_path / "c", dtype="bfloat16")
+    w = model.model.layers[1].mlp.up_proj.weight.detach().numpy()
+    assert t.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    tb = t.model.layers[1].mlp.up_proj.weight.detach().view(torch.int16).numpy().tobytes()
+    fb = np.ascontiguousarray(np.asarray(f.model.layers[1].mlp.up_proj.kernel[...]).T).tobytes()
+    assert tb == fb == w.astype(ml_dtypes.bfloat16).tobytes()
+
+
+@pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
+def test_strict_loading_fails_alike_and_non_strict_returns_the_report(tmp_path, twin):
+    torch_impl.ForCausalLM(TINY).save_pretrained(tmp_path / "ok")
+    with pytest.raises(MissingKeysError) as info:  # a causal-LM checkpoint is not a QA one
+        twin.ForQuestionAnswering.from_pretrained(tmp_path / "ok")
+    assert "qa_outputs.bias" in str(info.value) and "unexpected" in str(info.value)
+    assert info.value.report.unexpected == ["lm_head.weight"]
+    model, report = twin.ForQuestionAnswering.from_pretrained(tmp_path / "ok", strict=False)
+    assert report.unexpected == ["lm_head.weight"]
+    assert sorted(report.missing) == ["qa_outputs.bias", "qa_outputs.weight"]
+    TINY.replace(vocab_size=80).save_pretrained(tmp_path / "ok")  # config disagrees with tensors
+    with pytest.raises(ShapeMismatchError) as info:
+        twin.ForCausalLM.from_pretrained(tmp_path / "ok")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert f"{name}: shape mismatch: expected [80, 32] float32, found [64, 32] float32" in str(info.value)
+
+
+@pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
+def test_benign_legacy_checkpoints_load(tmp_path, twin):
+    """Old QA checkpoints (`transformer.` prefix), inv_freq buffers, and a saved tied head."""
+    qa = torch_impl.ForQuestionAnswering(TINY)
+    state = {("transformer." + k[6:] if k.startswith("model.") else k): v.detach().numpy()
+             for k, v in qa.state_dict().items()}
+    state["transformer.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    (tmp_path / "qa").mkdir()
+    TINY.save_pretrained(tmp_path / "qa")
+    save_file(state, tmp_path / "qa" / "model.safetensors", {"format": "pt"})
+    loaded = twin.ForQuestionAnswering.from_pretrained(tmp_path / "qa")
+    ref = torch_bits(qa)
+    got = torch_bits(torch_impl.ForQuestionAnswering.from_pretrained(tmp_path / "qa")) if twin is torch_impl else None
+    assert got is None or got == ref
+    if twin is flax_impl:
+        assert np.asarray(loaded.qa_outputs.bias[...]).tobytes() == ref["qa_outputs.bias"]
+
+    tied = TINY.replace(tie_word_embeddings=True)
+    lm = torch_impl.ForCausalLM(tied)
+    lm_state = {k: v.detach().numpy() for k, v in lm.state_dict().items()}
+    lm_state["lm_head.weight"] = lm_state["model.embed_tokens.weight"]
+    (tmp_path / "tied").mkdir()
+    tied.save_pretrained(tmp_path / "tied")
+    save_file(lm_state, tmp_path / "tied" / "model.safetensors", {"format": "pt"})
+    twin.ForCausalLM.from_pretrained(tmp_path / "tied")
+    lm_state["lm_head.weight"] = lm_state["lm_head.weight"] + 1
+    save_file(lm_state, tmp_path / "tied" / "model.safetensors", {"format": "pt"})
+    with pytest.raises(TiedWeightsMismatchError, match="tied to model.embed_tokens.weight but differs"):
+        twin.ForCausalLM.from_pretrained(tmp_path / "tied")
+
+
+def test_flax_layout_checkpoint_loads_in_both_twins_and_save_keeps_other_files(tmp_path):
+    model = torch_impl.ForCausalLM(TINY, dtype=torch.float16)
+    model.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "flax", layout="flax", progress=False)
+    assert torch_bits(torch_impl.ForCausalLM.from_pretrained(tmp_path / "flax")) == torch_bits(model)
+    f = flax_impl.ForCausalLM.from_pretrained(tmp_path / "flax")
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    f.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == "{}"
+    assert torch_bits(torch_impl.ForCausalLM.from_pretrained(tmp_path / "hf")) == torch_bits(model)
+
+
+def test_missing_keys_error_in_both_twins(tmp_path):
+    model = torch_impl.ForCausalLM(TINY)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if "layers.1.mlp" not in k}
+    (tmp_path / "c").mkdir()
+    TINY.save_pretrained(tmp_path / "c")
+    save_file(state, tmp_path / "c" / "model.safetensors")
+    for twin in (torch_impl, flax_impl):
+        with pytest.raises(MissingKeysError) as info:
+            twin.ForCausalLM.from_pretrained(tmp_path / "c")
+        assert sorted(info.value.report.missing) == [f"model.layers.1.mlp.{p}_proj.weight"
+                                                     for p in ("down", "gate", "up")]
+
+
+@pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
+def test_transformers_reads_what_we_write_and_we_read_what_it_writes(tmp_path, twin):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        k: v for k, v in TINY.to_hf_dict().items() if v is not None}))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="8KB")
+    ours = twin.ForCausalLM.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours")
+    a, b = hf.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "rotary" not in k)

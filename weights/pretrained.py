@@ -1,0 +1,122 @@
+"""The framework-free half of `from_pretrained` / `save_pretrained`, shared by both twins.
+
+Each twin's `checkpoint.py` only says how to read its parameters' names, shapes and dtypes,
+and how to put one numpy array into one parameter; everything else (which dtype to build in,
+what to match against the checkpoint, the config written next to the weights, shard order,
+atomic replacement of the directory) lives here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from .checkpoint import WEIGHT_FILE_RE, CheckpointReader, ShardedWriter
+from .config import CONFIG_NAME, ModelConfig
+from .report import LoadReport, match_state
+from .safetensors_io import TensorSpec
+
+__all__ = ["DTYPE_BY_NAME", "checkpoint_dtype", "dtype_to_name", "resolve_dtype", "load_into",
+           "natural_key", "save_checkpoint"]
+
+# HF `torch_dtype` names <-> numpy dtypes (bfloat16 via ml_dtypes).
+DTYPE_BY_NAME: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
+}
+_FLOATS = tuple(DTYPE_BY_NAME.values())
+
+
+def dtype_to_name(dtype: Any) -> str:
+    """numpy dtype -> the `torch_dtype` string of config.json."""
+    dt = np.dtype(dtype)
+    for name, d in DTYPE_BY_NAME.items():
+        if d == dt:
+            return name
+    raise ValueError(f"{dt} is not a parameter dtype; one of {', '.join(DTYPE_BY_NAME)}")
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """A user's dtype (a name like "bfloat16", or anything numpy understands) as numpy's."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_BY_NAME:
+            raise ValueError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPE_BY_NAME)}")
+        return DTYPE_BY_NAME[dtype]
+    return np.dtype(dtype)
+
+
+def checkpoint_dtype(reader: CheckpointReader, config: ModelConfig | None = None) -> np.dtype:
+    """The dtype the checkpoint's floating tensors are stored in (the most bytes wins), so that
+    `from_pretrained(dtype=None)` keeps every bit; config `torch_dtype` when there are none."""
+    by_dtype: dict[np.dtype, int] = {}
+    for k in reader.keys():
+        dt = np.dtype(reader.dtype(k))
+        if dt in _FLOATS:
+            by_dtype[dt] = by_dtype.get(dt, 0) + reader.nbytes(k)
+    if by_dtype:
+        return max(by_dtype, key=by_dtype.__getitem__)
+    if config is not None and config.torch_dtype in DTYPE_BY_NAME:
+        return DTYPE_BY_NAME[config.torch_dtype]
+    return np.dtype(np.float32)
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting layer 2 before layer 10; the one tensor order every twinlm writer uses,
+    so both twins (and the converter) shard a model identically."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
+
+
+def load_into(reader: CheckpointReader, expected: Mapping[str, tuple[tuple[int, ...], Any]],
+              put: Callable[[str, np.ndarray], None], *, tie_word_embeddings: bool,
+              strict: bool = True) -> LoadReport:
+    """Match `expected` ({model name: (HF shape, dtype)}) against `reader`, then call
+    `put(name, array)` once per loadable parameter, in on-disk order.
+
+    `array` is the read-only memory-mapped view in HF layout (a transposed view for a Flax-layout
+    checkpoint): `put` must copy it (and cast it, if the parameter's dtype differs) before
+    returning, since its pages are released right after.
+    """
+    report = match_state(expected, reader, tie_word_embeddings=tie_word_embeddings, strict=strict)
+    order = {k: i for i, k in enumerate(reader.keys())}
+    for name, key in sorted(report.sources.items(), key=lambda item: order[item[1]]):
+        put(name, reader.get(key))
+        reader.release(key)
+    return report
+
+
+def _keep(name: str) -> bool:
+    # Files of an existing checkpoint directory worth keeping when it is re-saved: tokenizer,
+    # generation config, README... everything but weights and the config we rewrite.
+    return name != CONFIG_NAME and not WEIGHT_FILE_RE.match(name)
+
+
+def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, head_class: str,
+                    specs: Iterable[TensorSpec], fetch: Callable[[str], np.ndarray], *,
+                    max_shard_size: int | str | None = "5GB", fsync: bool = True) -> Path:
+    """Write config.json and the tensors in HF layout (shards + index past `max_shard_size`).
+
+    `fetch(name)` returns one tensor in HF layout (a transposed view is fine); it is called once
+    per tensor, one at a time. The directory is replaced atomically; files that are not weights
+    (a tokenizer, say) are carried over from an existing one.
+    """
+    from .families import FAMILIES  # the HF class-name prefix of each model family
+
+    specs = sorted(specs, key=lambda s: natural_key(s.name))
+    dtypes = {np.dtype(s.dtype) for s in specs if np.dtype(s.dtype) in _FLOATS}
+    family = FAMILIES.get(config.model_type)
+    changes: dict[str, Any] = {}
+    if len(dtypes) == 1:
+        changes["torch_dtype"] = dtype_to_name(dtypes.pop())
+    if family is not None:
+        changes["architectures"] = (family.class_prefix + head_class,)
+    config = config.replace(**changes)
+    with ShardedWriter(directory, specs, max_shard_size=max_shard_size, force=True, keep=_keep,
+                       fsync=fsync) as writer:
+        config.save_pretrained(writer.staging)
+        for spec in specs:
+            writer.write(spec.name, fetch(spec.name))
+    return Path(directory)
