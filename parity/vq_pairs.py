@@ -43,8 +43,8 @@ def build_vq_pair(config: TransformerVQConfig, seed: int = 0,
                   params: dict[str, np.ndarray] | None = None) -> tuple[tvq.Transformer, fvq.Transformer]:
     """A torch and a Flax model holding the same weights (`random_params(config, seed)` by default)."""
     params = random_params(config, seed) if params is None else params
-    t_model = tckpt.load_numpy(tvq.Transformer(config), params)
-    f_model = fckpt.load_numpy(fvq.Transformer(config, rngs=nnx.Rngs(seed)), params)
+    t_model = tckpt.load_numpy(tckpt.abstract_model(config), params)
+    f_model = fckpt.load_numpy(fckpt.abstract_model(config), params)
     return t_model, f_model
 
 

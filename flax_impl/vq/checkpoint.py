@@ -15,7 +15,14 @@ from weights.vq_checkpoint import (import_reference_params, load_vq_checkpoint, 
 from weights.vq_config import TransformerVQConfig
 from .model import Transformer
 
-__all__ = ["to_numpy", "load_numpy", "save_pretrained", "from_pretrained", "from_reference_params"]
+__all__ = ["abstract_model", "to_numpy", "load_numpy", "save_pretrained", "from_pretrained",
+           "from_reference_params"]
+
+
+def abstract_model(config: TransformerVQConfig) -> Transformer:
+    """A model whose parameters are shapes only (no random init), to be filled by `load_numpy`.
+    Skipping the init matters: each distinct parameter shape would compile a PRNG kernel."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
 def _variable(model: Transformer, name: str) -> nnx.Variable:
@@ -40,7 +47,8 @@ def load_numpy(model: Transformer, tensors: Mapping[str, np.ndarray]) -> Transfo
     for name, value in tensors.items():
         var = _variable(model, name)
         a = np.asarray(value)
-        var[...] = jnp.asarray(a.T if vq_is_transposed(name) else a, dtype=var[...].dtype)
+        # get_raw_value: on an `abstract_model` the value is a ShapeDtypeStruct, not an array
+        var.set_value(jnp.asarray(a.T if vq_is_transposed(name) else a, dtype=var.get_raw_value().dtype))
     return model
 
 
@@ -49,13 +57,12 @@ def save_pretrained(model: Transformer, directory: str | os.PathLike) -> None:
     save_vq_checkpoint(directory, model.config, to_numpy(model))
 
 
-def from_pretrained(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> Transformer:
+def from_pretrained(directory: str | os.PathLike) -> Transformer:
     """Build a model from a directory written by either twin."""
     config, tensors = load_vq_checkpoint(directory)
-    return load_numpy(Transformer(config, rngs=rngs or nnx.Rngs(0)), tensors)
+    return load_numpy(abstract_model(config), tensors)
 
 
-def from_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig, *,
-                          rngs: nnx.Rngs | None = None) -> Transformer:
+def from_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig) -> Transformer:
     """A model holding the weights of the official Flax parameter tree (see `weights.vq_checkpoint`)."""
-    return load_numpy(Transformer(config, rngs=rngs or nnx.Rngs(0)), import_reference_params(tree, config))
+    return load_numpy(abstract_model(config), import_reference_params(tree, config))

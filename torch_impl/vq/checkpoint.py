@@ -15,7 +15,7 @@ from weights.vq_checkpoint import (import_reference_params, load_vq_checkpoint, 
 from weights.vq_config import TransformerVQConfig
 from .model import Transformer
 
-__all__ = ["to_numpy", "load_numpy", "save_pretrained", "from_pretrained", "from_reference_params"]
+__all__ = ["abstract_model", "to_numpy", "load_numpy", "save_pretrained", "from_pretrained", "from_reference_params"]
 
 
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -31,6 +31,12 @@ def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a, order="C"))
 
 
+def abstract_model(config: TransformerVQConfig) -> Transformer:
+    """A model whose parameters are shapes only (meta device, no init), to be filled by `load_numpy`."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
 def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
     """Every parameter, named by the state dict, as numpy arrays (torch layout)."""
     return {k: _tensor_to_numpy(v) for k, v in model.state_dict().items()}
@@ -39,10 +45,10 @@ def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
 def load_numpy(model: Transformer, tensors: Mapping[str, np.ndarray]) -> Transformer:
     """Copy torch-named numpy tensors into the model (names and shapes checked first)."""
     validate_tensors(model.config, tensors)
-    state = {k: _numpy_to_tensor(np.asarray(v)) for k, v in tensors.items()}
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            p.copy_(state[k].to(p.dtype))
+    current = model.state_dict()
+    state = {k: _numpy_to_tensor(np.asarray(v)).to(current[k].dtype) for k, v in tensors.items()}
+    # assign=True adopts the tensors, so a meta-device `abstract_model` becomes a real one.
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
@@ -54,9 +60,9 @@ def save_pretrained(model: Transformer, directory: str | os.PathLike) -> None:
 def from_pretrained(directory: str | os.PathLike) -> Transformer:
     """Build a model from a directory written by either twin."""
     config, tensors = load_vq_checkpoint(directory)
-    return load_numpy(Transformer(config), tensors)
+    return load_numpy(abstract_model(config), tensors)
 
 
 def from_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig) -> Transformer:
     """A model holding the weights of the official Flax parameter tree (see `weights.vq_checkpoint`)."""
-    return load_numpy(Transformer(config), import_reference_params(tree, config))
+    return load_numpy(abstract_model(config), import_reference_params(tree, config))
