@@ -57,3 +57,29 @@ def compare(name: str, reference: Any, got: Any, tol: float) -> Comparison:
     rel = max_abs / scale
     return Comparison(name, max_abs, rel, tuple(int(i) for i in np.unravel_index(flat, ref.shape)), tol,
                       bool(rel <= tol), tuple(ref.shape))
+
+
+def compare_allclose(name: str, reference: Any, got: Any, rtol: float, atol: float) -> Comparison:
+    """Compare elementwise as `numpy.allclose(got, reference, rtol, atol)` does:
+    `|got - reference| <= atol + rtol * |reference|` everywhere (NaN only where both are NaN).
+
+    `max_abs` and `rel` are reported as in `compare`; `worst_index` is the element that is
+    furthest beyond (or closest to) its own bound; `tolerance` holds `rtol`.
+    """
+    ref, out = to_numpy(reference), to_numpy(got)
+    if ref.shape != out.shape:
+        return Comparison(name, float("inf"), float("inf"), (), rtol, False, tuple(ref.shape))
+    if ref.size == 0:
+        return Comparison(name, 0.0, 0.0, (), rtol, True, tuple(ref.shape))
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    diff = np.abs(ref64 - out64)
+    both_nan = np.isnan(ref64) & np.isnan(out64)
+    diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+    bound = atol + rtol * np.abs(np.where(np.isnan(ref64), 0.0, ref64))
+    excess = diff - bound
+    flat = int(np.argmax(excess))
+    finite = np.abs(ref64[np.isfinite(ref64)])
+    scale = max(1.0, float(finite.max()) if finite.size else 1.0)
+    max_abs = float(diff.max())
+    return Comparison(name, max_abs, max_abs / scale, tuple(int(i) for i in np.unravel_index(flat, ref.shape)),
+                      rtol, bool(np.all(excess <= 0)), tuple(ref.shape))

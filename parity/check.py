@@ -1,0 +1,306 @@
+"""`twinlm check`: run one model in both twins on the same inputs and measure every difference.
+
+The torch twin is the reference: each error is `max|flax - torch|`, relative to
+`max(1, max|torch|)`, against the tolerance of its dtype and quantity (`parity/tolerances.py`).
+Checked, in reading order: every hidden state and every layer's attention weights, the head's
+outputs and loss, the gradient of every parameter (torch autograd vs `nnx.value_and_grad` of
+the same loss, matched by HF name, kernels transposed), KV-cache decoding (one token at a
+time) against the full forward pass in each twin and across twins, and greedy generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+import flax_impl
+import torch_impl
+from weights.names import hf_name, is_transposed
+
+from .compare import Comparison, compare, to_numpy
+from .generation import generation_rows
+from .inputs import HEADS, Batch, seeded_batch
+from .loading import BadInputError, load_twins
+from .report import SECTIONS, Report, Row
+from .tolerances import tolerance
+
+__all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
+
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
+
+
+def to_torch(a: np.ndarray | None) -> torch.Tensor | None:
+    """numpy -> torch, bits and dtype unchanged."""
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+def to_jax(a: np.ndarray | None) -> jax.Array | None:
+    """numpy -> jax, bits and dtype unchanged (int64/float64 need `jax_enable_x64`)."""
+    return None if a is None else jnp.asarray(a)
+
+
+def _head_of(model: Any) -> str:
+    name = type(model).__name__
+    for head, cls in HEADS.items():
+        if cls == name:
+            return head
+    raise TypeError(f"expected one of {', '.join(HEADS.values())}, got {name}")
+
+
+def _tol(dtype: str, quantity: str, overrides: Mapping[str, float] | None) -> float:
+    if overrides and quantity in overrides:
+        return overrides[quantity]
+    return tolerance(dtype, quantity)
+
+
+def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batch, *,
+               dtype: str | None = None, sections: Iterable[str] = SECTIONS, title: str = "parity",
+               tolerances: Mapping[str, float] | None = None, max_new_tokens: int = 8) -> Report:
+    """Compare two twins of the same head holding the same weights, on `batch`.
+
+    `dtype` (a name) selects the tolerances; by default it is the torch model's. `sections`
+    restricts the work (e.g. skip "gradients"); `tolerances` overrides bounds per quantity.
+    """
+    sections = tuple(sections)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; one of {SECTIONS}")
+    head = _head_of(torch_model)
+    if _head_of(flax_model) != head:
+        raise TypeError(f"the twins differ in head: {type(torch_model).__name__} vs {type(flax_model).__name__}")
+    dtype = dtype or _DTYPE_NAMES[next(torch_model.parameters()).dtype]
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
+                           "jax.config.update('jax_enable_x64', True) before creating any array")
+    config = torch_model.config
+    tol = lambda quantity: _tol(dtype, quantity, tolerances)
+    report = Report(title, dtype, head)
+    report.meta["describe"] = {"inputs": _describe(batch)}
+
+    want_grads = "gradients" in sections
+    t_out, t_grads = _torch_forward(torch_model, batch, head, want_grads)
+    f_out, f_grads = _flax_forward(flax_model, batch, head, want_grads)
+    if "forward" in sections:
+        report.rows += _forward_rows(t_out, f_out, tol)
+    if "head" in sections:
+        report.rows += _head_rows(t_out, f_out, head, tol)
+    if want_grads:
+        report.rows += _gradient_rows(t_grads, f_grads, torch_model, tol("gradients"))
+    if "kv cache" in sections:
+        report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol)
+    if "generation" in sections:
+        scale = max(1.0, float(np.abs(_logits(t_out, head)).max()))
+        report.rows += generation_rows(torch_model, flax_model, batch, head, config,
+                                       tol("logits"), max_new_tokens, scale)
+    return report
+
+
+def _logits(out: Any, head: str) -> np.ndarray:
+    x = out.start_logits if head == "question_answering" else out.logits
+    return x.detach().double().numpy()
+
+
+def _describe(batch: Batch) -> str:
+    b, t = batch.input_ids.shape
+    pads = ", ".join(f"{p} ({int((row == 0).sum())} pad)" for p, row in zip(batch.padding, batch.attention_mask))
+    return f"batch {b} x {t} tokens; rows: {pads or 'unknown padding'}"
+
+
+# ---- running each twin -------------------------------------------------------------------
+def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, grads: bool) -> tuple[Any, dict]:
+    labels = {k: to_torch(v) for k, v in batch.head_labels(head).items()}
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grads):
+        out = model(to_torch(batch.input_ids), to_torch(batch.attention_mask), to_torch(batch.position_ids),
+                    **labels, output_hidden_states=True, output_attentions=True)
+        if grads:
+            out.loss.backward()
+    named = {name: p.grad for name, p in model.named_parameters()} if grads else {}
+    return out, named
+
+
+def _flax_forward(model: nnx.Module, batch: Batch, head: str, grads: bool) -> tuple[Any, dict]:
+    labels = {k: to_jax(v) for k, v in batch.head_labels(head).items()}
+    args = (to_jax(batch.input_ids), to_jax(batch.attention_mask), to_jax(batch.position_ids))
+    out, g = _flax_run(model, args, labels, grads)
+    named = {}
+    for path, var in nnx.to_flat_state(g) if grads else ():
+        name = hf_name(path)
+        value = np.asarray(var[...])
+        named[name] = value.T if is_transposed(name) else value
+    return out, named
+
+
+def flax_forward(model: nnx.Module, args: tuple, labels: dict) -> Any:
+    """The Flax twin's compiled forward pass with every hidden state and attention map."""
+    return _flax_run(model, args, labels, False)[0]
+
+
+# Compiled, as users run the Flax twin; one compilation per model structure, dtype and shape.
+@functools.partial(nnx.jit, static_argnames=("grads",))
+def _flax_run(model: nnx.Module, args: tuple, labels: dict, grads: bool) -> tuple[Any, Any]:
+    def run(m: nnx.Module) -> tuple[jax.Array, Any]:
+        out = m(*args, **labels, output_hidden_states=True, output_attentions=True)
+        return out.loss, out
+
+    if not grads:
+        return run(model)[1], None
+    (_, out), g = nnx.value_and_grad(run, has_aux=True)(model)
+    return out, g
+
+
+# ---- rows ----------------------------------------------------------------------------------
+def _forward_rows(t_out: Any, f_out: Any, tol: Any) -> list[Row]:
+    """Embeddings, then per layer: attention weights and the layer's output. The last hidden
+    state is HF's: the last layer's output after the final norm."""
+    a, n = tol("activations"), len(t_out.attentions)
+    rows = [Row("forward", "activations", compare("model.embed_tokens (embeddings)",
+                                                  t_out.hidden_states[0], f_out.hidden_states[0], a))]
+    for i in range(n):
+        rows.append(Row("forward", "activations", compare(f"model.layers.{i}.self_attn (attention weights)",
+                                                          t_out.attentions[i], f_out.attentions[i], a), layer=i))
+        name = f"model.layers.{i} (output)" if i < n - 1 else f"model.layers.{i} + model.norm (output)"
+        rows.append(Row("forward", "activations", compare(name, t_out.hidden_states[i + 1],
+                                                          f_out.hidden_states[i + 1], a), layer=i))
+    return rows
+
+
+def _head_rows(t_out: Any, f_out: Any, head: str, tol: Any) -> list[Row]:
+    names = ("start_logits", "end_logits") if head == "question_answering" else ("logits",)
+    rows = [Row("head", "logits", compare(n, getattr(t_out, n), getattr(f_out, n), tol("logits"))) for n in names]
+    rows.append(Row("head", "loss", compare("loss", t_out.loss, f_out.loss, tol("loss"))))
+    return rows
+
+
+def _gradient_rows(t_grads: dict, f_grads: dict, model: torch.nn.Module, tol: float) -> list[Row]:
+    rows = []
+    for name, t_grad in t_grads.items():
+        layer = _layer_of(name)
+        if name not in f_grads:
+            missing = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(t_grad.shape))
+            rows.append(Row("gradients", "gradients", missing, layer, note="no Flax gradient"))
+            continue
+        ref = t_grad if t_grad is not None else torch.zeros_like(model.get_parameter(name))
+        rows.append(Row("gradients", "gradients", compare(name, ref, f_grads[name], tol), layer))
+    for name in sorted(set(f_grads) - set(t_grads)):
+        extra = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(f_grads[name].shape))
+        rows.append(Row("gradients", "gradients", extra, _layer_of(name), note="no torch parameter"))
+    return rows
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t_out: Any, f_out: Any,
+                   tol: Any) -> list[Row]:
+    """Feed the sequence one token at a time into a static cache; the result must equal the full
+    forward pass at every real token (prompt prefill through the cache is exercised by the
+    generation check, whose `generate()` prefills then decodes). The causal LM is checked on
+    logits, the other heads (which pool or score every token) on the decoder's last hidden state.
+
+    Padding positions are left out: a padding query sees no key, so its output is an artefact
+    of the mask convention (uniform weights over whatever the key axis holds), and the key
+    axis of a partly filled cache legitimately holds something else than the full sequence.
+    """
+    t = batch.input_ids.shape[1]
+    causal = head == "causal_lm"
+    quantity = "logits" if causal else "activations"
+    what = "logits" if causal else "last hidden state"
+    t_model = torch_model if causal else torch_model.model
+    f_model = flax_model if causal else flax_model.model
+    pick = (lambda o: o.logits) if causal else (lambda o: o.last_hidden_state)
+    real = batch.attention_mask[..., None] == 1
+    only_real = lambda x: np.where(real, to_numpy(x), 0.0)
+    t_full = only_real(t_out.logits if causal else t_out.hidden_states[-1])
+    f_full = only_real(f_out.logits if causal else f_out.hidden_states[-1])
+    config = torch_model.config
+    dtype = next(torch_model.parameters()).dtype
+
+    with torch.no_grad():
+        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype)
+        t_cached = only_real(torch.cat(list(_decode(t_model, batch, cache, to_torch, pick)), dim=1))
+    cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
+    f_cached = only_real(jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick)), axis=1))
+    q = tol(quantity)
+    note = f"{t} one-token steps; real tokens only"
+    return [Row("kv cache", quantity, compare(f"torch cached vs torch full ({what})", t_full, t_cached, q), note=note),
+            Row("kv cache", quantity, compare(f"flax cached vs flax full ({what})", f_full, f_cached, q), note=note),
+            Row("kv cache", quantity, compare(f"flax cached vs torch cached ({what})", t_cached, f_cached, q))]
+
+
+class _FlaxStep:
+    """Calls a Flax model's cached forward through `nnx.jit` (one compilation per shape)."""
+
+    def __init__(self, model: nnx.Module):
+        self.model = model
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, pos: jax.Array | None, *, past_key_values: Any,
+                 use_cache: bool) -> Any:
+        return _flax_cached_step(self.model, ids, mask, pos, past_key_values)
+
+
+@nnx.jit
+def _flax_cached_step(model: nnx.Module, ids: jax.Array, mask: jax.Array, pos: jax.Array | None, cache: Any) -> Any:
+    return model(ids, mask, pos, past_key_values=cache, use_cache=True)
+
+
+def _decode(model: Any, batch: Batch, cache: Any, convert: Any, pick: Any):
+    # The mask is passed at full cache width ([B, S], which both twins accept; the causal rule
+    # hides the slots not written yet): every step has the same shapes, so the Flax twin
+    # compiles its step once, not once per position.
+    ids, mask, pos = batch.input_ids, convert(batch.attention_mask), batch.position_ids
+    for i in range(ids.shape[1]):
+        out = model(convert(ids[:, i:i + 1]), mask, None if pos is None else convert(pos[:, i:i + 1]),
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        yield pick(out)
+
+
+# ---- from a checkpoint directory ---------------------------------------------------------
+def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, seq_len: int = 16,
+                     batch_size: int = 3, seed: int = 0, head: str | None = None,
+                     flax_directory: str | os.PathLike | None = None,
+                     sections: Iterable[str] = SECTIONS,
+                     tolerances: Mapping[str, float] | None = None) -> Report:
+    """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`.
+
+    Raises `BadInputError` for a checkpoint or argument that cannot be used.
+    """
+    if batch_size < 2:
+        raise BadInputError(f"--batch must be >= 2 (one left-padded and one right-padded row), got {batch_size}")
+    if seq_len < 2:
+        raise BadInputError(f"--seq-len must be >= 2 (a padded row keeps one real token), got {seq_len}")
+    twins = load_twins(directory, dtype, head, flax_directory)
+    config = twins.config
+    batch = seeded_batch(config, batch_size, seq_len, seed)
+    note = None
+    if twins.head == "sequence_classification" and config.pad_token_id is None:
+        # Without a pad id the classifier cannot find each row's last token (HF allows batch 1 only).
+        batch = seeded_batch(config, 1, seq_len, seed, paddings=("none",))
+        note = "config has no pad_token_id: sequence classification runs one unpadded row (as HF)"
+    report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=dtype, sections=sections,
+                        title=f"{directory}", tolerances=tolerances)
+    report.meta["checkpoint"] = str(directory)
+    if flax_directory is not None:
+        report.meta["flax_checkpoint"] = str(flax_directory)
+    report.meta["describe"]["model"] = _describe_config(config)
+    if note:
+        report.meta["describe"]["note"] = note
+    report.meta["seed"] = seed
+    return report
+
+
+def _describe_config(config: Any) -> str:
+    kv = config.resolved_num_key_value_heads
+    return (f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, "
+            f"{config.num_attention_heads} heads / {kv} kv heads, vocab {config.vocab_size}")

@@ -1,0 +1,176 @@
+"""Loading one checkpoint directory into both twins, for the parity commands.
+
+Everything a user can get wrong about a checkpoint (missing directory, bad `config.json`,
+truncated or lying safetensors, tensors that do not fit the config) surfaces here as one
+`BadInputError` with a readable message: the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weights.config import ConfigError, ModelConfig
+from weights.errors import LOAD_ERRORS
+
+from .inputs import HEADS
+
+__all__ = ["BadInputError", "Twins", "abstract_flax_model", "detect_head", "fill_flax_model", "load_flax",
+           "load_torch", "load_twins", "read_config", "twins_from_config"]
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+class BadInputError(Exception):
+    """The checkpoint or an argument cannot be used; the message says which and why."""
+
+
+@dataclass
+class Twins:
+    """One checkpoint loaded into both twins."""
+
+    config: ModelConfig
+    head: str  # a key of `parity.inputs.HEADS`
+    torch_model: Any  # torch_impl.For...
+    flax_model: Any  # flax_impl.For...
+    dtype: str
+    directory: Path
+
+
+def detect_head(config: ModelConfig, tensor_names: list[str] | None = None) -> str:
+    """The head a checkpoint was saved with: from `architectures` in config.json (e.g.
+    `LlamaForSequenceClassification`), else from the head's tensors, else causal LM."""
+    for arch in config.architectures or ():
+        for head, cls in HEADS.items():
+            if arch.endswith(cls):
+                return head
+    names = set(tensor_names or ())
+    if "score.weight" in names:
+        return "sequence_classification"
+    if "qa_outputs.weight" in names:
+        return "question_answering"
+    return "causal_lm"
+
+
+# What reading a checkpoint may raise on bad input: the documented checkpoint and config errors,
+# and the OS's own (permissions, a directory where a file should be).
+_INPUT_ERRORS: tuple[type[Exception], ...] = LOAD_ERRORS + (OSError,)
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """`config.json` of `directory`, or `BadInputError` saying what is wrong with it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInputError(f"{directory}: checkpoint directory not found")
+    try:
+        return ModelConfig.from_pretrained(directory)
+    except ConfigError as e:
+        raise BadInputError(str(e)) from None
+
+
+def load_torch(directory: str | os.PathLike, dtype: str, head: str | None = None) -> Any:
+    """The torch twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`."""
+    import torch_impl
+
+    config = read_config(directory)
+    head = head or detect_head(config, _tensor_names(directory))
+    return _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype).eval()
+
+
+def load_flax(directory: str | os.PathLike, dtype: str, head: str | None = None) -> Any:
+    """The Flax twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`.
+    `directory` may be in HF layout or in twinlm's Flax layout (`twinlm convert --layout flax`)."""
+    import flax_impl
+
+    config = read_config(directory)
+    head = head or detect_head(config, _tensor_names(directory))
+    return _from_pretrained(getattr(flax_impl, HEADS[head]), directory, dtype)
+
+
+def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
+    try:
+        return cls.from_pretrained(directory, dtype=dtype)
+    except _INPUT_ERRORS as e:
+        raise BadInputError(" ".join(str(e).split())) from None
+
+
+def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
+    """A Flax twin whose parameters are shapes only (`nnx.eval_shape`): the random init is
+    traced, never run, so nothing is allocated or compiled until real weights are loaded."""
+    from flax import nnx
+
+    import flax_impl
+
+    from .pairs import jax_dtype
+
+    cls = getattr(flax_impl, HEADS[head])
+    return nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(0)))
+
+
+def fill_flax_model(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Give a (possibly abstract) Flax twin its weights from HF-named numpy arrays, each cast
+    to its parameter's dtype; linear kernels are the transposed HF weights. Every parameter
+    must be present, and no extra tensor (raises KeyError / ValueError naming them)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from weights.names import hf_name, is_transposed
+
+    params = {hf_name(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"state mismatch: missing {missing}, unexpected {unexpected}")
+    for name, var in params.items():
+        current = var.get_raw_value()  # an array, or a ShapeDtypeStruct when abstract
+        value = tensors[name].T if is_transposed(name) else tensors[name]
+        if tuple(value.shape) != tuple(current.shape):
+            want = tuple(current.shape)[::-1] if is_transposed(name) else tuple(current.shape)
+            raise ValueError(f"{name}: expected shape {want}, found {tuple(tensors[name].shape)}")
+        var.set_raw_value(jnp.asarray(value, dtype=current.dtype))
+
+
+def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str = "float64",
+                      seed: int = 0) -> Twins:
+    """Both twins of a config with the torch twin's seeded HF init, copied into the Flax twin
+    through the HF names (the path a checkpoint takes, without the disk)."""
+    import torch
+
+    import torch_impl
+    from torch_impl.checkpoint import state_to_numpy
+
+    from .pairs import torch_dtype
+
+    torch.manual_seed(seed)
+    t_model = getattr(torch_impl, HEADS[head])(config, dtype=torch_dtype(dtype)).eval()
+    f_model = abstract_flax_model(config, head, dtype)
+    fill_flax_model(f_model, state_to_numpy(t_model))
+    return Twins(config, head, t_model, f_model, dtype, Path("."))
+
+
+def load_twins(directory: str | os.PathLike, dtype: str = "float32", head: str | None = None,
+               flax_directory: str | os.PathLike | None = None) -> Twins:
+    """Load `directory` into both twins in `dtype` (the Flax twin from `flax_directory` when
+    given, e.g. the same checkpoint converted to twinlm's Flax layout)."""
+    if dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    config = read_config(directory)
+    head = head or detect_head(config, _tensor_names(directory))
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    t_model = load_torch(directory, dtype, head)
+    f_model = load_flax(flax_directory or directory, dtype, head)
+    return Twins(config, head, t_model, f_model, dtype, Path(directory))
+
+
+def _tensor_names(directory: str | os.PathLike) -> list[str]:
+    from weights.checkpoint import CheckpointReader
+
+    try:
+        with CheckpointReader(directory) as reader:
+            return list(reader.keys())
+    except _INPUT_ERRORS as e:
+        raise BadInputError(" ".join(str(e).split())) from None

@@ -1,0 +1,107 @@
+"""The report and the comparison arithmetic, without any model: grouping, ordering, renderings,
+and `compare_allclose` against numpy's own `allclose`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from parity.compare import Comparison, compare, compare_allclose
+from parity.report import Report, Row, parameter_group, write_html
+
+
+def _row(section, name, rel, tol=1e-5, layer=None, quantity="activations"):
+    return Row(section, quantity, Comparison(name, rel, rel, (0,), tol, rel <= tol, (2,)), layer=layer)
+
+
+@pytest.mark.parametrize("name, group", [
+    ("model.layers.3.mlp.up_proj.weight", "model.layers.3"),
+    ("model.layers.12.self_attn.q_proj.bias", "model.layers.12"),
+    ("model.embed_tokens.weight", "model.embed_tokens"),
+    ("lm_head.weight", "lm_head"),
+    ("qa_outputs.bias", "qa_outputs"),
+])
+def test_parameter_group(name, group):
+    assert parameter_group(name) == group
+
+
+def test_gradients_fold_into_groups_keeping_the_worst_member():
+    rep = Report("t", "float32", "causal_lm", [
+        _row("forward", "model.layers.0 (output)", 1e-7, layer=0),
+        _row("gradients", "model.layers.0.mlp.up_proj.weight", 1e-6, 1e-4, 0, "gradients"),
+        _row("gradients", "model.layers.0.self_attn.o_proj.weight", 2e-4, 1e-4, 0, "gradients"),
+        _row("gradients", "model.layers.0.mlp.down_proj.weight", 3e-6, 1e-4, 0, "gradients"),
+        _row("gradients", "lm_head.weight", 1e-6, 1e-4, None, "gradients"),
+    ])
+    rows = rep.summary_rows()
+    assert [r.name for r in rows] == ["model.layers.0 (output)", "model.layers.0", "lm_head"]
+    group = rows[1]
+    assert group.status == "fail" and group.comparison.rel == 2e-4
+    assert group.note == "3 tensors, worst self_attn.o_proj.weight"
+    assert rows[2].status == "pass"
+
+
+def test_first_failure_is_in_reading_order_and_na_rows_do_not_fail():
+    na = Row("generation", "tokens", Comparison("greedy tokens", math.nan, math.nan, (), 0.0, False),
+             note="generate() not available", status="n/a")
+    rep = Report("t", "float64", "causal_lm", [
+        _row("forward", "model.layers.0 (output)", 1e-12, 1e-10, 0),
+        _row("forward", "model.layers.1 (output)", 1e-3, 1e-10, 1),
+        _row("head", "logits", 5e-3, 1e-10, quantity="logits"),
+        na,
+    ])
+    assert not rep.passed and rep.first_failure().name == "model.layers.1 (output)"
+    assert rep.worst().name == "logits"
+    table = rep.format_table()
+    assert "FAIL: 2 of 4 tensors out of tolerance; first divergence: model.layers.1 (output)" in table
+    assert "(1 check(s) not available)" in table and "n/a" in table
+    rep.rows = [rep.rows[0], na]
+    assert rep.passed and rep.format_table().splitlines()[-1].startswith("PASS")
+
+
+def test_json_has_every_row_and_only_standard_json(tmp_path):
+    inf = Row("head", "logits", Comparison("logits", math.inf, math.inf, (), 1e-5, False, (2, 3)))
+    rep = Report("t", "float32", "causal_lm", [_row("forward", "a (output)", 1e-7, layer=0), inf])
+    path = rep.write_json(tmp_path / "sub" / "r.json")
+    text = path.read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["passed"] is False and data["first_failure"] == "logits"
+    assert [r["name"] for r in data["rows"]] == ["a (output)", "logits"]
+    assert data["rows"][1]["max_abs"] == "inf" and data["rows"][1]["shape"] == [2, 3]
+
+
+def test_html_is_self_contained_with_table_and_plot(tmp_path):
+    rep = Report("tiny (float32)", "float32", "causal_lm",
+                 [_row("forward", "model.embed_tokens (embeddings)", 0.0)]
+                 + [_row("forward", f"model.layers.{i} (output)", 10.0 ** (-8 + i), layer=i) for i in range(3)])
+    page = write_html([rep], tmp_path / "r.html").read_text()
+    assert "<table>" in page and "model.layers.2 (output)" in page
+    assert re.search(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)
+    # Nothing is fetched from elsewhere: no external src or href.
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+
+
+@given(hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(-1e3, 1e3)),
+       hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(-1e-2, 1e-2)),
+       st.sampled_from([0.0, 1e-6, 1e-3]), st.sampled_from([0.0, 1e-8, 1e-4]))
+def test_compare_allclose_agrees_with_numpy(ref, noise, rtol, atol):
+    got = ref + np.resize(noise, ref.shape)
+    c = compare_allclose("x", ref, got, rtol, atol)
+    assert c.passed == bool(np.allclose(got, ref, rtol=rtol, atol=atol))
+    assert c.max_abs == pytest.approx(float(np.abs(got - ref).max()))
+
+
+def test_compare_bounds_relative_to_the_reference_scale():
+    big, small = np.array([100.0, 1.0]), np.array([0.5, 0.1])
+    assert compare("x", big, big + [0.0, 5e-4], 1e-5).passed  # 5e-4 / max(1, 100) = 5e-6
+    c = compare("x", small, small + [0.0, 5e-4], 1e-5)  # scale max(1, 0.5) = 1
+    assert not c.passed and c.rel == pytest.approx(5e-4) and c.worst_index == (1,)
+    assert not compare("x", small, np.array([0.5, np.nan]), 1.0).passed
+    assert not compare("x", small, np.zeros(3), 1.0).passed
