@@ -14,6 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert(sub)
+    _add_check(sub)
+    _add_demo(sub)
+    _add_record(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -62,6 +66,169 @@ def _run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {result.dst} ({result.layout} layout, {result.tensors} tensors, "
           f"{result.nbytes / 1e9:.2f} GB in {len(result.files)} file(s))")
     return 0
+
+
+# ---- parity: check, demo, record, compare -------------------------------------------------
+_DTYPES = ["float32", "bfloat16", "float16", "float64"]
+_SKIPPABLE = {"gradients": "gradients", "kv-cache": "kv cache", "generation": "generation"}
+_EXIT_DOC = "Exit status: 0 when every tensor is within tolerance, 1 on a parity failure, 2 on bad input."
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _inputs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype of both twins (default float32)")
+    p.add_argument("--seq-len", type=_positive, default=16, help="tokens per row (default 16)")
+    p.add_argument("--batch", type=_positive, default=3,
+                   help="rows, padded left, right, none, left, ... (default 3; at least 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the input tokens and labels (default 0)")
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check", help="load a checkpoint into both twins and measure every difference",
+        description="Load the HF checkpoint DIR (any head) into the torch and the Flax twin and compare, "
+        "on seeded inputs with a left- and a right-padded row: every hidden state and attention map, "
+        "the head's outputs and loss, every parameter's gradient, KV-cache decoding and greedy "
+        "generation. " + _EXIT_DOC)
+    p.add_argument("dir", metavar="DIR", nargs="?", help="checkpoint directory (config.json + safetensors)")
+    _inputs_args(p)
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with a per-layer plot")
+    p.add_argument("--skip", action="append", default=[], choices=list(_SKIPPABLE),
+                   help="leave out a part of the check (repeatable)")
+    p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
+    p.set_defaults(func=_run_check)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="build small checkpoints for every head, convert them, check both twins",
+        description="Build seeded checkpoints (HF layout) with the torch twin, convert them to the Flax "
+        "layout, load each into its twin and run `check` in each dtype. No network needed.")
+    p.add_argument("--out", default="reports/demo", help="where checkpoints and reports go (default reports/demo)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated dtypes for every model (default: float64 and float32 for the LLaMA "
+                   "heads, float64 for the other families)")
+    p.set_defaults(func=_run_demo)
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record", help="write reference outputs of one twin for CI regression checks",
+        description="Run one twin on the seeded inputs and write inputs, head outputs, hidden states and "
+        "loss to OUT (safetensors), with the framework versions in its metadata.")
+    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    p.add_argument("out", metavar="OUT", help="reference file to write (.safetensors)")
+    p.add_argument("--framework", choices=["torch", "flax"], default="torch", help="twin to run (default torch)")
+    _inputs_args(p)
+    p.set_defaults(func=_run_record)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="rerun a recorded reference and report any regression",
+        description="Rerun the inputs stored in REF on DIR and compare every recorded output, against the "
+        "tolerance table or --rtol/--atol (elementwise, as numpy.allclose). " + _EXIT_DOC)
+    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    p.add_argument("ref", metavar="REF", help="reference file written by `twinlm record`")
+    p.add_argument("--framework", choices=["torch", "flax"], help="twin to run (default: the recorded one)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (elementwise)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (elementwise)")
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.set_defaults(func=_run_compare)
+
+
+def _setup_jax() -> None:
+    # float64 parity needs JAX's 64-bit mode, and it must be set before any array exists.
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def _bad_input(command: str, e: BaseException) -> int:
+    print(f"twinlm {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from parity.loading import BadInputError
+    from weights.errors import LOAD_ERRORS
+
+    return (BadInputError,) + LOAD_ERRORS
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    if args.tolerances:
+        from parity.tolerances import format_table
+
+        print(format_table())
+        return 0
+    if args.dir is None:
+        return _bad_input("check", ValueError("missing DIR (or pass --tolerances)"))
+    _setup_jax()
+    from parity.check import check_checkpoint
+    from parity.report import SECTIONS, write_html
+
+    sections = [s for s in SECTIONS if s not in {_SKIPPABLE[k] for k in args.skip}]
+    try:
+        report = check_checkpoint(args.dir, args.dtype, seq_len=args.seq_len, batch_size=args.batch,
+                                  seed=args.seed, sections=sections)
+    except _input_errors() as e:
+        return _bad_input("check", e)
+    print(report.format_table())
+    if args.json:
+        print(f"figures: {report.write_json(args.json)}")
+    if args.html:
+        print(f"report: {write_html([report], args.html)}")
+    return 0 if report.passed else 1
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _setup_jax()
+    from parity.demo import run_demo
+
+    dtypes = tuple(args.dtypes.split(",")) if args.dtypes else None
+    bad = [d for d in dtypes or () if d not in _DTYPES]
+    if bad:
+        return _bad_input("demo", ValueError(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(_DTYPES)}"))
+    reports, _ = run_demo(args.out, dtypes)
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def _run_record(args: argparse.Namespace) -> int:
+    _setup_jax()
+    from parity.record import record
+
+    try:
+        path = record(args.dir, args.out, framework=args.framework, dtype=args.dtype, seq_len=args.seq_len,
+                      batch_size=args.batch, seed=args.seed)
+    except _input_errors() as e:
+        return _bad_input("record", e)
+    print(f"wrote {path} ({args.framework} twin, {args.dtype}, batch {args.batch} x {args.seq_len})")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    _setup_jax()
+    from parity.record import compare_reference
+
+    try:
+        report = compare_reference(args.dir, args.ref, framework=args.framework, rtol=args.rtol, atol=args.atol)
+    except _input_errors() as e:
+        return _bad_input("compare", e)
+    print(report.format_table())
+    if args.json:
+        print(f"figures: {report.write_json(args.json)}")
+    return 0 if report.passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:

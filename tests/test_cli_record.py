@@ -1,0 +1,81 @@
+"""`twinlm record` / `twinlm compare`: references written with inputs and versions, compared
+in either framework, a changed checkpoint caught as a regression, bad references refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from parity.cli import main
+from parity.demo import DemoModel, build_checkpoint, tiny_config
+from parity.record import FORMAT
+from weights import SafetensorsFile, load_file, save_file
+
+CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(DemoModel("tiny", "causal_lm", CONFIG), tmp_path_factory.mktemp("rec") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    assert main(["record", str(checkpoint), str(path), "--dtype", "float64"]) == 0
+    return path
+
+
+def test_reference_holds_inputs_outputs_and_versions(reference):
+    with SafetensorsFile(reference) as f:
+        meta, names = f.metadata, set(f.keys())
+    assert meta["format"] == FORMAT and meta["framework"] == "torch" and meta["dtype"] == "float64"
+    assert set(json.loads(meta["versions"])) >= {"torch", "jax", "flax", "twinlm", "numpy"}
+    assert {"input.input_ids", "input.attention_mask", "input.position_ids", "input.labels",
+            "output.logits", "output.loss"} <= names
+    assert {f"output.hidden_states.{i}" for i in range(CONFIG.num_hidden_layers + 1)} <= names
+    tensors = load_file(reference)
+    assert tensors["output.logits"].shape == (3, 16, CONFIG.vocab_size) and tensors["output.logits"].dtype == np.float64
+
+
+@pytest.mark.parametrize("extra", [[], ["--framework", "flax"], ["--rtol", "0", "--atol", "0"]])
+def test_compare_passes_on_the_same_checkpoint(checkpoint, reference, capsys, extra):
+    code = main(["compare", str(checkpoint), str(reference)] + extra)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "hidden_states.3" in out and "\nPASS" in out
+    if extra and extra[0] == "--framework":
+        assert "compared with the flax twin" in out
+
+
+def test_compare_catches_a_changed_checkpoint(checkpoint, reference, tmp_path, capsys):
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    tensors = {k: np.array(v) for k, v in load_file(checkpoint / "model.safetensors").items()}
+    tensors["model.layers.1.mlp.down_proj.weight"] *= np.float32(1.001)
+    save_file(tensors, changed / "model.safetensors", {"format": "pt"})
+    assert main(["compare", str(changed), str(reference), "--json", str(tmp_path / "c.json")]) == 1
+    out = capsys.readouterr().out
+    # hidden_states.2 is layer 1's output: the first recorded tensor the change reaches.
+    assert "first divergence: hidden_states.2" in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [r["name"] for r in data["rows"] if r["status"] == "pass"][:2] == ["hidden_states.0", "hidden_states.1"]
+    # A loose elementwise bound accepts the same change.
+    assert main(["compare", str(changed), str(reference), "--rtol", "0.1", "--atol", "0.1"]) == 0
+
+
+def test_bad_references_exit_2(checkpoint, tmp_path, capsys):
+    assert main(["compare", str(checkpoint), str(tmp_path / "missing.safetensors")]) == 2
+    assert "reference file not found" in capsys.readouterr().err
+    # A checkpoint file is a safetensors file, but not a reference.
+    assert main(["compare", str(checkpoint), str(checkpoint / "model.safetensors")]) == 2
+    assert "not a twinlm reference file" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x01\x02")
+    assert main(["compare", str(checkpoint), str(junk)]) == 2
+    assert "junk.safetensors" in capsys.readouterr().err
+    assert main(["record", str(tmp_path / "nope"), str(tmp_path / "r.safetensors")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
