@@ -53,7 +53,8 @@ def load_numpy_state(model: nnx.Module, tensors: Mapping[str, np.ndarray]) -> No
         if tuple(value.shape) != tuple(var[...].shape):
             raise ValueError(f"{name}: expected shape {tuple(var[...].shape)[::-1] if is_transposed(name) else tuple(var[...].shape)}, "
                              f"found {tuple(tensors[name].shape)}")
-        var[...] = jnp.asarray(value, dtype=var[...].dtype)
+        # jnp.array copies: on CPU, jnp.asarray may alias the caller's numpy buffer.
+        var[...] = jnp.array(value, dtype=var[...].dtype, copy=True)
 
 
 # ---- from_pretrained / save_pretrained ------------------------------------------------------

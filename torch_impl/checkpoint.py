@@ -26,8 +26,12 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU numpy copy; bfloat16 becomes `ml_dtypes.bfloat16`, bit for bit."""
-    t = t.detach().cpu()
+    """A CPU numpy copy; bfloat16 becomes `ml_dtypes.bfloat16`, bit for bit.
+
+    A copy, not `Tensor.numpy()`'s view: JAX on CPU may alias a numpy buffer it is given, and an
+    in-place torch update (an optimizer step) would then silently rewrite the Flax twin's weights.
+    """
+    t = t.detach().cpu().clone()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -118,7 +122,15 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
             np_dtype = checkpoint_dtype(reader, config)
     else:
         np_dtype = _numpy_dtype(dtype)
-    model = cls(config, dtype=_TORCH_DTYPES[np_dtype])
+    torch_dtype = _TORCH_DTYPES[np_dtype]
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = cls(config, dtype=torch_dtype)
+    if strict and not list(model.buffers()):
+        # Strict loading fills every parameter (or raises), so uninitialised memory is never
+        # seen: skip the random init of a model about to be overwritten.
+        model = model.to_empty(device="cpu")
+    else:
+        model = cls(config, dtype=torch_dtype)  # what the checkpoint lacks keeps its init values
     model.eval()
     report = load_checkpoint(model, directory, strict=strict)
     return model if strict else (model, report)
