@@ -260,20 +260,23 @@ def test_dtype_table_covers_what_twins_use():
 # ---- block copies --------------------------------------------------------------------------
 @settings(max_examples=30)
 @given(rows=st.integers(1, 70), cols=st.integers(1, 70), dtype=st.sampled_from([np.float32, BF16, np.float16]),
-       to=st.sampled_from([None, np.float32, BF16]), transposed=st.booleans(), block=st.sampled_from([64, 1000, 1 << 20]))
-def test_row_blocks_equal_a_contiguous_copy(rows, cols, dtype, to, transposed, block):
+       to=st.sampled_from([None, np.float32, BF16]), transposed=st.booleans(), block=st.sampled_from([64, 1000, 1 << 20]),
+       tiles=st.sampled_from([(3, 5), (16, 2048)]))
+def test_row_blocks_and_copy_into_equal_a_contiguous_copy(rows, cols, dtype, to, transposed, block, tiles):
     import weights.blockcopy as bc
 
     a = random_bits((rows, cols), dtype, rows * cols)
     a = np.where(np.isfinite(a.astype(np.float32)), a, 0).astype(dtype)  # casts of NaN payloads vary
     view = a.T if transposed else a
     target = np.dtype(to or dtype)
-    old, bc.BLOCK_BYTES = bc.BLOCK_BYTES, block
+    want = np.ascontiguousarray(view, dtype=target).tobytes()
+    saved = bc.BLOCK_BYTES, bc._TILE_ROWS, bc._TILE_COLS
+    bc.BLOCK_BYTES, (bc._TILE_ROWS, bc._TILE_COLS) = block, tiles
     try:
-        got = b"".join(b.tobytes() for b in bc.row_blocks(view, target))
+        assert b"".join(b.tobytes() for b in bc.row_blocks(view, target)) == want
+        assert bc.contiguous(view, target).tobytes() == want
     finally:
-        bc.BLOCK_BYTES = old
-    assert got == np.ascontiguousarray(view, dtype=target).tobytes()
+        bc.BLOCK_BYTES, bc._TILE_ROWS, bc._TILE_COLS = saved
 
 
 def test_copy_file_range_falls_back_to_reads_and_writes(tmp_path, monkeypatch):

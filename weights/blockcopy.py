@@ -19,7 +19,9 @@ import numpy as np
 __all__ = ["BLOCK_BYTES", "BlockWriter", "contiguous", "copy_file_range", "copy_into", "pwrite_all", "row_blocks"]
 
 BLOCK_BYTES = 8 << 20  # extra memory of a transpose or a cast, per tensor being written
-_TILE_ROWS = 32  # source rows per tile: 32 rows x the block's columns stay in L2
+# Tiles of 16 source rows x 2048 source columns: fastest of the sizes measured (2.5 GB/s of CPU
+# time for TinyLlama's bf16 weights, against 1.0 GB/s for 64-row strips and 0.15 for numpy).
+_TILE_ROWS, _TILE_COLS = 16, 2048
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -103,7 +105,7 @@ def row_blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
         return
     row_bytes = max(1, array[0].size * max(array.itemsize, dtype.itemsize))
     step = max(1, BLOCK_BYTES // row_bytes)
-    transposed = array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous
+    transposed = _is_transposed_2d(array)
     for i in range(0, array.shape[0], step):
         part = array[i:i + step]
         if transposed:
@@ -113,13 +115,20 @@ def row_blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(part)
 
 
-def _tiled_transpose_copy(part: np.ndarray) -> np.ndarray:
-    """C-contiguous copy of `part`, an F-contiguous 2-D view (`w.T[i:j]`), tile by tile."""
+def _is_transposed_2d(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous
+
+
+def _tiled_transpose_copy(part: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """C-contiguous copy of `part`, an F-contiguous 2-D view (`w.T[i:j]`), tile by tile, into
+    `out` when given (C-contiguous, same shape and dtype)."""
     rows, cols = part.shape
-    out = np.empty((rows, cols), part.dtype)
+    out = np.empty((rows, cols), part.dtype) if out is None else out
     src, dst = _bits(part.T), _bits(out)  # src: the C-contiguous [cols, rows] source
-    for c in range(0, cols, _TILE_ROWS):
-        dst[:, c:c + _TILE_ROWS] = src[c:c + _TILE_ROWS].T
+    for r in range(0, rows, _TILE_COLS):
+        d, s = dst[r:r + _TILE_COLS], src[:, r:r + _TILE_COLS]
+        for c in range(0, cols, _TILE_ROWS):
+            d[:, c:c + _TILE_ROWS] = s[c:c + _TILE_ROWS].T
     return out
 
 
@@ -128,6 +137,9 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     of the same shape, casting to `dst.dtype` block by block."""
     if dst.shape != src.shape or not dst.flags.c_contiguous:
         raise ValueError(f"copy_into: need a C-contiguous destination of shape {src.shape}, got {dst.shape}")
+    if _is_transposed_2d(src) and src.dtype == dst.dtype:
+        _tiled_transpose_copy(src, dst)  # straight into place: no intermediate block
+        return
     flat, offset = dst.reshape(-1), 0
     for block in row_blocks(src, dst.dtype):
         flat[offset:offset + block.size] = block.reshape(-1)

@@ -31,6 +31,7 @@ from .checkpoint import (FLAX_WEIGHTS_NAME, PICKLE_PATTERNS, SAFE_WEIGHTS_NAME, 
 from .config import CONFIG_NAME, ModelConfig
 from .errors import CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError
 from .names import is_transposed
+from .pretrained import natural_key
 from .safetensors_io import TensorSpec
 
 __all__ = ["DTYPE_NAMES", "ConvertResult", "PickleReader", "convert", "open_source"]
@@ -195,10 +196,6 @@ def _read_config(src: Path, target: np.dtype | None) -> bytes:
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
-
-
 def _plan(reader: CheckpointReader | PickleReader, layout: str,
           target: np.dtype | None) -> list[tuple[TensorSpec, str, bool]]:
     """(output spec, source name, transpose-to-flax) for every tensor, in source order."""
@@ -263,7 +260,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         plan = _plan(reader, layout, target)
         # Shards follow the natural order of names (layer 2 before layer 10), whatever the source
         # order, so the same checkpoint always shards the same way; reads keep source order.
-        specs = sorted((spec for spec, _, _ in plan), key=lambda s: _natural_key(s.name))
+        specs = sorted((spec for spec, _, _ in plan), key=lambda s: natural_key(s.name))
         weights_name = FLAX_WEIGHTS_NAME if layout == "flax" else SAFE_WEIGHTS_NAME
         meta = {"format": "flax" if layout == "flax" else "pt"}
         total = sum(spec.nbytes for spec, _, _ in plan)
