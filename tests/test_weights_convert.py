@@ -13,13 +13,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import weights.safetensors_writer as sio
 from parity.cli import main as cli
 from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
 from weights.config import ConfigError, ModelConfig
 from weights.convert import convert
-from weights.errors import (CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError)
+from weights.errors import (LOAD_ERRORS, CheckpointError, DestinationExistsError, MissingDependencyError,
+                            PickleRefusedError)
 from weights.names import is_transposed
 from weights.safetensors_io import load_file
 from weights.synthetic import hf_shapes, write_synthetic_checkpoint
@@ -251,3 +254,46 @@ def test_progress_bar_shows_tensors_and_bytes(tmp_path, capsys):
     shapes = hf_shapes(TINY)
     kb = sum(np.prod(s) for s in shapes.values()) * 2 / 1000
     assert f"tensor {len(shapes)}/{len(shapes)}" in err and f"{kb:.1f}kB/{kb:.1f}kB" in err
+
+
+# ---- fuzzing whole checkpoints ---------------------------------------------------------------
+_FUZZ_SRC: dict[str, bytes] = {}
+
+
+def _fuzz_source(tmp_path_factory) -> dict[str, bytes]:
+    """A small sharded checkpoint's files (built once): config, index and shards."""
+    if not _FUZZ_SRC:
+        d = write_synthetic_checkpoint(tmp_path_factory.mktemp("fuzzsrc") / "c",
+                                       TINY.replace(num_hidden_layers=1), dtype=BF16, max_shard_size="4KB")
+        _FUZZ_SRC.update({p.name: p.read_bytes() for p in sorted(d.iterdir())})
+    return _FUZZ_SRC
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_mutated_checkpoints_convert_or_fail_with_one_documented_error(tmp_path_factory, data):
+    files = _fuzz_source(tmp_path_factory)
+    target = data.draw(st.sampled_from(sorted(files)), label="file")
+    raw = bytearray(files[target])
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        pos = data.draw(st.integers(0, max(0, len(raw) - 1)), label="pos")
+        op = data.draw(st.sampled_from(["set", "truncate", "delete"]), label="op")
+        if op == "set" and raw:
+            raw[pos] = data.draw(st.integers(0, 255), label="byte")
+        elif op == "truncate":
+            del raw[pos:]
+        elif raw:
+            del raw[pos]
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "src").mkdir()
+    for name, content in files.items():
+        (root / "src" / name).write_bytes(bytes(raw) if name == target else content)
+    try:
+        convert(root / "src", root / "dst", progress=False, fsync=False)
+    except LOAD_ERRORS as e:
+        assert "\n" not in str(e) and str(root / "src") in str(e)  # one line naming the file
+        assert not (root / "dst").exists()
+        return
+    # Accepted: then every tensor reads back as the (possibly mutated) source holds it.
+    src, dst = all_tensors(root / "src"), all_tensors(root / "dst")
+    assert set(src) == set(dst) and all(src[k].tobytes() == dst[k].tobytes() for k in src)
