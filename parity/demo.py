@@ -160,3 +160,38 @@ def summary_table(reports: Sequence[Report]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     return "\n".join(lines)
+
+
+def markdown_summary(reports: Sequence[Report]) -> str:
+    """Two Markdown tables for README.md: the worst error per dtype and quantity (with the
+    model it occurred in), and per model and dtype the largest share of its tolerance used."""
+    quantities = ("activations", "logits", "loss", "gradients")
+    dtypes = list(dict.fromkeys(r.dtype for r in reports))
+    lines = ["| dtype | " + " | ".join(quantities) + " | greedy tokens |", "|---" * (len(quantities) + 2) + "|"]
+    for dt in dtypes:
+        cells = []
+        for q in quantities:
+            found = [(r.worst(quantity=q), r) for r in reports if r.dtype == dt]
+            found = [(w, r) for w, r in found if w is not None]
+            if not found:
+                cells.append("-")
+                continue
+            w, r = max(found, key=lambda x: x[0].comparison.rel / x[0].comparison.tolerance)
+            name = r.title.split(" (")[0]
+            cells.append(f"{w.comparison.rel:.1e} (tol {w.comparison.tolerance:.0e}; {name}, {w.name})")
+        tokens = [row for r in reports if r.dtype == dt for row in r.rows if row.quantity == "tokens"]
+        ran = [t for t in tokens if t.status != "n/a"]
+        cells.append("n/a" if not ran else f"{sum(t.comparison.max_abs == 0 for t in ran)} of {len(ran)} "
+                     f"models identical" + ("" if all(t.status == "pass" for t in ran) else ", some DIFFER"))
+        lines.append(f"| {dt} | " + " | ".join(cells) + " |")
+    models = list(dict.fromkeys(r.title.split(" (")[0] for r in reports))
+    lines += ["", "| model | " + " | ".join(dtypes) + " |", "|---" * (len(dtypes) + 1) + "|"]
+    for m in models:
+        cells = []
+        for dt in dtypes:
+            r = next((r for r in reports if r.dtype == dt and r.title.split(" (")[0] == m), None)
+            w = r.worst() if r else None
+            cells.append("-" if w is None else
+                         f"{'PASS' if r.passed else 'FAIL'}, {100 * w.comparison.rel / w.comparison.tolerance:.2g}% of tol")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

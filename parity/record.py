@@ -143,6 +143,18 @@ def _read_reference(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return tensors, meta
 
 
+_HEAD_OUTPUTS = ("logits", "start_logits", "end_logits")
+
+
+def _reading_order(name: str) -> tuple[int, int]:
+    # Hidden states by layer, then the head's outputs, then the loss (the file sorts by name).
+    if name.startswith("hidden_states."):
+        return (0, int(name.split(".")[1]))
+    if name in _HEAD_OUTPUTS:
+        return (1, _HEAD_OUTPUTS.index(name))
+    return (2, 0)
+
+
 def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike, *,
                       framework: str | None = None, rtol: float | None = None,
                       atol: float | None = None) -> Report:
@@ -166,10 +178,8 @@ def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike,
                                 "versions changed": ", ".join(f"{k} {v}" for k, v in changed.items()) or "none",
                                 "bound": "tolerance table" if rtol is None and atol is None else
                                          f"|got - ref| <= {atol or 0.0:g} + {rtol or 0.0:g} * |ref| elementwise"}}
-    for key, ref in tensors.items():
-        if not key.startswith("output."):
-            continue
-        name = key[len("output."):]
+    for name in sorted((k[len("output."):] for k in tensors if k.startswith("output.")), key=_reading_order):
+        ref = tensors["output." + name]
         quantity = "loss" if name == "loss" else ("activations" if name.startswith("hidden_states") else "logits")
         layer = int(name.split(".")[1]) - 1 if name.startswith("hidden_states.") else None
         if name not in got:

@@ -163,6 +163,16 @@ class Report:
                 "first_failure": first.name if first else None,
                 "meta": self.meta, "rows": [r.as_dict() for r in self.rows]}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """The inverse of `as_dict` (e.g. to re-render a report read from `--json` output)."""
+        num = lambda v: float(v) if isinstance(v, str) else v  # "inf" / "nan" back to floats
+        rows = [Row(r["section"], r["quantity"],
+                    Comparison(r["name"], num(r["max_abs"]), num(r["rel"]), tuple(r["worst_index"]),
+                               num(r["tolerance"]), r["passed"], tuple(r["shape"])),
+                    r["layer"], r["note"], r["status"]) for r in d["rows"]]
+        return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}))
+
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write `as_dict()` to `path`."""
         path = Path(path)

@@ -105,3 +105,13 @@ def test_compare_bounds_relative_to_the_reference_scale():
     assert not c.passed and c.rel == pytest.approx(5e-4) and c.worst_index == (1,)
     assert not compare("x", small, np.array([0.5, np.nan]), 1.0).passed
     assert not compare("x", small, np.zeros(3), 1.0).passed
+
+
+def test_report_round_trips_through_json(tmp_path):
+    rep = Report("t", "bfloat16", "question_answering",
+                 [_row("forward", "a (output)", 1e-3, 6e-2, 0),
+                  Row("head", "logits", Comparison("start_logits", math.inf, math.inf, (), 6e-2, False, (3, 16)))],
+                 {"describe": {"inputs": "batch 3 x 16"}})
+    back = Report.from_dict(json.loads(rep.write_json(tmp_path / "r.json").read_text()))
+    assert back.format_table() == rep.format_table()
+    assert back.first_failure().name == "start_logits" and back.rows[1].comparison.max_abs == math.inf
