@@ -130,12 +130,14 @@ def family_switches(draw, model_type: str, num_layers: int, sparse_routing: bool
 
 def family_examples() -> dict[str, ModelConfig]:
     """One tiny config per family, its switches on and its windows shorter than a 9-token
-    sequence (for the demo and the family tests); keys name the example, `model_type` the family."""
+    sequence (for the demo and the family tests); keys name the example, `model_type` the family.
+    They share their shapes (width 16, GQA 4/2 heads of width 8, decoupled from 16 / 4 as in
+    Gemma, 2 layers), so an eager Flax session compiles each operation once for all of them."""
     tiny = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
     return {
-        "llama2": ModelConfig.for_family("llama", **{**tiny, "num_key_value_heads": None},
-                                         rope_scaling=RopeScaling("linear", factor=2.0)),
+        "llama2": ModelConfig.for_family("llama", **tiny, rope_scaling=RopeScaling("linear", factor=2.0)),
         "llama3": ModelConfig.for_family("llama", **tiny, rope_theta=500000.0, attention_bias=True, mlp_bias=True,
                                          rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
                                                                   high_freq_factor=4.0,
@@ -143,10 +145,9 @@ def family_examples() -> dict[str, ModelConfig]:
         "mistral": ModelConfig.for_family("mistral", **tiny, sliding_window=4),
         "qwen2": ModelConfig.for_family("qwen2", **tiny, use_sliding_window=True, sliding_window=4,
                                         max_window_layers=1, tie_word_embeddings=True),
-        "gemma": ModelConfig.for_family("gemma", **{**tiny, "num_key_value_heads": 1}, head_dim=12, hidden_act="gelu"),
-        "gemma2": ModelConfig.for_family("gemma2", **{**tiny, "num_hidden_layers": 3}, head_dim=8, sliding_window=3,
-                                         query_pre_attn_scalar=6, attn_logit_softcapping=1.5,
-                                         final_logit_softcapping=2.0),
+        "gemma": ModelConfig.for_family("gemma", **tiny, hidden_act="gelu"),
+        "gemma2": ModelConfig.for_family("gemma2", **tiny, sliding_window=3, query_pre_attn_scalar=6,
+                                         attn_logit_softcapping=1.5, final_logit_softcapping=2.0),
         "mixtral": ModelConfig.for_family("mixtral", **tiny, num_local_experts=4, num_experts_per_tok=2,
                                           sliding_window=5, output_router_logits=True, router_aux_loss_coef=0.1),
     }
