@@ -34,3 +34,4 @@ __all__ = [
     "TiedWeightsMismatchError", "PickleRefusedError", "MissingDependencyError",
     "DestinationExistsError", "LOAD_ERRORS",
 ]
+from .vq_config import TransformerVQConfig  # noqa: E402,F401  (Transformer-VQ, issue 9)
