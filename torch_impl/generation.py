@@ -1,0 +1,369 @@
+"""`generate()`: greedy decoding, sampling (temperature, top-k, top-p, allowed tokens), beam search.
+
+Mirrors `flax_impl/generation.py` function for function. The loop runs under
+`torch.inference_mode()` on a KV cache preallocated to prompt + `max_new_tokens`.
+
+Prompts are left-padded; position ids come from the attention mask (`cumsum - 1`, clipped at 0).
+A row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
+when every row is finished or after `max_new_tokens`.
+
+Sampling draws no random numbers here: `weights.generation.sampling_noise(seed)` gives one
+uniform `u` per (step, row), and the token is the first one, in vocabulary order, at which the
+cumulative filtered probability exceeds `u` times its total (inverse CDF). Both twins do this
+with the same `u`, so the same seed gives the same tokens in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from weights.generation import (TOP_CANDIDATES, GenerationOptions, position_ids_from_mask,
+                                prepare_generation, sampling_noise)
+
+from .layers.attention import KVCache
+from .layers.precision import compute_dtype
+
+# HF's score for an impossible beam; adding it keeps the arithmetic finite, unlike -inf.
+IMPOSSIBLE = -1.0e9
+
+
+@dataclass
+class GenerationOutput:
+    """`generate(..., return_scores=True)`: the sequences and, per new token, the model's own
+    distribution (log-softmax of the raw logits, before temperature and filters)."""
+
+    sequences: torch.Tensor  # [B, P + N] prompt then new tokens
+    token_logprobs: torch.Tensor  # [B, N] log-prob of the emitted token (0 once a row finished)
+    top_tokens: torch.Tensor  # [B, N, 8] the most likely tokens, best first (pad once finished)
+    top_probs: torch.Tensor  # [B, N, 8] their probabilities (0 once finished)
+
+
+# ---- token choice: the math shared by every strategy -------------------------------------------
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest values of the last axis and their indices; ties go to the lower index
+    (a stable sort, as `jax.lax.top_k` documents), so both twins break ties alike."""
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def filter_mask(scaled: torch.Tensor, top_k_value: int | None, top_p_value: float | None,
+                allowed: torch.Tensor | None) -> torch.Tensor:
+    """Keep-mask `[B, V]` over temperature-scaled logits: top-k, then top-p, then `allowed`.
+
+    top-k keeps every token scoring at least the k-th largest (ties included, as HF). top-p keeps
+    the most probable tokens until their renormalised mass reaches p (at least one; tokens tied
+    with the last one kept are kept too). If `allowed` removes every survivor, the row keeps its
+    most probable allowed token, so a disallowed token is never chosen.
+    """
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if top_k_value is not None:
+        kth = torch.sort(scaled, dim=-1, descending=True).values[:, top_k_value - 1:top_k_value]
+        keep = keep & (scaled >= kth)
+    if top_p_value is not None:
+        probs = torch.softmax(torch.where(keep, scaled, -torch.inf), dim=-1)
+        ordered = torch.sort(probs, dim=-1, descending=True).values
+        mass_before = torch.cumsum(ordered, dim=-1) - ordered
+        count = (mass_before < top_p_value).sum(-1, keepdim=True).clamp(min=1)
+        keep = keep & (probs >= torch.gather(ordered, -1, count - 1))
+    if allowed is not None:
+        best_allowed = torch.where(allowed, scaled, -torch.inf).max(-1, keepdim=True).values
+        fallback = allowed & (scaled == best_allowed)
+        keep = keep & allowed
+        keep = torch.where(keep.any(-1, keepdim=True), keep, fallback)
+    return keep
+
+
+def sampling_weights(logits: torch.Tensor, temperature: float, top_k_value: int | None,
+                     top_p_value: float | None, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Unnormalised probabilities `[B, V]` of the filtered distribution (0 for filtered tokens).
+
+    Scaled so that the best kept token has weight 1: no row can underflow to all zeros.
+    """
+    scaled = logits / temperature
+    keep = filter_mask(scaled, top_k_value, top_p_value, allowed)
+    best = torch.where(keep, scaled, -torch.inf).max(-1, keepdim=True).values
+    return torch.where(keep, torch.exp(scaled - best), torch.zeros_like(scaled))
+
+
+def sample_from_weights(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: per row, the first token in vocabulary order whose cumulative weight
+    exceeds `u * total`, for `u [B]` in [0, 1). A zero-weight token is never returned."""
+    cdf = torch.cumsum(weights, dim=-1)
+    target = u[:, None] * cdf[:, -1:]
+    hit = (cdf > target) & (weights > 0)
+    first = torch.argmax(hit.to(torch.int32), dim=-1)
+    # Only when rounding puts u * total at the very top: take the last token with weight.
+    last = weights.shape[-1] - 1 - torch.argmax((weights > 0).flip(-1).to(torch.int32), dim=-1)
+    return torch.where(hit.any(-1), first, last)
+
+
+def greedy(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """The most likely (allowed) token per row; ties go to the lower index in both twins."""
+    if allowed is not None:
+        logits = torch.where(allowed, logits, -torch.inf)
+    return torch.argmax(logits, dim=-1)
+
+
+def token_scores(logprobs: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob of `token` `[B]`, top token ids `[B, 8]`, their probabilities `[B, 8]`)."""
+    chosen = torch.gather(logprobs, -1, token[:, None])[:, 0]
+    values, indices = top_k(logprobs, min(TOP_CANDIDATES, logprobs.shape[-1]))
+    return chosen, indices, torch.exp(values)
+
+
+# ---- the model calls ---------------------------------------------------------------------------
+
+def next_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+    """Run `input_ids [B, T]` through the model, writing the cache; logits `[B, V]` of the last
+    position only (the LM head never sees the other prompt positions), and the cache (the same
+    object, written in place)."""
+    out = model.model(input_ids, attention_mask, position_ids, cache, use_cache=True)
+    return model.logits(out.last_hidden_state[:, -1:])[:, 0], out.past_key_values
+
+
+class DecodeState(NamedTuple):
+    """Greedy / sampling loop state; buffers are `[B, N]` (scores `[B, N, 8]`)."""
+
+    step: int
+    tokens: torch.Tensor
+    finished: torch.Tensor
+    token_logprobs: torch.Tensor
+    top_tokens: torch.Tensor
+    top_probs: torch.Tensor
+
+
+def choose(state: DecodeState, logits: torch.Tensor, noise: torch.Tensor | None, allowed: torch.Tensor | None,
+           knobs: dict, options: GenerationOptions) -> DecodeState:
+    """Pick each row's next token from `logits [B, V]`, record it, and update `finished`."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if options.do_sample:
+        weights = sampling_weights(x, knobs["temperature"], knobs["top_k"] if options.use_top_k else None,
+                                   knobs["top_p"] if options.use_top_p else None, allowed)
+        token = sample_from_weights(weights, noise[state.step])
+    else:
+        token = greedy(x, allowed)
+    token = torch.where(state.finished, options.pad_token_id, token)
+    step = state.step
+    state.tokens[:, step] = token
+    if options.return_scores:
+        chosen, top_ids, top_p = token_scores(torch.log_softmax(x, dim=-1), token)
+        live = ~state.finished
+        state.token_logprobs[:, step] = torch.where(live, chosen, 0.0)
+        state.top_tokens[:, step] = torch.where(live[:, None], top_ids, options.pad_token_id)
+        state.top_probs[:, step] = torch.where(live[:, None], top_p, 0.0)
+    eos = torch.tensor(options.eos_token_ids, dtype=token.dtype, device=token.device)
+    finished = state.finished | torch.isin(token, eos)
+    return state._replace(step=step + 1, finished=finished)
+
+
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+           noise: torch.Tensor | None, allowed: torch.Tensor | None, knobs: dict, options: GenerationOptions,
+           cache: KVCache) -> DecodeState:
+    """Greedy or sampled decoding: prefill, then one token per step until done."""
+    b, n = input_ids.shape[0], options.max_new_tokens
+    cdtype = compute_dtype(cache.keys[0].dtype)
+    k = min(TOP_CANDIDATES, model.config.vocab_size)
+    pad, dev = options.pad_token_id, input_ids.device
+    state = DecodeState(0, torch.full((b, n), pad, dtype=torch.int64, device=dev),
+                        torch.zeros(b, dtype=torch.bool, device=dev), torch.zeros(b, n, dtype=cdtype, device=dev),
+                        torch.full((b, n, k), pad, dtype=torch.int64, device=dev),
+                        torch.zeros(b, n, k, dtype=cdtype, device=dev))
+    logits, cache = next_logits(model, input_ids, attention_mask, position_ids, cache)
+    state = choose(state, logits, noise, allowed, knobs, options)
+    next_position = position_ids[:, -1:] + 1
+    while state.step < n and not bool(state.finished.all()):
+        token = state.tokens[:, state.step - 1:state.step]
+        logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)
+        state = choose(state, logits, noise, allowed, knobs, options)
+    return state
+
+
+# ---- beam search (HF's vectorised `_beam_search`, transformers 4.5x) -------------------------
+
+class BeamState(NamedTuple):
+    """Beam search state. `running` and `finished` are records `(tokens, logprobs, top_tokens,
+    top_probs)` (tokens only without `return_scores`), each `[B, num_beams, N, ...]`."""
+
+    step: int
+    running: tuple[torch.Tensor, ...]
+    running_scores: torch.Tensor  # [B, nb] summed log-probs of the running beams, best first
+    finished: tuple[torch.Tensor, ...]
+    scores: torch.Tensor  # [B, nb] length-penalised scores of finished hypotheses, best first
+    lengths: torch.Tensor  # [B, nb] new tokens in each finished hypothesis (eos included)
+    is_sent_finished: torch.Tensor  # [B, nb] slot holds a real finished hypothesis
+    unsatisfied: torch.Tensor  # [B, 1] a running beam may still beat the finished ones
+    all_hit: torch.Tensor  # scalar: every candidate of the last step hit eos or the length limit
+    parent: torch.Tensor  # [B * nb] flat beam each running beam came from (to reorder the cache)
+
+
+def gather_beams(records: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Select beams `index [B, k]` from each record `[B, nb, ...]` -> `[B, k, ...]`."""
+    def one(r: torch.Tensor) -> torch.Tensor:
+        return torch.take_along_dim(r, index.reshape(index.shape + (1,) * (r.dim() - 2)), dim=1)
+    return tuple(one(r) for r in records)
+
+
+def write_step(records: tuple[torch.Tensor, ...], step: int, values: tuple[torch.Tensor, ...]
+               ) -> tuple[torch.Tensor, ...]:
+    """Records with `values[j]` written at new-token index `step` of record j (in place: the
+    records are fresh gathers, shared with nothing)."""
+    for r, v in zip(records, values):
+        r[:, :, step] = v
+    return records
+
+
+def beam_step(state: BeamState, logits: torch.Tensor, allowed: torch.Tensor | None, knobs: dict,
+              options: GenerationOptions) -> BeamState:
+    """One step of HF's beam search on `logits [B * nb, V]`: expand every beam, keep the
+    `beams_to_keep` best continuations, move those ending in eos (or at the length limit) to the
+    finished pool, and keep the `nb` best others running."""
+    b, nb = state.running_scores.shape
+    step, n, kk = state.step, options.max_new_tokens, options.beams_to_keep
+    x = logits.to(state.running_scores.dtype)
+    logprobs = torch.log_softmax(x, dim=-1)
+    v = logprobs.shape[-1]
+    processed = logprobs if allowed is None else torch.where(allowed, logprobs, -torch.inf)
+    accumulated = (processed.reshape(b, nb, v) + state.running_scores[:, :, None]).reshape(b, nb * v)
+    topk_scores, topk_index = top_k(accumulated, kk)
+    origin = topk_index // v
+    token = topk_index % v
+    values: tuple[torch.Tensor, ...] = (token,)
+    if options.return_scores:
+        chosen = torch.gather(logprobs.reshape(b, nb * v), 1, topk_index)
+        top_values, top_ids = top_k(logprobs.reshape(b, nb, v), min(TOP_CANDIDATES, v))
+        values = (token, chosen, gather_beams((top_ids,), origin)[0], gather_beams((torch.exp(top_values),), origin)[0])
+    candidates = write_step(gather_beams(state.running, origin), step, values)
+    eos = torch.tensor(options.eos_token_ids, dtype=token.dtype, device=token.device)
+    hits = torch.isin(token, eos) | (step == n - 1)
+
+    running_candidates = topk_scores + hits.to(topk_scores.dtype) * IMPOSSIBLE
+    running_scores, keep = top_k(running_candidates, nb)
+    running = gather_beams(candidates, keep)
+    parent = torch.gather(origin, 1, keep) + torch.arange(b, device=keep.device)[:, None] * nb
+
+    just_finished = hits & (torch.arange(kk, device=hits.device) < nb)
+    finished_candidates = topk_scores / knobs["penalties"][step]
+    pool_full = state.is_sent_finished.all(-1, keepdim=True) & (options.early_stopping is True)
+    finished_candidates = finished_candidates + pool_full.to(topk_scores.dtype) * IMPOSSIBLE
+    finished_candidates = finished_candidates + (~state.unsatisfied).to(topk_scores.dtype) * IMPOSSIBLE
+    finished_candidates = finished_candidates + (~just_finished).to(topk_scores.dtype) * IMPOSSIBLE
+    merged_scores = torch.cat([state.scores, finished_candidates], dim=1)
+    scores, best = top_k(merged_scores, nb)
+    merged = tuple(torch.cat([f, c], dim=1) for f, c in zip(state.finished, candidates))
+    finished = gather_beams(merged, best)
+    lengths = torch.gather(torch.cat([state.lengths, torch.full_like(token, step + 1)], dim=1), 1, best)
+    is_sent_finished = torch.gather(torch.cat([state.is_sent_finished, just_finished], dim=1), 1, best)
+
+    # HF's `_check_early_stop_heuristic`, with the length reached after this step.
+    hypothetical = torch.where(knobs["hyp_at_max"], knobs["penalties"][n - 1], knobs["penalties"][step])
+    best_possible = running_scores[:, :1] / hypothetical
+    worst_finished = torch.where(is_sent_finished, scores.min(1, keepdim=True).values, IMPOSSIBLE)
+    unsatisfied = state.unsatisfied & (best_possible > worst_finished).any(-1, keepdim=True)
+    return BeamState(step + 1, running, running_scores, finished, scores, lengths, is_sent_finished,
+                     unsatisfied, hits.all(), parent.reshape(-1))
+
+
+def beam_continues(state: BeamState, options: GenerationOptions) -> torch.Tensor:
+    """HF's `_beam_search_has_unfinished_sequences`."""
+    all_full = state.is_sent_finished.all() & (options.early_stopping is True)
+    return state.unsatisfied.any() & ~all_full & ~state.all_hit
+
+
+def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                allowed: torch.Tensor | None, knobs: dict, options: GenerationOptions,
+                cache: KVCache) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Beam search over rows already expanded to `[B * nb, ...]`; returns the best finished
+    hypothesis' records `[B, N, ...]` and its length `[B]`."""
+    nb, n = options.num_beams, options.max_new_tokens
+    b = input_ids.shape[0] // nb
+    cdtype = compute_dtype(cache.keys[0].dtype)
+    k = min(TOP_CANDIDATES, model.config.vocab_size)
+    pad, dev = options.pad_token_id, input_ids.device
+    records = (torch.full((b, nb, n), pad, dtype=torch.int64, device=dev),)
+    if options.return_scores:
+        records += (torch.zeros(b, nb, n, dtype=cdtype, device=dev),
+                    torch.full((b, nb, n, k), pad, dtype=torch.int64, device=dev),
+                    torch.zeros(b, nb, n, k, dtype=cdtype, device=dev))
+    running_scores = torch.zeros(b, nb, dtype=cdtype, device=dev)
+    running_scores[:, 1:] = IMPOSSIBLE  # only the first beam expands at the first step
+    state = BeamState(0, records, running_scores, records, torch.full((b, nb), IMPOSSIBLE, dtype=cdtype, device=dev),
+                      torch.zeros(b, nb, dtype=torch.int64, device=dev), torch.zeros(b, nb, dtype=torch.bool, device=dev),
+                      torch.ones(b, 1, dtype=torch.bool, device=dev), torch.tensor(False, device=dev),
+                      torch.arange(b * nb, device=dev))
+    logits, cache = next_logits(model, input_ids, attention_mask, position_ids, cache)
+    state = beam_step(state, logits, allowed, knobs, options)
+    next_position = position_ids[:, -1:] + 1
+    while state.step < n and bool(beam_continues(state, options)):
+        cache.keys = [key[state.parent] for key in cache.keys]
+        cache.values = [value[state.parent] for value in cache.values]
+        token = state.running[0][:, :, state.step - 1].reshape(-1, 1)
+        logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)
+        state = beam_step(state, logits, allowed, knobs, options)
+    return tuple(r[:, 0] for r in state.finished), state.lengths[:, 0]
+
+
+# ---- the entry point ---------------------------------------------------------------------------
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, allowed_tokens: torch.Tensor | np.ndarray | None = None,
+             num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+             return_scores: bool = False) -> torch.Tensor | GenerationOutput:
+    """Continue each prompt of `input_ids [B, P]` (left-padded, `attention_mask` 1 = token) by up
+    to `max_new_tokens` tokens with a `ForCausalLM`; returns the sequences `[B, P + N]`
+    (N <= max_new_tokens: the loop stops once every row has emitted an eos token).
+
+    Greedy by default; `do_sample` samples with `temperature`, then `top_k`, then `top_p`, then
+    the per-row `allowed_tokens [B, V]` (bool) mask, driven by the numpy noise of `seed` (same
+    tokens as the Flax twin). `num_beams > 1` is HF's beam search with `length_penalty` and
+    `early_stopping` (True, False or "never"). `eos_token_id` None means no row ever finishes;
+    `pad_token_id` defaults to the first eos token. With `return_scores`, returns a
+    `GenerationOutput` with per-step log-probs and the top-8 candidates.
+    """
+    config = model.config
+    options, mask_np, allowed_np = prepare_generation(
+        input_ids.detach().cpu().numpy(), None if attention_mask is None else attention_mask.detach().cpu().numpy(),
+        config.vocab_size, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p,
+        allowed_tokens=allowed_tokens.detach().cpu().numpy() if isinstance(allowed_tokens, torch.Tensor) else allowed_tokens,
+        num_beams=num_beams, early_stopping=early_stopping, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, return_scores=return_scores)
+    dtype = model.model.embed_tokens.weight.dtype
+    np_cdtype = np.float64 if compute_dtype(dtype) == torch.float64 else np.float32
+    dev = input_ids.device
+    b, p = input_ids.shape
+    n, nb = options.max_new_tokens, options.num_beams
+    full_mask = np.concatenate([mask_np, np.ones((b, n), np.int64)], axis=1)  # [B, S]: new tokens are real
+    position_ids = position_ids_from_mask(mask_np)
+    as_tensor = lambda x: torch.from_numpy(np.asarray(x, np_cdtype)).to(dev)
+    knobs = dict(temperature=as_tensor(temperature), top_k=int(top_k or 0), top_p=as_tensor(top_p or 1.0),
+                 # length penalties (i + 1) ** lp in numpy, so both twins divide by the same numbers
+                 penalties=as_tensor(np.arange(1, n + 1, dtype=np.float64) ** length_penalty),
+                 hyp_at_max=torch.tensor(early_stopping == "never" and length_penalty > 0.0, device=dev))
+    to_torch = lambda a: torch.from_numpy(np.repeat(a, nb, axis=0)).to(dev)  # rows -> rows x beams
+    ids = torch.repeat_interleave(input_ids, nb, dim=0)
+    allowed = None if allowed_np is None else to_torch(allowed_np)
+    with torch.inference_mode():
+        cache = KVCache.init(config, b * nb, p + n, dtype=dtype, device=dev)
+        if nb == 1:
+            noise = torch.from_numpy(sampling_noise(seed, n, b).astype(np_cdtype)).to(dev) if options.do_sample else None
+            state = decode(model, ids, to_torch(full_mask), to_torch(position_ids), noise, allowed, knobs, options, cache)
+            records = tuple(r[:, :state.step] for r in (state.tokens, state.token_logprobs, state.top_tokens, state.top_probs))
+        else:
+            records, lengths = beam_search(model, ids, to_torch(full_mask), to_torch(position_ids), allowed, knobs,
+                                           options, cache)
+            records = tuple(r[:, :int(lengths.max())] for r in records)
+    # Cloned outside inference mode: inference tensors could not be saved for a later backward
+    # pass (training on generated sequences).
+    records = tuple(r.clone() for r in records)
+    sequences = torch.cat([input_ids, records[0].to(input_ids.dtype)], dim=1)
+    if not options.return_scores:
+        return sequences
+    return GenerationOutput(sequences, *records[1:])

@@ -1,0 +1,145 @@
+"""What both twins' `generate` share, in numpy: argument checks, the options, and the noise.
+
+Like `rope.py`, this is framework-neutral math that must be identical in the two twins, so it
+lives once, here. In particular all randomness of sampling is drawn here: `sampling_noise` turns
+`seed` into uniform numbers with numpy, and each twin samples by inverse CDF with them. The same
+seed therefore gives the same tokens in both twins, whatever their own random generators do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["GenerationOptions", "TOP_CANDIDATES", "bucket_length", "position_ids_from_mask",
+           "prepare_generation", "sampling_noise"]
+
+TOP_CANDIDATES = 8  # candidates reported per step with `return_scores`
+MIN_BUCKET = 16  # shortest prompt bucket of the Flax twin's compiled loop
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The static (shape- or branch-deciding) settings of one `generate` call; hashable, so the
+    Flax twin compiles once per distinct value. Numeric knobs (temperature, top-k, top-p,
+    length penalty) are passed separately as values and never cause a recompilation."""
+
+    max_new_tokens: int
+    do_sample: bool
+    use_top_k: bool
+    use_top_p: bool
+    has_allowed: bool
+    num_beams: int
+    early_stopping: bool | str
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    return_scores: bool
+
+    @property
+    def beams_to_keep(self) -> int:
+        """Candidates kept per step in beam search: HF's `max(2, 1 + n_eos) * num_beams`."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+
+
+def sampling_noise(seed: int, steps: int, batch_size: int) -> np.ndarray:
+    """Uniform numbers in [0, 1), `[steps, B]` float64, from numpy's PCG64 seeded with `seed`.
+
+    Row b's token at step i is drawn with `noise[i, b]` by inverse CDF; this array is the only
+    randomness of sampling, and both twins receive the same one.
+    """
+    return np.random.default_rng(seed).random((steps, batch_size))
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Position ids for left-padded rows: `cumsum(mask) - 1`, clipped at 0 (pads get 0)."""
+    return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None).astype(np.int64)
+
+
+def bucket_length(length: int) -> int:
+    """The prompt length the Flax twin compiles for: the next power of two, at least 16."""
+    return max(MIN_BUCKET, 1 << (int(length) - 1).bit_length())
+
+
+def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (int, np.integer)):
+        return (int(eos_token_id),)
+    return tuple(int(e) for e in eos_token_id)
+
+
+def prepare_generation(input_ids: np.ndarray, attention_mask: np.ndarray | None, vocab_size: int, *,
+                       max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
+                       top_p: float | None, allowed_tokens: np.ndarray | None, num_beams: int,
+                       early_stopping: bool | str, eos_token_id: int | Sequence[int] | None,
+                       pad_token_id: int | None, return_scores: bool
+                       ) -> tuple[GenerationOptions, np.ndarray, np.ndarray | None]:
+    """Check every argument of `generate` and resolve defaults.
+
+    Returns `(options, attention_mask [B, P] int64, allowed [B, V] bool or None)`. Raises
+    `ValueError` naming the argument for anything the decode loop could not honour.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty [batch, prompt] array, got shape {list(input_ids.shape)}")
+    b, _ = input_ids.shape
+    if attention_mask is None:
+        attention_mask = np.ones(input_ids.shape, np.int64)
+    attention_mask = np.asarray(attention_mask).astype(np.int64)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected shape {list(input_ids.shape)} (as input_ids), "
+                         f"got {list(attention_mask.shape)}")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask: values must be 0 (padding) or 1 (token)")
+    if (attention_mask.sum(-1) == 0).any():
+        raise ValueError(f"attention_mask: row {int(np.argmax(attention_mask.sum(-1) == 0))} has no tokens")
+    if (np.diff(attention_mask, axis=-1) < 0).any():
+        row = int(np.argmax((np.diff(attention_mask, axis=-1) < 0).any(-1)))
+        raise ValueError(f"attention_mask: row {row} has padding after a token; generate needs "
+                         "left-padded prompts (padding first, then the tokens)")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"input_ids: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"num_beams: must be an integer >= 1, got {num_beams!r}")
+    if do_sample and num_beams > 1:
+        raise ValueError("do_sample with num_beams > 1 (beam sampling) is not implemented; "
+                         "use do_sample=False for beam search")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k: must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be None or in (0, 1], got {top_p!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping: must be True, False or 'never', got {early_stopping!r}")
+    eos = _eos_tuple(eos_token_id)
+    for e in eos:
+        if not 0 <= e < vocab_size:
+            raise ValueError(f"eos_token_id: {e} is outside the vocabulary [0, {vocab_size})")
+    # HF's rule: without a pad token, finished rows are filled with the (first) eos token.
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if not 0 <= pad < vocab_size:
+        raise ValueError(f"pad_token_id: {pad} is outside the vocabulary [0, {vocab_size})")
+    allowed = None
+    if allowed_tokens is not None:
+        allowed = np.asarray(allowed_tokens).astype(bool)
+        allowed = np.broadcast_to(allowed, (b, vocab_size)).copy() if allowed.shape in ((vocab_size,), (1, vocab_size)) else allowed
+        if allowed.shape != (b, vocab_size):
+            raise ValueError(f"allowed_tokens: expected shape [{b}, {vocab_size}] or [{vocab_size}], "
+                             f"got {list(allowed.shape)}")
+        if not allowed.any(-1).all():
+            raise ValueError(f"allowed_tokens: row {int(np.argmin(allowed.any(-1)))} allows no token")
+    if num_beams > 1 and num_beams * vocab_size < max(2, 1 + len(eos)) * num_beams:
+        raise ValueError(f"num_beams: {num_beams} beams need a vocabulary of at least "
+                         f"{max(2, 1 + len(eos))} tokens, the model has {vocab_size}")
+    options = GenerationOptions(
+        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+        use_top_k=bool(do_sample and top_k is not None and top_k < vocab_size),
+        use_top_p=bool(do_sample and top_p is not None and top_p < 1.0),
+        has_allowed=allowed is not None, num_beams=int(num_beams), early_stopping=early_stopping,
+        eos_token_ids=eos, pad_token_id=int(pad), return_scores=bool(return_scores))
+    return options, attention_mask, allowed
