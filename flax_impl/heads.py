@@ -14,6 +14,7 @@ from flax import nnx
 from weights.config import ModelConfig
 
 from .checkpoint import Pretrained
+from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
@@ -164,6 +165,11 @@ class ForCausalLM(Pretrained, nnx.Module):
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.astype(loss.dtype)
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions, aux_loss,
                               out.router_logits)
+
+    def generate(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs
+                 ) -> jax.Array | GenerationOutput:
+        """Continue the prompts: `generation.generate(self, input_ids, attention_mask, **kwargs)`."""
+        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 class ForSequenceClassification(Pretrained, nnx.Module):

@@ -15,6 +15,7 @@ from torch import nn
 from weights.config import ModelConfig
 
 from .checkpoint import Pretrained
+from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
@@ -161,6 +162,11 @@ class ForCausalLM(Pretrained, nn.Module):
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions, aux_loss,
                               out.router_logits)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+                 ) -> torch.Tensor | GenerationOutput:
+        """Continue the prompts: `generation.generate(self, input_ids, attention_mask, **kwargs)`."""
+        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 class ForSequenceClassification(Pretrained, nn.Module):
