@@ -21,13 +21,11 @@ from flax import nnx
 import flax_impl
 import torch_impl
 from flax_impl.checkpoint import load_numpy_state as flax_load
-from flax_impl.checkpoint import state_to_numpy as flax_state
 from parity import strategies as tst
 from parity.compare import compare, to_numpy
 from parity.pairs import HEADS, build_pair, copy_weights, jax_dtype, torch_dtype
 from parity.tolerances import tolerance
 from torch_impl.checkpoint import load_numpy_state as torch_load
-from torch_impl.checkpoint import state_to_numpy as torch_state
 from weights.config import ConfigError, ModelConfig
 from weights.names import hf_name, is_transposed
 from weights import load_file, save_file
@@ -348,19 +346,21 @@ def test_hf_layout_checkpoint_loads_runs_and_saves(model_type, tmp_path):
     tensors = {n: (rng.standard_normal(s) * (0.3 if len(s) == 1 else 0.2)).astype(np.float32) for n, s in shapes.items()}
     save_file(tensors, tmp_path / "model.safetensors")
 
-    loaded = load_file(tmp_path / "model.safetensors")
-    t_model = torch_impl.ForCausalLM(ModelConfig.from_pretrained(tmp_path), dtype=torch.float64)
-    f_model = flax_impl.ForCausalLM(ModelConfig.from_pretrained(tmp_path), dtype=jnp.float64, rngs=nnx.Rngs(0))
-    torch_load(t_model, loaded)  # strict: a missing or unexpected HF name raises
-    flax_load(f_model, loaded)
+    t_model = torch_impl.ForCausalLM.from_pretrained(tmp_path, dtype="float64")
+    f_model = flax_impl.ForCausalLM.from_pretrained(tmp_path, dtype="float64")
     x = batch(config)
     inputs = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "labels": x["labels"]}
     check("logits", run_torch(t_model, inputs).logits, run_flax(f_model, inputs).logits, "float64", "logits")
 
-    for saved in (torch_state(t_model), flax_state(f_model)):
-        assert set(saved) == set(shapes)
+    # The low-level loaders are strict too: the HF names are exactly the twins' parameters.
+    torch_load(torch_impl.ForCausalLM(config, dtype=torch.float32), tensors)
+    flax_load(flax_impl.ForCausalLM(config, rngs=nnx.Rngs(0)), tensors)
+    for label, model in (("torch", t_model), ("flax", f_model)):
+        model.save_pretrained(tmp_path / label)
+        saved = load_file(next((tmp_path / label).glob("*.safetensors")))
+        assert set(saved) == set(shapes), label
         for name, a in saved.items():
-            np.testing.assert_array_equal(np.asarray(a, np.float32), tensors[name], err_msg=name)
-    t_model.config.save_pretrained(tmp_path / "saved")
-    written = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert all(written[k] == v for k, v in d.items())
+            np.testing.assert_array_equal(np.asarray(a, np.float32), tensors[name], err_msg=f"{label}: {name}")
+        written = json.loads((tmp_path / label / "config.json").read_text())
+        assert all(written[k] == v for k, v in d.items() if k != "architectures"), label
+        assert written["architectures"] == [HF_CLASS[model_type]]

@@ -1,0 +1,69 @@
+"""A third witness for the family switches: Hugging Face `transformers` itself.
+
+Twin parity proves the twins agree; this proves they compute what HF's modeling files compute
+for each family — Gemma's `1 + w` norms, sqrt(E) embeddings and tanh-GELU fallback, Qwen2's
+q/k/v biases and `max_window_layers`, Mistral's window, Gemma 2's caps, query scalar, sandwich
+norms and alternating windows, Mixtral's routing and load-balancing loss. The torch twin saves
+its checkpoint with `save_pretrained`; transformers loads it (eager attention, eager experts)
+and runs the same batch.
+
+The bound is 1e-6, not float64's 1e-10: transformers computes RMSNorm statistics and rotary
+frequencies in float32 even in a float64 model (measured: ~5e-8 here), where twinlm keeps
+float64. A semantic difference (a wrong window, cap, bias or norm) shows as 1e-3 or more.
+The batch is right-padded: with left padding, transformers' eager path turns a fully masked
+query row into NaN, which then reaches that row's later positions through zero-weighted values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import torch_impl
+from parity import strategies as tst
+from tests.test_families import batch
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLES = tst.family_examples()
+BOUND = 1e-6  # see the module docstring: transformers' float32 norm statistics and rotary angles
+
+
+def torch_twin(config, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch_impl.ForCausalLM(config, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if name.endswith("norm.weight") and not config.norm_unit_offset else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(EXAMPLES))
+def test_torch_twin_matches_transformers(family, tmp_path):
+    config = EXAMPLES[family]
+    twin = torch_twin(config)
+    twin.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, attn_implementation="eager", experts_implementation="eager").eval()
+    assert type(hf).__name__ == config.hf_class_prefix + "ForCausalLM"
+    x = batch(config)
+    mask = np.ascontiguousarray(x["attention_mask"][:, ::-1])  # right padding (see the docstring)
+    ids = torch.from_numpy(np.where(mask == 1, x["input_ids"][:, ::-1], 0).copy())
+    labels = torch.where(torch.from_numpy(mask) == 1, ids, -100)
+    mask = torch.from_numpy(mask)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+        got = twin(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    err = (ref.logits[real] - got.logits[real]).abs().max().item() / max(1.0, ref.logits[real].abs().max().item())
+    assert err <= BOUND, f"{family}: logits differ from transformers by {err:.2e}"
+    loss_err = abs(ref.loss.item() - got.loss.item())
+    assert loss_err <= BOUND, f"{family}: loss differs from transformers by {loss_err:.2e}"
+    if config.is_moe and config.output_router_logits:
+        assert abs(ref.aux_loss.item() - got.aux_loss.item()) <= BOUND
+        for a, b in zip(ref.router_logits, got.router_logits):
+            assert (a - b).abs().max().item() <= BOUND
