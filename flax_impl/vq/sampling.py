@@ -1,10 +1,9 @@
 """Sampling: block length 1 with the carried state, temperature and nucleus (top-p) sampling.
 
-Local stand-in for the project's generation sampler (issue 6, not in the tree yet), by the same
-method so it can be merged later: the uniform noise is drawn with numpy from the seed, one number
-per row and step, and the token is the inverse CDF of the distribution after temperature and
-nucleus filtering, over tokens sorted by descending probability (ties: lower index first). Both
-twins therefore draw identical tokens for a seed whenever their probabilities agree to rounding.
+The draw is the project's generation sampler (`generation.py`, issue 6): the uniform noise comes
+from `weights.generation.sampling_noise(seed)` (numpy), and each twin filters with
+`sampling_weights` and picks by inverse CDF with `sample_from_weights`. Both twins therefore draw
+identical tokens for a seed whenever their probabilities agree to rounding.
 """
 
 from __future__ import annotations
@@ -14,29 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from weights.generation import sampling_noise
+from ..generation import greedy, sample_from_weights, sampling_weights
 from .model import Transformer
 
 __all__ = ["draw", "sample"]
 
 
 def draw(logprobs: jax.Array, noise: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """logprobs [B, V], noise [B] uniform in [0, 1) -> tokens [B] (int32).
-
-    temperature 0 is greedy. The nucleus keeps the smallest prefix of the sorted tokens whose
-    probability reaches top_p, always at least the most probable token."""
+    """logprobs [B, V], noise [B] uniform in [0, 1) -> tokens [B]; temperature 0 is greedy.
+    top_p keeps the most probable tokens until their mass reaches p (at least one)."""
     if temperature == 0.0:
-        return jnp.argmax(logprobs, axis=-1)
-    probs = jax.nn.softmax(logprobs / temperature, axis=-1)
-    order = jnp.argsort(-probs, axis=-1, stable=True)
-    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-    cum = jnp.cumsum(sorted_probs, axis=-1)
-    keep = (cum - sorted_probs) < top_p
-    kept = sorted_probs * keep.astype(sorted_probs.dtype)
-    kept_cum = jnp.cumsum(kept, axis=-1)
-    target = noise.astype(kept.dtype)[:, None] * kept_cum[:, -1:]
-    idx = jnp.sum((kept_cum <= target).astype(jnp.int32), axis=-1, keepdims=True)
-    idx = jnp.minimum(idx, jnp.sum(keep.astype(jnp.int32), axis=-1, keepdims=True) - 1)
-    return jnp.take_along_axis(order, idx, axis=-1)[:, 0]
+        return greedy(logprobs, None)
+    return sample_from_weights(sampling_weights(logprobs, temperature, None, top_p, None), noise)
 
 
 @nnx.jit
@@ -52,13 +41,13 @@ def sample(model: Transformer, batch_size: int, length: int, *, seed: int, tempe
     Returns {tokens [B, length] numpy int64, logprobs [B, length, V] of each step}."""
     c = model.config
     top_p = c.p_nucleus if top_p is None else top_p
-    rng = np.random.default_rng(seed)
+    noise = jnp.asarray(sampling_noise(seed, length, batch_size))
     state = Transformer.initial_state(c, batch_size)
     token = jnp.full((batch_size,), start_token, dtype=jnp.int32)
     tokens, logprobs = [], []
-    for _ in range(length):
+    for step in range(length):
         state, step_logprobs = _step(model, token, state)  # compiled once, reused every step
-        token = draw(step_logprobs, jnp.asarray(rng.random(batch_size)), temperature, top_p)
+        token = draw(step_logprobs, noise[step], temperature, top_p)
         tokens.append(token)
         logprobs.append(step_logprobs)
     return dict(tokens=np.asarray(jnp.stack(tokens, axis=1)).astype(np.int64),
