@@ -145,3 +145,14 @@ def test_reference_tree_imports_into_both_twins():
     with pytest.raises(CheckpointError, match="missing"):
         del tree["params"]["out_ln"]
         import_reference_params(tree, config)
+
+
+def test_truncated_weights_file_is_a_checkpoint_error_and_save_is_atomic(tmp_path):
+    config = fixture_config()
+    model = tckpt.load_numpy(tckpt.abstract_model(config), random_params(config, 0))
+    tckpt.save_pretrained(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp left
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        fckpt.from_pretrained(tmp_path)

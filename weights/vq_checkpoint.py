@@ -21,8 +21,8 @@ plus `token_embedder.embs` [V,D], `token_embedder.bias_out` [V], `position_embed
 `params`, e.g. restored from the reference's msgpack checkpoint with `flax.serialization`) onto
 these names, so a model trained with the reference code runs in either twin.
 
-Integration note: `weights/safetensors_io.py` (atomic, sharded IO) was not in the tree when this
-was written; `save_vq_checkpoint` does its own temp-file-and-rename write with `safetensors.numpy`.
+Files go through the project's safetensors layer: an atomic writer (temporary file, fsync,
+rename) and a validating reader; errors are `weights.errors.CheckpointError`s.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from typing import Any, Mapping, Union
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from weights.config import ConfigError
+from weights.errors import CheckpointError
+from weights.safetensors_io import load_file
+from weights.safetensors_writer import save_file
 from weights.vq_config import TransformerVQConfig
 
 __all__ = [
@@ -46,10 +48,6 @@ __all__ = [
 
 VQ_WEIGHTS_NAME = "model.safetensors"
 FlaxPath = tuple[Union[str, int], ...]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match its config: missing, unexpected or mis-shaped tensors."""
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -129,10 +127,8 @@ def save_vq_checkpoint(directory: str | os.PathLike, config: TransformerVQConfig
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / VQ_WEIGHTS_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(tmp),
+    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, path,
               metadata={"format": "np", "model_type": config.model_type})
-    os.replace(tmp, path)
     config.save_pretrained(directory)
     return path
 
@@ -143,11 +139,8 @@ def load_vq_checkpoint(directory: str | os.PathLike) -> tuple[TransformerVQConfi
     config = TransformerVQConfig.from_pretrained(directory)
     path = directory / VQ_WEIGHTS_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError("weights file not found", file=path)
+    tensors = load_file(path)  # raises a specific CheckpointError on a malformed file
     _check(config, tensors, str(path))
     return config, tensors
 

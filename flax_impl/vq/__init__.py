@@ -11,8 +11,8 @@ Ported from the reference implementation, transformer-vq/transformer_vq main@219
 * dropout masks come from each framework's RNG (`rng`: a torch.Generator / a jax key) and the
   "timeless" masks (sinusoids, LayerDrop) are shared by the blocks of one call, not across the
   update chunks of a sequence; the twins agree only with every dropout rate at 0 (as in the spec).
-* sampling uses the project sampler's method (numpy noise, inverse CDF over the sorted nucleus),
-  not the reference's `prob.nucleus` with its 1e-4 slack; the main optimizer is Adam (the
+* sampling uses the project's generation sampler (numpy noise from the seed, inverse CDF), not
+  the reference's `prob.nucleus` with its 1e-4 slack; the main optimizer is Adam (the
   reference's adamw/lion/adafactor chains can replace it; the codebook group is SGD(lr=1) as there).
 """
 
