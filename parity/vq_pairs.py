@@ -61,7 +61,9 @@ def flatten_tree(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
             out.update(flatten_tree(v, f"{prefix}{i}."))
         return out
     if isinstance(tree, torch.Tensor):
-        return {prefix[:-1]: tree.detach().cpu().numpy()}
+        tree = tree.detach().cpu()
+        # numpy has no bfloat16 in torch's bridge; float32 holds every bfloat16 value exactly
+        return {prefix[:-1]: (tree.float() if tree.dtype == torch.bfloat16 else tree).numpy()}
     return {prefix[:-1]: np.asarray(tree)}
 
 
