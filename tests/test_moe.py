@@ -243,3 +243,24 @@ def test_jitted_decode_step_matches_eager():
     check("jitted logits", eager.logits, jitted[0], "float64", "logits")
     check("jitted loss", eager.loss, jitted[1], "float64", "loss")
     check("jitted aux loss", eager.aux_loss, jitted[2], "float64", "loss")
+
+
+EVERY_SWITCH = GROK_LIKE.replace(qkv_bias=True, norm_unit_offset=True, query_pre_attn_scalar=6.0,
+                                 hidden_activation="gelu_pytorch_tanh", output_router_logits=True)
+
+
+def test_greedy_generation_with_every_switch():
+    """`generate` (the Flax twin's is one jitted while-loop) gives the same tokens in both twins
+    with all switches on at once, and each token is the argmax of a plain full forward pass."""
+    t_model, f_model = randomized_pair(EVERY_SWITCH)
+    x = batch(EVERY_SWITCH, t=4)
+    ids, mask = x["input_ids"], x["attention_mask"]
+    new = 6
+    t_seq = to_numpy(t_model.generate(torch.from_numpy(ids), torch.from_numpy(mask), max_new_tokens=new))
+    f_seq = to_numpy(f_model.generate(jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new))
+    np.testing.assert_array_equal(t_seq, f_seq)
+    full_mask = np.concatenate([mask, np.ones((mask.shape[0], new), np.int64)], axis=1)
+    positions = np.clip(np.cumsum(full_mask, axis=1) - 1, 0, None)  # generation's left-padding positions
+    logits = to_numpy(t_model(torch.from_numpy(t_seq), attention_mask=torch.from_numpy(full_mask),
+                              position_ids=torch.from_numpy(positions)).logits)
+    np.testing.assert_array_equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), t_seq[:, ids.shape[1]:])

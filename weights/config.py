@@ -361,7 +361,7 @@ class ModelConfig:
         if not isinstance(d, Mapping):
             raise ConfigError("<root>", f"config must be a JSON object, got {type(d).__name__}", source=source)
         model_type = d.get("model_type", "llama")
-        if model_type not in FAMILIES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise ConfigError("model_type", f"unsupported model_type {model_type!r}; supported: "
                               f"{', '.join(FAMILIES)}", source=source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}

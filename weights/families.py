@@ -92,7 +92,7 @@ def validate_switches(config: Any, fail: Callable[[str, str], None], activations
                 or v < 0 or (v == 0 and not allow_zero):
             fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} finite number or null, got {v!r}")
 
-    if config.model_type not in FAMILIES:
+    if not isinstance(config.model_type, str) or config.model_type not in FAMILIES:
         fail("model_type", f"unsupported model_type {config.model_type!r}; supported: {', '.join(FAMILIES)}")
     for name in ("hidden_activation", "activation_fallback"):
         v = getattr(config, name)
