@@ -80,6 +80,8 @@ def test_flax_blockwise_equals_dense_formula(agg_cache):
     # eval mode keeps the compile small; l_commit is checked against torch in test_vq_parity
     whole = flax_forward(f_model, jnp.asarray(inputs), init, None, 12, False)
     np.testing.assert_allclose(np.asarray(whole["logprobs"]), want, atol=TOL, rtol=0)
+    if not agg_cache:  # the carried-state path is the same code; one compile per case is enough
+        return
     # two calls of 6 tokens in blocks of 3, the state carried
     first = flax_forward(f_model, jnp.asarray(inputs[:, :6]), init, None, 3, False)
     second = flax_forward(f_model, jnp.asarray(inputs[:, 6:]), first["attn_state"], None, 3, False)

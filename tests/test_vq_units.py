@@ -234,7 +234,7 @@ def _surrogate_grads(mod, k_blocks, c_sum, c_count, masks, gamma, n_device, n_bl
             z, _ = tq.get_shortcodes(tt(k), cb)
             total = total + tq.get_codebook_loss(tt(k), z, cs, cc, gamma, spec)
         loss = total / len(k_blocks)
-        assert float(loss) == 0.0
+        assert float(loss.detach()) == 0.0
         gs, gc = torch.autograd.grad(loss, [cs, cc])
         return gs.numpy(), gc.numpy()
 
@@ -251,6 +251,7 @@ def _surrogate_grads(mod, k_blocks, c_sum, c_count, masks, gamma, n_device, n_bl
     return tuple(np.asarray(g) for g in grads)
 
 
+@settings(max_examples=6)  # eager JAX autodiff of up to 9 block losses per example: keep it short
 @given(n_block=st.integers(1, 3), n_device=st.integers(1, 3), l=st.sampled_from([1, 3]), seed=st.integers(0, 999),
        twin=st.sampled_from(["torch", "flax"]))
 def test_ema_surrogate_is_one_ema_step(n_block, n_device, l, seed, twin):
