@@ -116,8 +116,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "layout, load each into its twin and run `check` in each dtype. No network needed.")
     p.add_argument("--out", default="reports/demo", help="where checkpoints and reports go (default reports/demo)")
     p.add_argument("--dtypes", default=None,
-                   help="comma-separated dtypes for every model (default: float64 and float32 for the LLaMA "
-                   "heads, float64 for the other families)")
+                   help="comma-separated dtypes for every model (default: float64 for each, and float32 "
+                   "for the LLaMA causal LM)")
     p.set_defaults(func=_run_demo)
 
 

@@ -99,9 +99,9 @@ class Report:
 
     def worst(self, section: str | None = None, quantity: str | None = None) -> Row | None:
         """The row with the largest error relative to its tolerance, optionally within a
-        section and/or quantity."""
+        section and/or quantity (generated tokens, counted not measured, only when asked for)."""
         rows = [r for r in self.rows if r.status != "n/a" and (section is None or r.section == section)
-                and (quantity is None or r.quantity == quantity)]
+                and (r.quantity == quantity if quantity is not None else r.quantity != "tokens")]
         return max(rows, key=lambda r: _ratio(r.comparison), default=None)
 
     # ---- text ---------------------------------------------------------------------------

@@ -19,9 +19,9 @@ CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hi
 def test_demo_round_trip_on_a_small_model(tmp_path, monkeypatch, capsys):
     # The embedded list is checked in CI by `make demo`; here one small model, one dtype.
     monkeypatch.setattr(parity.demo, "DEMO_MODELS", [DemoModel("tiny-causal-lm", "causal_lm", CONFIG)])
-    assert main(["demo", "--out", str(tmp_path), "--dtypes", "float32"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--dtypes", "float64"]) == 0
     out = capsys.readouterr().out
-    assert "== tiny-causal-lm (float32) ==" in out and "all checks PASS" in out
+    assert "== tiny-causal-lm (float64) ==" in out and "all checks PASS" in out
     assert "worst relative error per dtype" in out
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "tiny-causal-lm" / "model.safetensors").is_file()
