@@ -7,9 +7,13 @@ norms and alternating windows, Mixtral's routing and load-balancing loss. The to
 its checkpoint with `save_pretrained`; transformers loads it (eager attention, eager experts)
 and runs the same batch.
 
-The bound is 1e-6, not float64's 1e-10: transformers computes RMSNorm statistics and rotary
-frequencies in float32 even in a float64 model (measured: ~5e-8 here), where twinlm keeps
-float64. A semantic difference (a wrong window, cap, bias or norm) shows as 1e-3 or more.
+The bound is 1e-5, not float64's 1e-10: transformers computes RMSNorm statistics and rotary
+frequencies in float32 even in a float64 model, where twinlm keeps float64 (measured: 1.7e-7
+to 7.5e-7 on these examples). Every switch matters far above it: measured against the same
+transformers runs, dropping Gemma 2's attention cap moves the logits by 3.9e-1, its final cap
+5.9e-1, its window 1.2, its query scalar 8.1e-2; Mixtral with Grok-1 routing 1.8e-1; Gemma
+without its norm offset / embedding scale 7.7e-1, with the exact instead of the tanh GELU
+1.2e-4; Qwen2 without its window 2.1e-1.
 The batch is right-padded: with left padding, transformers' eager path turns a fully masked
 query row into NaN, which then reaches that row's later positions through zero-weighted values.
 """
@@ -27,7 +31,7 @@ from tests.test_families import batch
 transformers = pytest.importorskip("transformers")
 
 EXAMPLES = tst.family_examples()
-BOUND = 1e-6  # see the module docstring: transformers' float32 norm statistics and rotary angles
+BOUND = 1e-5  # see the module docstring: transformers' float32 norm statistics and rotary angles
 
 
 def torch_twin(config, seed: int = 0) -> torch.nn.Module:
