@@ -140,6 +140,29 @@ def test_forward_parity(family, dtype):
             check("aux_loss", t_out.aux_loss, f_out.aux_loss, dtype, "loss")
 
 
+def test_gemma_casts_follow_hf_in_bfloat16():
+    """Gemma's two cast orders, exactly, in both twins: the norm multiplies by (1 + w) in float32
+    and casts after (LLaMA casts before multiplying by w), and the embedding scale sqrt(E) is
+    rounded to the activation dtype before the multiply (E = 24: 4.899 -> 4.906 in bfloat16)."""
+    config = ModelConfig.for_family("gemma", vocab_size=16, hidden_size=24, intermediate_size=8,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    t_model, f_model = randomized_pair(config, "DecoderModel", "bfloat16")
+    ids = np.arange(12).reshape(2, 6)
+    normalizer = torch.tensor(24 ** 0.5, dtype=torch.bfloat16)
+    expected = t_model.embed_tokens(torch.from_numpy(ids)) * normalizer
+    assert not torch.equal(expected, (t_model.embed_tokens(torch.from_numpy(ids)).float() * 24 ** 0.5).bfloat16())
+    for out in (run_torch(t_model, {"input_ids": ids}, output_hidden_states=True),
+                run_flax(f_model, {"input_ids": ids}, output_hidden_states=True)):
+        np.testing.assert_array_equal(to_numpy(out.hidden_states[0]), to_numpy(expected))
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = t_model.norm.weight
+    xf = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    gemma_order = (xf * (1.0 + w.float())).bfloat16()
+    assert not torch.equal(gemma_order, (1.0 + w) * xf.bfloat16())  # the order is visible in bf16
+    np.testing.assert_array_equal(to_numpy(t_model.norm(x)), to_numpy(gemma_order))
+    np.testing.assert_array_equal(to_numpy(f_model.norm(jnp.asarray(to_numpy(x), jnp.bfloat16))), to_numpy(gemma_order))
+
+
 @pytest.mark.parametrize("family", sorted(EXAMPLES))
 def test_gradient_parity(family):
     config = EXAMPLES[family]
