@@ -274,6 +274,7 @@ def test_row_blocks_and_copy_into_equal_a_contiguous_copy(rows, cols, dtype, to,
     bc.BLOCK_BYTES, (bc._TILE_ROWS, bc._TILE_COLS) = block, tiles
     try:
         assert b"".join(b.tobytes() for b in bc.row_blocks(view, target)) == want
+        assert b"".join(b.tobytes() for b in bc.row_blocks(view, target, bc.scratch())) == want
         assert bc.contiguous(view, target).tobytes() == want
     finally:
         bc.BLOCK_BYTES, bc._TILE_ROWS, bc._TILE_COLS = saved

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .blockcopy import BlockWriter, copy_file_range, pwrite_all, row_blocks
+from .blockcopy import copy_file_range, pwrite_all, row_blocks, scratch
 from .errors import HeaderError, SafetensorsFormatError
 from .safetensors_io import DTYPES, MAX_HEADER_SIZE, RANK, SafetensorsFile, TensorSpec, dtype_name
 
@@ -68,6 +68,7 @@ class SafetensorsWriter:
         self._base = {name: len(header) + off for name, off in offsets.items()}
         self._written: set[str] = set()
         self._fsync = fsync
+        self._scratch: np.ndarray | None = None  # one block, reused by every re-laid-out tensor
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._f = open(self.tmp_path, "wb")
         try:
@@ -103,9 +104,12 @@ class SafetensorsWriter:
             if array.size:
                 pwrite_all(fd, array.reshape(-1).view(np.uint8), self._base[name])
         else:
-            with BlockWriter(fd, self._base[name]) as out:
-                for block in row_blocks(array, target):
-                    out.write(block)
+            if self._scratch is None:
+                self._scratch = scratch()
+            offset = self._base[name]
+            for block in row_blocks(array, target, self._scratch):
+                pwrite_all(fd, block.reshape(-1).view(np.uint8), offset)
+                offset += block.nbytes
         self._written.add(name)
 
     def write_from(self, name: str, source: "SafetensorsFile", key: str) -> None:
