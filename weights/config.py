@@ -431,21 +431,31 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ModelConfig":
         """Read `<directory>/config.json`."""
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError("<file>", "config.json not found", source=str(path))
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError("<file>", f"not valid JSON ({e})", source=str(path)) from None
-        return cls.from_hf_dict(d, source=str(path))
+        d, source = read_config_json(directory)
+        return cls.from_hf_dict(d, source=source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `<directory>/config.json` atomically (temporary file, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_config_json(directory, self.to_hf_dict())
+
+
+def read_config_json(directory: str | os.PathLike) -> tuple[Any, str]:
+    """The parsed `<directory>/config.json` and its path; `ConfigError` when absent or not JSON."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError("<file>", "config.json not found", source=str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError("<file>", f"not valid JSON ({e})", source=str(path)) from None
+
+
+def write_config_json(directory: str | os.PathLike, d: Mapping[str, Any]) -> Path:
+    """Write `<directory>/config.json` atomically: a temporary file renamed into place."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

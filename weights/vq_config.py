@@ -14,14 +14,13 @@ hashable and framework-neutral; each twin maps them to its own dtype objects.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from weights.config import CONFIG_NAME, ConfigError
+from weights.config import ConfigError, read_config_json, write_config_json
 
 __all__ = ["TransformerVQConfig", "VQ_MODEL_TYPE", "VQ_DTYPES"]
 
@@ -159,24 +158,12 @@ class TransformerVQConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "TransformerVQConfig":
         """Read `<directory>/config.json`."""
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError("<file>", "config.json not found", source=str(path))
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError("<file>", f"not valid JSON ({e})", source=str(path)) from None
-        return cls.from_dict(d, source=str(path))
+        d, source = read_config_json(directory)
+        return cls.from_dict(d, source=source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `<directory>/config.json` atomically (temporary file, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_config_json(directory, self.to_dict())
 
 
 def _is_number(v: Any) -> bool:
