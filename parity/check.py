@@ -88,16 +88,17 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     want_grads = "gradients" in sections
     t_out, t_grads = _torch_forward(torch_model, batch, head, want_grads)
     f_out, f_grads = _flax_forward(flax_model, batch, head, want_grads)
+    capped = _capped_logit_scale(torch_model, t_out, head)
     if "forward" in sections:
         report.rows += _forward_rows(t_out, f_out, tol)
     if "head" in sections:
-        report.rows += _head_rows(t_out, f_out, head, tol)
+        report.rows += _head_rows(t_out, f_out, head, tol, capped)
     if want_grads:
         report.rows += _gradient_rows(t_grads, f_grads, torch_model, tol("gradients"))
     if "kv cache" in sections:
-        report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol)
+        report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol, capped)
     if "generation" in sections:
-        scale = max(1.0, float(np.abs(_logits(t_out, head)).max()))
+        scale = capped[0] if capped else max(1.0, float(np.abs(_logits(t_out, head)).max()))
         report.rows += generation_rows(torch_model, flax_model, batch, head, config,
                                        tol("logits"), max_new_tokens, scale)
     return report
@@ -106,6 +107,24 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
 def _logits(out: Any, head: str) -> np.ndarray:
     x = out.start_logits if head == "question_answering" else out.logits
     return x.detach().double().numpy()
+
+
+def _capped_logit_scale(torch_model: Any, t_out: Any, head: str) -> tuple[float, str] | None:
+    """For soft-capped logits (`final_logit_softcapping`, Gemma 2): the scale of the logits
+    before the cap, and a note saying so; None otherwise.
+
+    `cap * tanh(x / cap)` shrinks values to below `cap` but passes small errors through at
+    slope 1 (it is a contraction, never an amplifier): the twins' logit error is the error of
+    the logits that went in, so it is measured relative to their scale, not to the capped one.
+    """
+    cap = getattr(torch_model.config, "final_logit_softcapping", None)
+    if head != "causal_lm" or cap is None:
+        return None
+    # ForCausalLM.logits without its cap, on the reference's own final hidden state.
+    weight = torch_model.lm_head.weight if torch_model.lm_head is not None else torch_model.model.embed_tokens.weight
+    raw = torch.nn.functional.linear(t_out.hidden_states[-1].detach().double(), weight.detach().double())
+    scale = max(1.0, float(raw.abs().max()))
+    return scale, f"soft-capped at {cap:g}: relative to the pre-cap scale {scale:.3g}"
 
 
 def _describe(batch: Batch) -> str:
@@ -173,9 +192,11 @@ def _forward_rows(t_out: Any, f_out: Any, tol: Any) -> list[Row]:
     return rows
 
 
-def _head_rows(t_out: Any, f_out: Any, head: str, tol: Any) -> list[Row]:
+def _head_rows(t_out: Any, f_out: Any, head: str, tol: Any, capped: tuple[float, str] | None) -> list[Row]:
     names = ("start_logits", "end_logits") if head == "question_answering" else ("logits",)
-    rows = [Row("head", "logits", compare(n, getattr(t_out, n), getattr(f_out, n), tol("logits"))) for n in names]
+    scale, note = capped or (None, "")
+    rows = [Row("head", "logits", compare(n, getattr(t_out, n), getattr(f_out, n), tol("logits"), scale), note=note)
+            for n in names]
     rows.append(Row("head", "loss", compare("loss", t_out.loss, f_out.loss, tol("loss"))))
     return rows
 
@@ -202,7 +223,7 @@ def _layer_of(name: str) -> int | None:
 
 
 def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t_out: Any, f_out: Any,
-                   tol: Any) -> list[Row]:
+                   tol: Any, capped: tuple[float, str] | None) -> list[Row]:
     """Feed the sequence one token at a time into a static cache; the result must equal the full
     forward pass at every real token (prompt prefill through the cache is exercised by the
     generation check, whose `generate()` prefills then decodes). The causal LM is checked on
@@ -232,10 +253,14 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
     cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
     f_cached = only_real(jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick)), axis=1))
     q = tol(quantity)
-    note = f"{t} one-token steps; real tokens only"
-    return [Row("kv cache", quantity, compare(f"torch cached vs torch full ({what})", t_full, t_cached, q), note=note),
-            Row("kv cache", quantity, compare(f"flax cached vs flax full ({what})", f_full, f_cached, q), note=note),
-            Row("kv cache", quantity, compare(f"flax cached vs torch cached ({what})", t_cached, f_cached, q))]
+    scale, cap_note = capped if causal and capped else (None, "")
+    note = f"{t} one-token steps; real tokens only" + (f"; {cap_note}" if cap_note else "")
+    return [Row("kv cache", quantity, compare(f"torch cached vs torch full ({what})", t_full, t_cached, q, scale),
+                note=note),
+            Row("kv cache", quantity, compare(f"flax cached vs flax full ({what})", f_full, f_cached, q, scale),
+                note=note),
+            Row("kv cache", quantity, compare(f"flax cached vs torch cached ({what})", t_cached, f_cached, q, scale),
+                note=cap_note)]
 
 
 class _FlaxStep:

@@ -36,10 +36,13 @@ class Comparison:
         return asdict(self)
 
 
-def compare(name: str, reference: Any, got: Any, tol: float) -> Comparison:
+def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None) -> Comparison:
     """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
 
-    NaN anywhere in either array (where the other is not NaN at the same place) fails.
+    `scale`, when given, replaces `max|reference|` as the magnitude the error is relative to
+    (still at least 1): for a value squashed by a contraction (a soft cap), errors keep the
+    scale of what went in, not of what came out. NaN anywhere in either array (where the other
+    is not NaN at the same place) fails.
     """
     ref, out = to_numpy(reference), to_numpy(got)
     if ref.shape != out.shape:
@@ -52,9 +55,10 @@ def compare(name: str, reference: Any, got: Any, tol: float) -> Comparison:
     diff = np.where(np.isnan(diff), np.inf, diff)
     flat = int(np.argmax(diff))
     max_abs = float(diff.reshape(-1)[flat])
-    finite = np.abs(ref[np.isfinite(ref)])
-    scale = max(1.0, float(finite.max()) if finite.size else 1.0)
-    rel = max_abs / scale
+    if scale is None:
+        finite = np.abs(ref[np.isfinite(ref)])
+        scale = float(finite.max()) if finite.size else 1.0
+    rel = max_abs / max(1.0, scale)
     return Comparison(name, max_abs, rel, tuple(int(i) for i in np.unravel_index(flat, ref.shape)), tol,
                       bool(rel <= tol), tuple(ref.shape))
 

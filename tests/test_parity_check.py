@@ -116,3 +116,27 @@ def test_unknown_section_and_mismatched_heads_are_refused(checkpoint, tmp_path):
     other = load_twins(build_checkpoint(DemoModel("qa", "question_answering", CONFIG), tmp_path / "qa"), "float64")
     with pytest.raises(TypeError, match="differ in head"):
         check_pair(twins.torch_model, other.flax_model, batch)
+
+
+def test_soft_capped_logits_are_measured_against_the_pre_cap_scale():
+    """Gemma 2 caps logits with cap * tanh(x / cap): values shrink below the cap, errors near 0
+    pass at slope 1. The logits row is relative to the scale of the logits before the cap,
+    recomputed here from the reference's final hidden state and the tied embedding."""
+    from parity.loading import twins_from_config
+    from parity.strategies import family_examples
+
+    config = family_examples()["gemma2"]
+    twins = twins_from_config(config, "causal_lm", "bfloat16")
+    report = check_pair(twins.torch_model, twins.flax_model, seeded_batch(config, 3, SEQ, 0),
+                        sections=("forward", "head"))
+    assert report.passed, report.format_table()
+    row = next(r for r in report.rows if r.name == "logits")
+    batch = seeded_batch(config, 3, SEQ, 0)
+    with torch.no_grad():
+        out = twins.torch_model(to_torch(batch.input_ids), to_torch(batch.attention_mask),
+                                to_torch(batch.position_ids), output_hidden_states=True)
+        raw = out.hidden_states[-1].double() @ twins.torch_model.model.embed_tokens.weight.double().T
+    cap = config.final_logit_softcapping
+    assert float(out.logits.abs().max()) <= cap < float(raw.abs().max())
+    assert row.comparison.rel == pytest.approx(row.comparison.max_abs / float(raw.abs().max()))
+    assert f"soft-capped at {cap:g}" in row.note
