@@ -257,6 +257,57 @@ def bench_load() -> list[Row]:
                         f"<= {goal}" if goal else "", (ratio <= goal) if goal else None))
         rows.append(Row("load", f"{twin}.ForCausalLM.from_pretrained: wall", f"{m['wall']:.1f} s"))
     return rows
+# ---- decode / forward (issue 6): measured by parity/bench_generation.py, one child per twin ----
+DECODE_GOALS = {("flax", 1): 0.95, ("torch", 1): 0.70, ("flax", 8): 0.60, ("torch", 8): 0.40}
+
+
+@section("decode")
+def bench_decode() -> list[Row]:
+    """Greedy decode (prompt 32, 64 new tokens) against the bandwidth bound: one step must read
+    every weight matrix once. A step is (t(64 new) - t(1 new)) / 63, so the prefill is excluded."""
+    from . import bench_generation as g
+
+    results = [g.measure(twin) for twin in ("torch", "flax")]
+    probes = {f"{r['twin']} {k}": v for r in results for k, v in r["bandwidth"].items()}
+    bandwidth = max(probes.values())
+    step_bytes = results[0]["step_bytes"]
+    bound = step_bytes / bandwidth
+    rows = [Row("decode", f"machine: {os.cpu_count()} CPUs, load average {results[0]['load']:.1f} / "
+                          f"{results[1]['load']:.1f} after the torch / flax runs", ""),
+            Row("decode", "read bandwidth, best of: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()),
+                f"{bandwidth / 1e9:.1f} GB/s: {step_bytes / 1e6:.0f} of {results[0]['param_bytes'] / 1e6:.0f} MB "
+                f"read per step -> bound {bound * 1e3:.1f} ms/step")]
+    for r in results:
+        for d in r["decode"]:
+            ratio = bound / d["step"]
+            goal = DECODE_GOALS[(r["twin"], d["batch"])]
+            threads = f", {r['threads']} threads" if "threads" in r else ""
+            rows.append(Row("decode", f"{r['twin']} batch {d['batch']}{threads}",
+                            f"{d['batch'] / d['step']:.1f} tok/s, {d['step'] * 1e3:.1f} ms/step = {ratio:.0%} of bound "
+                            f"(end to end {d['batch'] * g.DECODE_NEW / d['full']:.1f} tok/s"
+                            + (f"; compile {d['compile']:.1f} s)" if r["twin"] == "flax" else ")"),
+                            f">= {goal:.0%}", ratio >= goal))
+    return rows
+
+
+@section("forward")
+def bench_forward() -> list[Row]:
+    """Forward latency (logits of every position) against FLOPs / the framework's own float32
+    matmul rate (2048^3, best of the probes before and after the runs)."""
+    from . import bench_generation as g
+
+    rows = []
+    for twin in ("torch", "flax"):
+        r = g.measure(twin)
+        rows.append(Row("forward", f"{twin} float32 matmul 2048^3", f"{r['matmul_rate'] / 1e9:.0f} GFLOP/s"))
+        for f in r["forward"]:
+            ratio = f["flops"] / r["matmul_rate"] / f["seconds"]
+            goal = 0.90 if (f["batch"], f["length"]) == (4, 512) else None
+            compile_note = f", compile {f['compile']:.1f} s" if twin == "flax" else ""
+            rows.append(Row("forward", f"{twin} batch {f['batch']} x {f['length']} ({f['flops'] / 1e9:.0f} GFLOP)",
+                            f"{f['seconds'] * 1e3:.0f} ms = {ratio:.0%} of matmul bound{compile_note}",
+                            f">= {goal:.0%}" if goal else "", ratio >= goal if goal else None))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
