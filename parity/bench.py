@@ -257,6 +257,8 @@ def bench_load() -> list[Row]:
                         f"<= {goal}" if goal else "", (ratio <= goal) if goal else None))
         rows.append(Row("load", f"{twin}.ForCausalLM.from_pretrained: wall", f"{m['wall']:.1f} s"))
     return rows
+
+
 # ---- decode / forward (issue 6): measured by parity/bench_generation.py, one child per twin ----
 DECODE_GOALS = {("flax", 1): 0.95, ("torch", 1): 0.70, ("flax", 8): 0.60, ("torch", 8): 0.40}
 
@@ -310,6 +312,10 @@ def bench_forward() -> list[Row]:
     return rows
 
 
+# Sections defined in other modules register themselves when imported.
+from parity import bench_vq  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> int:
     names = list(argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -329,4 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the registry of the importable `parity.bench`, the module other sections register in
+    # (under `python -m` this file is `__main__`, a second copy).
+    from parity.bench import main as registered_main
+
+    sys.exit(registered_main())
