@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from parity.bench import Row, print_table, section
+from parity.bench_generation import best
 
 __all__ = ["VQ_BENCH", "LENGTHS", "bench_vq"]
 
@@ -27,15 +28,6 @@ VQ_BENCH = dict(param_dtype="float32", dtype="float32", d_model=256, d_k=64, d_v
                 update_len=1024, pe_abs=True, is_train=False)
 LLAMA_BENCH = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                    num_attention_heads=4, max_position_embeddings=16384)
-
-
-def _best(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _vq_runners(length: int):
@@ -105,7 +97,7 @@ def _llama_runners(length: int):
 
 def _per_token(runner: Callable[[], object], length: int) -> float:
     runner()  # warm-up (and compile, for Flax)
-    return _best(runner) / length
+    return best(runner, 3) / length
 
 
 @section("vq")
