@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Callable
 
 from parity.bench import Row, print_table, section
