@@ -3,7 +3,6 @@ signatures, and parameter names (the torch state-dict key maps onto the Flax pat
 `weights.names` table and nothing else)."""
 
 import ast
-import inspect
 from pathlib import Path
 
 import pytest

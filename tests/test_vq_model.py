@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_impl.vq as T
-from parity.vq_pairs import (build_vq_pair, flatten_tree, flax_forward, flax_spec, max_abs_diff,
-                             random_params, torch_spec)
+from parity.vq_pairs import build_vq_pair, flax_forward, max_abs_diff, random_params, torch_spec
 from parity.vq_reference import dense_forward
 from parity.vq_strategies import divisors, fixture_config, vq_configs
 from torch_impl.vq import checkpoint as tckpt

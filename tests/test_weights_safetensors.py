@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np

@@ -32,6 +32,6 @@ __all__ = [
     "UnknownDtypeError", "DataOffsetError", "ShardIndexError", "CheckpointNotFoundError",
     "StateMismatchError", "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError",
     "TiedWeightsMismatchError", "PickleRefusedError", "MissingDependencyError",
-    "DestinationExistsError", "LOAD_ERRORS",
+    "DestinationExistsError", "LOAD_ERRORS", "TransformerVQConfig",
 ]
-from .vq_config import TransformerVQConfig  # noqa: E402,F401  (Transformer-VQ, issue 9)
+from .vq_config import TransformerVQConfig  # noqa: E402  (Transformer-VQ, issue 9)
