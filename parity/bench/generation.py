@@ -1,4 +1,4 @@
-"""The measurements behind `make bench`'s decode and forward sections (`parity/bench.py`).
+"""The `decode` and `forward` sections of `make bench`, and the measurements behind them.
 
 Each twin is measured in its own child process, so neither framework's thread pool runs beside
 the other's. Both children build the same mid-size random model from numpy (`mid_weights`: one
@@ -25,30 +25,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zlib
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from parity.bench import ROOT, Row, best, section
+
+__all__ = ["DECODE_GOALS", "MID", "bench_decode", "bench_forward", "measure", "run_twin"]
+
 # A mid-size random LLaMA in float32: 155 M parameters (623 MB), 131 MB of them the embedding.
 MID = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
            num_attention_heads=16, num_key_value_heads=4)
 DECODE_PROMPT, DECODE_NEW, DECODE_BATCHES = 32, 64, (1, 8)
 FORWARD_SHAPES = ((1, 128), (4, 512))
 EMBEDDING = "model.embed_tokens.weight"
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    """The shortest wall time of `repeat` calls (the one least disturbed by other processes)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def mid_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -237,9 +228,58 @@ def measure(twin: str) -> dict:
     """`run_twin(twin)` in a fresh interpreter (cached: the decode and forward sections share it)."""
     if twin not in _RESULTS:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if twin == "torch" else dict(os.environ)
-        code = f"import json; from parity.bench_generation import run_twin; print(json.dumps(run_twin({twin!r})))"
+        code = f"import json; from parity.bench.generation import run_twin; print(json.dumps(run_twin({twin!r})))"
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{twin} benchmark child failed:\n{proc.stderr[-3000:]}")
         _RESULTS[twin] = json.loads(proc.stdout.strip().splitlines()[-1])
     return _RESULTS[twin]
+
+
+# ---- the sections: one child per twin (`measure`), shared by decode and forward ----
+DECODE_GOALS = {("flax", 1): 0.95, ("torch", 1): 0.70, ("flax", 8): 0.60, ("torch", 8): 0.40}
+
+
+@section("decode")
+def bench_decode() -> list[Row]:
+    """Greedy decode (prompt 32, 64 new tokens) against the bandwidth bound: one step must read
+    every weight matrix once. A step is (t(64 new) - t(1 new)) / 63, so the prefill is excluded."""
+    results = [measure(twin) for twin in ("torch", "flax")]
+    probes = {f"{r['twin']} {k}": v for r in results for k, v in r["bandwidth"].items()}
+    bandwidth = max(probes.values())
+    step_bytes = results[0]["step_bytes"]
+    bound = step_bytes / bandwidth
+    rows = [Row("decode", f"machine: {os.cpu_count()} CPUs, load average {results[0]['load']:.1f} / "
+                          f"{results[1]['load']:.1f} after the torch / flax runs", ""),
+            Row("decode", "read bandwidth, best of: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()),
+                f"{bandwidth / 1e9:.1f} GB/s: {step_bytes / 1e6:.0f} of {results[0]['param_bytes'] / 1e6:.0f} MB "
+                f"read per step -> bound {bound * 1e3:.1f} ms/step")]
+    for r in results:
+        for d in r["decode"]:
+            ratio = bound / d["step"]
+            goal = DECODE_GOALS[(r["twin"], d["batch"])]
+            threads = f", {r['threads']} threads" if "threads" in r else ""
+            rows.append(Row("decode", f"{r['twin']} batch {d['batch']}{threads}",
+                            f"{d['batch'] / d['step']:.1f} tok/s, {d['step'] * 1e3:.1f} ms/step = {ratio:.0%} of bound "
+                            f"(end to end {d['batch'] * DECODE_NEW / d['full']:.1f} tok/s"
+                            + (f"; compile {d['compile']:.1f} s)" if r["twin"] == "flax" else ")"),
+                            f">= {goal:.0%}", ratio >= goal))
+    return rows
+
+
+@section("forward")
+def bench_forward() -> list[Row]:
+    """Forward latency (logits of every position) against FLOPs / the framework's own float32
+    matmul rate (2048^3, best of the probes before and after the runs)."""
+    rows = []
+    for twin in ("torch", "flax"):
+        r = measure(twin)
+        rows.append(Row("forward", f"{twin} float32 matmul 2048^3", f"{r['matmul_rate'] / 1e9:.0f} GFLOP/s"))
+        for f in r["forward"]:
+            ratio = f["flops"] / r["matmul_rate"] / f["seconds"]
+            goal = 0.90 if (f["batch"], f["length"]) == (4, 512) else None
+            compile_note = f", compile {f['compile']:.1f} s" if twin == "flax" else ""
+            rows.append(Row("forward", f"{twin} batch {f['batch']} x {f['length']} ({f['flops'] / 1e9:.0f} GFLOP)",
+                            f"{f['seconds'] * 1e3:.0f} ms = {ratio:.0%} of matmul bound{compile_note}",
+                            f">= {goal:.0%}" if goal else "", ratio >= goal if goal else None))
+    return rows

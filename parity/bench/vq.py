@@ -5,18 +5,14 @@ Transformer-VQ is linear in the sequence length: each block of L queries attends
 M + L keys and S compressed codes, so the cost per token should not grow with the length (goal:
 16k within 1.3x of 1k). Full attention's per-token cost grows linearly with the length.
 
-Registered as the `vq` section of `parity.bench` when that module imports this one; also runs
-alone: `python -m parity.bench_vq`. Never imported by the tests.
+The `vq` section of `make bench` (`python -m parity.bench vq`). Never imported by the tests.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Callable
 
-from parity.bench import Row, print_table, section
-from parity.bench_generation import best
+from parity.bench import Row, best, section
 
 __all__ = ["VQ_BENCH", "LENGTHS", "bench_vq"]
 
@@ -126,7 +122,3 @@ def bench_vq() -> list[Row]:
                                 "<= 1.30x" if is_vq else "", ratio <= 1.3 if is_vq else None))
     return rows
 
-
-if __name__ == "__main__":
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    print_table(bench_vq())

@@ -1,83 +1,19 @@
-"""`make bench`: measured figures, printed as one aligned table.
-
-A benchmark is a *section*: a function returning table rows, registered with `@section(name)`.
-`python -m parity.bench` runs them all, `python -m parity.bench convert` only the named ones.
-To add one, write a function returning `list[Row]` and decorate it; nothing else changes.
-
-Each measurement that reports memory runs in a fresh child process, so its peak RSS
-(`ru_maxrss`, which counts every page the process touched, file-backed ones included) is its
-own and not the bench driver's.
+"""The `convert` and `load` sections of `make bench`: the converter against a plain copy of the
+same bytes, and `from_pretrained`'s peak memory, on a synthetic bf16 checkpoint of TinyLlama-1.1B's
+shape (generated once into `cache_dir()`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["Row", "SECTIONS", "section", "print_table", "main", "cache_dir", "run_child"]
+from parity.bench import Row, cache_dir, run_child, section
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["TINYLLAMA", "bench_convert", "bench_load", "ensure_tinyllama"]
 
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the table: what was measured, the figure, the goal, and whether it is met."""
-
-    section: str
-    case: str
-    value: str
-    goal: str = ""
-    ok: bool | None = None  # None: informational, no goal
-
-
-SECTIONS: dict[str, Callable[[], list[Row]]] = {}
-
-
-def section(name: str) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:
-    """Register a benchmark section under `name` (the order of registration is the table's)."""
-
-    def register(fn: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
-        SECTIONS[name] = fn
-        return fn
-
-    return register
-
-
-def print_table(rows: list[Row], file=sys.stdout) -> None:
-    """Print rows as an aligned table."""
-    header = ("section", "case", "measured", "goal", "")
-    cells = [header] + [(r.section, r.case, r.value, r.goal, {True: "ok", False: "MISSED", None: ""}[r.ok])
-                        for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    for n, c in enumerate(cells):
-        print("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip(), file=file)
-        if n == 0:
-            print("  ".join("-" * w for w in widths), file=file)
-
-
-def cache_dir() -> Path:
-    """Where generated benchmark inputs live: outside the repo, kept between runs."""
-    base = os.environ.get("TWINLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "twinlm")
-    return Path(base) / "bench"
-
-
-def run_child(code: str) -> dict:
-    """Run Python `code` in a fresh interpreter at the repo root; its last stdout line is JSON."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# ---- convert ---------------------------------------------------------------------------------
 # TinyLlama-1.1B's shape, in bf16: about 2.2 GB, 201 tensors, the largest the 131 MB embedding.
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
@@ -258,85 +194,3 @@ def bench_load() -> list[Row]:
         rows.append(Row("load", f"{twin}.ForCausalLM.from_pretrained: wall", f"{m['wall']:.1f} s"))
     return rows
 
-
-# ---- decode / forward (issue 6): measured by parity/bench_generation.py, one child per twin ----
-DECODE_GOALS = {("flax", 1): 0.95, ("torch", 1): 0.70, ("flax", 8): 0.60, ("torch", 8): 0.40}
-
-
-@section("decode")
-def bench_decode() -> list[Row]:
-    """Greedy decode (prompt 32, 64 new tokens) against the bandwidth bound: one step must read
-    every weight matrix once. A step is (t(64 new) - t(1 new)) / 63, so the prefill is excluded."""
-    from . import bench_generation as g
-
-    results = [g.measure(twin) for twin in ("torch", "flax")]
-    probes = {f"{r['twin']} {k}": v for r in results for k, v in r["bandwidth"].items()}
-    bandwidth = max(probes.values())
-    step_bytes = results[0]["step_bytes"]
-    bound = step_bytes / bandwidth
-    rows = [Row("decode", f"machine: {os.cpu_count()} CPUs, load average {results[0]['load']:.1f} / "
-                          f"{results[1]['load']:.1f} after the torch / flax runs", ""),
-            Row("decode", "read bandwidth, best of: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()),
-                f"{bandwidth / 1e9:.1f} GB/s: {step_bytes / 1e6:.0f} of {results[0]['param_bytes'] / 1e6:.0f} MB "
-                f"read per step -> bound {bound * 1e3:.1f} ms/step")]
-    for r in results:
-        for d in r["decode"]:
-            ratio = bound / d["step"]
-            goal = DECODE_GOALS[(r["twin"], d["batch"])]
-            threads = f", {r['threads']} threads" if "threads" in r else ""
-            rows.append(Row("decode", f"{r['twin']} batch {d['batch']}{threads}",
-                            f"{d['batch'] / d['step']:.1f} tok/s, {d['step'] * 1e3:.1f} ms/step = {ratio:.0%} of bound "
-                            f"(end to end {d['batch'] * g.DECODE_NEW / d['full']:.1f} tok/s"
-                            + (f"; compile {d['compile']:.1f} s)" if r["twin"] == "flax" else ")"),
-                            f">= {goal:.0%}", ratio >= goal))
-    return rows
-
-
-@section("forward")
-def bench_forward() -> list[Row]:
-    """Forward latency (logits of every position) against FLOPs / the framework's own float32
-    matmul rate (2048^3, best of the probes before and after the runs)."""
-    from . import bench_generation as g
-
-    rows = []
-    for twin in ("torch", "flax"):
-        r = g.measure(twin)
-        rows.append(Row("forward", f"{twin} float32 matmul 2048^3", f"{r['matmul_rate'] / 1e9:.0f} GFLOP/s"))
-        for f in r["forward"]:
-            ratio = f["flops"] / r["matmul_rate"] / f["seconds"]
-            goal = 0.90 if (f["batch"], f["length"]) == (4, 512) else None
-            compile_note = f", compile {f['compile']:.1f} s" if twin == "flax" else ""
-            rows.append(Row("forward", f"{twin} batch {f['batch']} x {f['length']} ({f['flops'] / 1e9:.0f} GFLOP)",
-                            f"{f['seconds'] * 1e3:.0f} ms = {ratio:.0%} of matmul bound{compile_note}",
-                            f">= {goal:.0%}" if goal else "", ratio >= goal if goal else None))
-    return rows
-
-
-# Sections defined in other modules register themselves when imported.
-from parity import bench_vq  # noqa: E402,F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    names = list(argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        print(f"unknown section(s) {', '.join(unknown)}; available: {', '.join(SECTIONS)}", file=sys.stderr)
-        return 2
-    rows: list[Row] = []
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    for name in names:
-        rows += SECTIONS[name]()
-    # Timings are only comparable on a quiet machine: say how busy this one was.
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows.append(Row("machine", f"{os.cpu_count()} CPUs, 1-min load average before / after",
-                    f"{load_before:.1f} / {load_after:.1f}"))
-    print_table(rows)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the registry of the importable `parity.bench`, the module other sections register in
-    # (under `python -m` this file is `__main__`, a second copy).
-    from parity.bench import main as registered_main
-
-    sys.exit(registered_main())

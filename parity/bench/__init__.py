@@ -1,0 +1,100 @@
+"""`make bench`: measured figures, printed as one aligned table.
+
+A benchmark is a *section*: a function returning table rows, registered with `@section(name)`.
+`python -m parity.bench` runs them all, `python -m parity.bench convert` only the named ones.
+
+This module is the registry only (`Row`, `section`, `SECTIONS`, `print_table`, and the helpers
+the sections share); it imports no section. Each section module registers itself when imported,
+and `parity.bench.__main__` imports them all, in the order of the table:
+
+- `checkpoints`: `convert`, `load` (the synthetic 1.1 B TinyLlama-shaped checkpoint);
+- `generation`: `decode`, `forward` (a mid-size random LLaMA, one child process per twin);
+- `vq`: `vq` (Transformer-VQ against full attention at 1k / 4k / 16k tokens).
+
+To add a section, write a function returning `list[Row]` in one of these modules (or a new one
+listed in `SECTION_MODULES`) and decorate it.
+
+Each measurement that reports memory runs in a fresh child process, so its peak RSS
+(`ru_maxrss`, which counts every page the process touched, file-backed ones included) is its
+own and not the bench driver's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["Row", "SECTIONS", "SECTION_MODULES", "section", "print_table", "cache_dir", "run_child", "best"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The section modules, in the order of the table (imported by `python -m parity.bench`).
+SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.generation", "parity.bench.vq")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: what was measured, the figure, the goal, and whether it is met."""
+
+    section: str
+    case: str
+    value: str
+    goal: str = ""
+    ok: bool | None = None  # None: informational, no goal
+
+
+SECTIONS: dict[str, Callable[[], list[Row]]] = {}
+
+
+def section(name: str) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:
+    """Register a benchmark section under `name` (the order of registration is the table's)."""
+
+    def register(fn: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
+        SECTIONS[name] = fn
+        return fn
+
+    return register
+
+
+def print_table(rows: list[Row], file=sys.stdout) -> None:
+    """Print rows as an aligned table."""
+    header = ("section", "case", "measured", "goal", "")
+    cells = [header] + [(r.section, r.case, r.value, r.goal, {True: "ok", False: "MISSED", None: ""}[r.ok])
+                        for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for n, c in enumerate(cells):
+        print("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip(), file=file)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def cache_dir() -> Path:
+    """Where generated benchmark inputs live: outside the repo, kept between runs."""
+    base = os.environ.get("TWINLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "twinlm")
+    return Path(base) / "bench"
+
+
+def run_child(code: str) -> dict:
+    """Run Python `code` in a fresh interpreter at the repo root; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    """The shortest wall time of `repeat` calls (the one least disturbed by other processes)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
