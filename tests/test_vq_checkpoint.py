@@ -10,8 +10,8 @@ import torch
 
 import torch_impl.vq as T
 from flax_impl.vq import checkpoint as fckpt
-from parity.vq_pairs import random_params
-from parity.vq_strategies import fixture_config
+from parity.vq.pairs import random_params
+from parity.vq.strategies import fixture_config
 from torch_impl.vq import checkpoint as tckpt
 from weights.config import ConfigError
 from weights.vq_checkpoint import CheckpointError, import_reference_params, load_vq_checkpoint
@@ -140,7 +140,7 @@ def test_reference_tree_imports_into_both_twins():
     with torch.no_grad():
         k, _, _ = t_model.transformer_layers[0].scanned_attn1.get_kvg(x)
     raw_k = (x.numpy() @ kernel)[..., :config.n_head * config.d_k].reshape(1, 2, config.n_head, config.d_k)
-    from parity.vq_reference import rms_norm
+    from parity.vq.reference import rms_norm
     np.testing.assert_allclose(k.numpy(), rms_norm(raw_k).transpose(0, 2, 1, 3) * config.d_k ** -0.25, atol=1e-12)
     with pytest.raises(CheckpointError, match="missing"):
         del tree["params"]["out_ln"]

@@ -9,7 +9,7 @@ from flax import nnx
 
 import flax_impl.vq as F
 import torch_impl.vq as T
-from parity.vq_strategies import fixture_config
+from parity.vq.strategies import fixture_config
 
 
 def _check_layerdrop(diff):

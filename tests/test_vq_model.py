@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_impl.vq as T
-from parity.vq_pairs import build_vq_pair, flax_forward, max_abs_diff, random_params, torch_spec
-from parity.vq_reference import dense_forward
-from parity.vq_strategies import divisors, fixture_config, vq_configs
+from parity.vq.pairs import build_vq_pair, flax_forward, max_abs_diff, random_params, torch_spec
+from parity.vq.reference import dense_forward
+from parity.vq.strategies import divisors, fixture_config, vq_configs
 from torch_impl.vq import checkpoint as tckpt
 
 TOL = 1e-10  # float64 (parity/tolerances.py): the block-wise recurrence and the dense formula

@@ -10,9 +10,9 @@ from flax import nnx
 
 from flax_impl.vq import train as ftrain
 from parity.tolerances import TOLERANCES
-from parity.vq_pairs import (build_vq_pair, flatten_tree, flax_forward, flax_grads_to_numpy, flax_spec,
+from parity.vq.pairs import (build_vq_pair, flatten_tree, flax_forward, flax_grads_to_numpy, flax_spec,
                              max_abs_diff, torch_spec)
-from parity.vq_strategies import fixture_config
+from parity.vq.strategies import fixture_config
 from torch_impl.vq import checkpoint as tckpt
 from torch_impl.vq import train as ttrain
 from flax_impl.vq import checkpoint as fckpt

@@ -15,8 +15,8 @@ from flax import nnx
 import flax_impl.vq as F
 import torch_impl.vq as T
 from flax_impl.vq import quantizer as fq
-from parity.vq_reference import rms_norm, sinusoids
-from parity.vq_strategies import fixture_config
+from parity.vq.reference import rms_norm, sinusoids
+from parity.vq.strategies import fixture_config
 from torch_impl.vq import quantizer as tq
 
 TOL = 1e-12  # float64: same formulas, only summation order differs (~1e-15)
