@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import parity.check
+import parity.check.pair
 from parity.cli import main
 from parity.demo import DemoModel, build_checkpoint, tiny_config
 from parity.testing import break_layer
@@ -38,14 +38,14 @@ def test_check_passes_and_writes_json_and_html(checkpoint, tmp_path, capsys):
 
 
 def test_check_exits_1_and_names_the_broken_layer(checkpoint, monkeypatch, capsys):
-    real = parity.check.load_twins
+    real = parity.check.pair.load_twins
 
     def broken(*args, **kwargs):
         twins = real(*args, **kwargs)
         break_layer(twins.flax_model, 1)
         return twins
 
-    monkeypatch.setattr(parity.check, "load_twins", broken)
+    monkeypatch.setattr(parity.check.pair, "load_twins", broken)
     code = main(["check", str(checkpoint), "--dtype", "float32", "--skip", "generation"])
     out = capsys.readouterr().out
     assert code == 1

@@ -9,7 +9,7 @@ from hypothesis import given
 
 from parity import strategies as tst
 from parity.demo import tiny_config
-from parity.generation import left_aligned
+from parity.check.generation import left_aligned
 from parity.inputs import HEADS, seeded_batch
 
 CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)

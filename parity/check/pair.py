@@ -24,12 +24,12 @@ import flax_impl
 import torch_impl
 from weights.names import hf_name, is_transposed
 
-from .compare import Comparison, compare, to_numpy
+from ..compare import Comparison, compare, to_numpy
+from ..inputs import HEADS, Batch, seeded_batch
+from ..loading import BadInputError, load_twins
+from ..report import SECTIONS, Report, Row
+from ..tolerances import tolerance
 from .generation import generation_rows
-from .inputs import HEADS, Batch, seeded_batch
-from .loading import BadInputError, load_twins
-from .report import SECTIONS, Report, Row
-from .tolerances import tolerance
 
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Comparison
-from .inputs import Batch
-from .report import Row
+from ..compare import Comparison
+from ..inputs import Batch
+from ..report import Row
 
 __all__ = ["generation_rows", "left_aligned"]
 
