@@ -40,7 +40,9 @@ def state_to_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
 def load_numpy_state(model: nnx.Module, tensors: Mapping[str, np.ndarray]) -> None:
     """Copy HF-named numpy arrays into the model's parameters (cast to each parameter's dtype).
 
-    Every parameter must be present; extra names are an error too.
+    The model may be abstract (built under `nnx.eval_shape`, parameters only shapes): nothing is
+    then allocated but the loaded arrays. Every parameter must be present; extra names are an
+    error too.
     """
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     names = {hf_name(path): (path, var) for path, var in flat}
@@ -49,12 +51,13 @@ def load_numpy_state(model: nnx.Module, tensors: Mapping[str, np.ndarray]) -> No
     if missing or unexpected:
         raise KeyError(f"state mismatch: missing {missing}, unexpected {unexpected}")
     for name, (path, var) in names.items():
+        current = var.get_value()  # an array, or a ShapeDtypeStruct when the model is abstract
         value = tensors[name].T if is_transposed(name) else tensors[name]
-        if tuple(value.shape) != tuple(var[...].shape):
-            raise ValueError(f"{name}: expected shape {tuple(var[...].shape)[::-1] if is_transposed(name) else tuple(var[...].shape)}, "
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"{name}: expected shape {tuple(current.shape)[::-1] if is_transposed(name) else tuple(current.shape)}, "
                              f"found {tuple(tensors[name].shape)}")
         # jnp.array copies: on CPU, jnp.asarray may alias the caller's numpy buffer.
-        var[...] = jnp.array(value, dtype=var[...].dtype, copy=True)
+        var.set_value(jnp.array(value, dtype=current.dtype, copy=True))
 
 
 # ---- from_pretrained / save_pretrained ------------------------------------------------------
