@@ -1,4 +1,6 @@
-"""Loading one checkpoint directory into both twins, for the parity commands.
+"""Both twins of one model with the same weights: from a checkpoint directory (`load_twins`, the
+parity commands) or from a config (`twins_from_config`: the torch twin's seeded HF init copied
+into the Flax twin through the `weights/` name and layout rules, the path a checkpoint takes).
 
 Everything a user can get wrong about a checkpoint (missing directory, bad `config.json`,
 truncated or lying safetensors, tensors that do not fit the config) surfaces here as one
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -19,8 +21,9 @@ from weights.errors import LOAD_ERRORS
 
 from .inputs import HEADS
 
-__all__ = ["BadInputError", "Twins", "abstract_flax_model", "detect_head", "fill_flax_model", "load_flax",
-           "load_torch", "load_twins", "read_config", "twins_from_config"]
+__all__ = ["BadInputError", "DTYPES", "Twins", "abstract_flax_model", "copy_weights", "detect_head",
+           "fill_flax_model", "jax_dtype", "load_flax", "load_torch", "load_twins", "read_config", "torch_dtype",
+           "twins_from_config"]
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 
@@ -34,11 +37,32 @@ class Twins:
     """One checkpoint loaded into both twins."""
 
     config: ModelConfig
-    head: str  # a key of `parity.inputs.HEADS`
+    head: str  # a key of `parity.inputs.HEADS` (or a twin class name, e.g. "DecoderModel")
     torch_model: Any  # torch_impl.For...
     flax_model: Any  # flax_impl.For...
     dtype: str
     directory: Path
+
+    @property
+    def pair(self) -> tuple[Any, Any]:
+        """(torch model, Flax model)."""
+        return self.torch_model, self.flax_model
+
+
+def torch_dtype(name: str) -> Any:
+    """torch dtype for a dtype name of `DTYPES`."""
+    import torch
+
+    return {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def jax_dtype(name: str) -> Any:
+    """jax dtype for a dtype name of `DTYPES`."""
+    import jax.numpy as jnp
+
+    return {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16,
+            "float16": jnp.float16}[name]
 
 
 def detect_head(config: ModelConfig, tensor_names: list[str] | None = None) -> str:
@@ -100,54 +124,45 @@ def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
 
 def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
     """A Flax twin whose parameters are shapes only (`nnx.eval_shape`): the random init is
-    traced, never run, so nothing is allocated or compiled until real weights are loaded."""
+    traced, never run, so nothing is allocated or compiled until real weights are loaded.
+    `head` is a key of `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`)."""
     from flax import nnx
 
     import flax_impl
 
-    from .pairs import jax_dtype
-
-    cls = getattr(flax_impl, HEADS[head])
+    cls = getattr(flax_impl, HEADS.get(head, head))
     return nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(0)))
 
 
-def fill_flax_model(model: Any, tensors: dict[str, np.ndarray]) -> None:
+def fill_flax_model(model: Any, tensors: Mapping[str, np.ndarray]) -> None:
     """Give a (possibly abstract) Flax twin its weights from HF-named numpy arrays, each cast
     to its parameter's dtype; linear kernels are the transposed HF weights. Every parameter
     must be present, and no extra tensor (raises KeyError / ValueError naming them)."""
-    import jax.numpy as jnp
-    from flax import nnx
+    from flax_impl.checkpoint import load_numpy_state
 
-    from weights.names import hf_name, is_transposed
+    load_numpy_state(model, tensors)
 
-    params = {hf_name(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"state mismatch: missing {missing}, unexpected {unexpected}")
-    for name, var in params.items():
-        current = var.get_raw_value()  # an array, or a ShapeDtypeStruct when abstract
-        value = tensors[name].T if is_transposed(name) else tensors[name]
-        if tuple(value.shape) != tuple(current.shape):
-            want = tuple(current.shape)[::-1] if is_transposed(name) else tuple(current.shape)
-            raise ValueError(f"{name}: expected shape {want}, found {tuple(tensors[name].shape)}")
-        var.set_raw_value(jnp.asarray(value, dtype=current.dtype))
+
+def copy_weights(source: Any, target: Any) -> None:
+    """torch module -> Flax module of the same class, through the HF name/layout rules."""
+    from torch_impl.checkpoint import state_to_numpy
+
+    fill_flax_model(target, state_to_numpy(source))
 
 
 def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str = "float64",
                       seed: int = 0) -> Twins:
     """Both twins of a config with the torch twin's seeded HF init, copied into the Flax twin
-    through the HF names (the path a checkpoint takes, without the disk)."""
+    through the HF names (the path a checkpoint takes, without the disk). `head` is a key of
+    `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`); `.pair` is (torch, Flax)."""
     import torch
 
     import torch_impl
-    from torch_impl.checkpoint import state_to_numpy
-
-    from .pairs import torch_dtype
 
     torch.manual_seed(seed)
-    t_model = getattr(torch_impl, HEADS[head])(config, dtype=torch_dtype(dtype)).eval()
+    t_model = getattr(torch_impl, HEADS.get(head, head))(config, dtype=torch_dtype(dtype)).eval()
     f_model = abstract_flax_model(config, head, dtype)
-    fill_flax_model(f_model, state_to_numpy(t_model))
+    copy_weights(t_model, f_model)
     return Twins(config, head, t_model, f_model, dtype, Path("."))
 
 

@@ -23,7 +23,8 @@ import torch_impl
 from flax_impl.checkpoint import load_numpy_state as flax_load
 from parity import strategies as tst
 from parity.compare import compare, to_numpy
-from parity.pairs import HEADS, build_pair, copy_weights, jax_dtype, torch_dtype
+from parity.inputs import HEADS
+from parity.loading import copy_weights, jax_dtype, torch_dtype, twins_from_config
 from parity.tolerances import tolerance
 from torch_impl.checkpoint import load_numpy_state as torch_load
 from weights.config import ConfigError, ModelConfig
@@ -37,7 +38,7 @@ EXAMPLES = tst.family_examples()
 def randomized_pair(config: ModelConfig, head: str = "causal_lm", dtype: str = "float64", seed: int = 0):
     """Both twins with identical weights; norm gains and biases randomised too, so a twin that
     ignored one (or Gemma's `1 + w`) could not pass."""
-    t_model, f_model = build_pair(config, head, dtype, seed)
+    t_model, f_model = twins_from_config(config, head, dtype, seed).pair
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in t_model.named_parameters():

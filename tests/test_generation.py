@@ -19,18 +19,14 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-import flax_impl
-import torch_impl
 from flax_impl.generation import _generate_compiled
 from flax_impl.generation import generate as flax_generate
 from parity import strategies as tst
-from parity.pairs import jax_dtype, torch_dtype
+from parity.loading import twins_from_config
 from parity.tolerances import tolerance
-from torch_impl.checkpoint import state_to_numpy
 from torch_impl.generation import generate as torch_generate
 from weights.config import ModelConfig
 from weights.generation import bucket_length, position_ids_from_mask
-from weights.names import hf_name, is_transposed
 
 N_NEW = 32  # the issue asks for identity over at least 32 new tokens
 
@@ -52,19 +48,9 @@ def prompts(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 8) -> 
 
 
 def twin_pair(config: ModelConfig, dtype: str = "float64", seed: int = 0):
-    """`parity.pairs.build_pair` for `ForCausalLM`, minus the Flax random init: the Flax model is
-    built abstractly (`nnx.eval_shape`) and filled with the torch weights through the same HF
-    name/layout table. Initialising a new config eagerly compiles one XLA kernel per parameter
-    shape (~3 s a config), all for values the copy overwrites."""
-    torch.manual_seed(seed)
-    t_model = torch_impl.ForCausalLM(config, dtype=torch_dtype(dtype))
-    f_model = nnx.eval_shape(lambda: flax_impl.ForCausalLM(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(seed)))
-    tensors = state_to_numpy(t_model)
-    for path, var in nnx.to_flat_state(nnx.state(f_model)):
-        name = hf_name(path)
-        value = tensors[name].T if is_transposed(name) else tensors[name]
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-    return t_model, f_model
+    """(torch, Flax) `ForCausalLM` with the same weights (`parity.loading.twins_from_config`: the
+    Flax model is built abstractly and filled with the torch weights, no Flax random init)."""
+    return twins_from_config(config, "causal_lm", dtype, seed).pair
 
 
 def run_both(pair, ids: np.ndarray, mask: np.ndarray, **kw):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from parity import strategies as tst
 from parity.compare import compare
-from parity.pairs import build_pair
+from parity.loading import twins_from_config
 from parity.tolerances import tolerance
 from tests.twin_utils import assert_close, fcall, to_jax, to_torch
 from weights.config import ModelConfig
@@ -89,7 +89,7 @@ def test_head_forward_loss_and_gradient_parity(config, data, head, dtype):
     batch = data.draw(tst.batches(config, far_positions=False))
     rng = np.random.default_rng(data.draw(st.integers(0, 999)))
     labels = head_labels(head, config, batch, rng, data.draw(st.sampled_from(["single", "multi", "regression"])))
-    t_model, f_model = build_pair(config, head, dtype)
+    t_model, f_model = twins_from_config(config, head, dtype).pair
     t_out, t_grads = run_torch(t_model, batch, labels, dtype)
     f_out, f_grads = run_flax(f_model, batch, labels, dtype)
     for field in HEAD_OUTPUTS[head]:
@@ -106,7 +106,7 @@ def test_one_adamw_step_leaves_the_same_parameters(head):
     batch = tst.Batch(np.array([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 0, 0]]), np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
                       None, np.array([[-100, -100, 5, 6, 7, 8], [3, 4, 5, 6, -100, -100]]))
     labels = head_labels(head, config, batch, np.random.default_rng(3))
-    t_model, f_model = build_pair(config, head, "float64")
+    t_model, f_model = twins_from_config(config, head, "float64").pair
     hp = dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     opt = torch.optim.AdamW(t_model.parameters(), lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
                             weight_decay=hp["weight_decay"])
@@ -121,7 +121,7 @@ def test_one_adamw_step_leaves_the_same_parameters(head):
     from torch_impl.checkpoint import state_to_numpy as t_state
 
     after_t, after_f = t_state(t_model), f_state(f_model)
-    moved = max(float(np.abs(after_t[n] - before).max()) for n, before in t_state(build_pair(config, head, "float64")[0]).items())
+    moved = max(float(np.abs(after_t[n] - before).max()) for n, before in t_state(twins_from_config(config, head, "float64").pair[0]).items())
     assert moved > 1e-3  # the step really changed the parameters
     for name in after_t:
         c = compare(name, after_t[name], after_f[name], 1e-9)
@@ -132,7 +132,7 @@ def test_one_adamw_step_leaves_the_same_parameters(head):
 def test_classification_pooling_ignores_padding_side(twin):
     config = ModelConfig(vocab_size=19, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=1, pad_token_id=0, num_labels=3)
-    t_model, f_model = build_pair(config, "sequence_classification", "float64")
+    t_model, f_model = twins_from_config(config, "sequence_classification", "float64").pair
     sentence = [5, 9, 2, 11]
     rows = {"none": (sentence, [1] * 4), "left": ([0, 0] + sentence, [0, 0, 1, 1, 1, 1]),
             "right": (sentence + [0, 0, 0], [1, 1, 1, 1, 0, 0, 0])}
@@ -149,7 +149,7 @@ def test_classification_pooling_ignores_padding_side(twin):
 
 def test_classification_without_pad_token():
     config = ModelConfig(vocab_size=19, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
-    t_model, f_model = build_pair(config, "sequence_classification", "float64")
+    t_model, f_model = twins_from_config(config, "sequence_classification", "float64").pair
     ids = np.array([[3, 4, 5]])
     t_one = t_model(torch.from_numpy(ids)).logits
     f_one = fcall(f_model, jnp.asarray(ids)).logits
@@ -181,7 +181,7 @@ def numpy_qa_loss(start, end, s_pos, e_pos):
 ])
 def test_qa_loss_ignores_out_of_range_positions(positions):
     config = ModelConfig(vocab_size=19, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
-    t_model, f_model = build_pair(config, "question_answering", "float64")
+    t_model, f_model = twins_from_config(config, "question_answering", "float64").pair
     ids = np.array([[3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
     s_pos, e_pos = np.array(positions[0]), np.array(positions[1])
     t_out = t_model(torch.from_numpy(ids), start_positions=torch.from_numpy(s_pos), end_positions=torch.from_numpy(e_pos))

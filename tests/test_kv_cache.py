@@ -20,7 +20,7 @@ import flax_impl
 import torch_impl
 from parity import strategies as tst
 from parity.compare import compare
-from parity.pairs import build_pair
+from parity.loading import twins_from_config
 from tests.twin_utils import assert_close, fcall
 
 TOL = 1e-10  # float64: same math, different order of summation
@@ -70,7 +70,7 @@ def test_cached_decoding_equals_full_pass(config, data, twin):
     prefix = data.draw(st.integers(1, t))
     capacity = t + data.draw(st.integers(0, 3))  # spare slots must stay invisible
     pos = batch.position_ids if batch.position_ids is not None else np.broadcast_to(np.arange(t), (b, t)).copy()
-    t_model, f_model = build_pair(config, "causal_lm", "float64", seed=1)
+    t_model, f_model = twins_from_config(config, "causal_lm", "float64", seed=1).pair
     model, decode = (t_model, torch_decode) if twin == "torch" else (f_model, flax_decode)
     cached = decode(model, batch.input_ids, batch.attention_mask, pos, prefix, capacity)
     full = full_pass(twin, model, batch.input_ids, batch.attention_mask, pos)
@@ -88,7 +88,7 @@ def test_dynamic_rope_past_max_positions_is_the_documented_exception():
 
     config = ModelConfig(vocab_size=11, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=4, rope_scaling=RopeScaling("dynamic", 2.0))
-    t_model, _ = build_pair(config, "causal_lm", "float64")
+    t_model, _ = twins_from_config(config, "causal_lm", "float64").pair
     ids = np.arange(1, 9)[None] % 11
     mask, pos = np.ones_like(ids), np.arange(8)[None]
     cached = torch_decode(t_model, ids, mask, pos, 1, 8)
@@ -108,7 +108,7 @@ def test_padding_never_changes_other_positions(config, data, twin):
     batch = data.draw(tst.batches(config, max_len=8))
     rng = np.random.default_rng(0)
     other = np.where(batch.attention_mask == 1, batch.input_ids, rng.integers(0, config.vocab_size, batch.input_ids.shape))
-    t_model, f_model = build_pair(config, "causal_lm", "float64")
+    t_model, f_model = twins_from_config(config, "causal_lm", "float64").pair
     outs = []
     for ids in (batch.input_ids, other):
         if twin == "torch":

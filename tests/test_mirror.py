@@ -9,7 +9,8 @@ import pytest
 
 import flax_impl
 import torch_impl
-from parity.pairs import HEADS, build_pair
+from parity.inputs import HEADS
+from parity.loading import twins_from_config
 from weights.config import ModelConfig
 from weights.names import flax_path, hf_name
 
@@ -82,7 +83,7 @@ CONFIGS = [
 def test_parameter_names_map_by_the_table(config, head):
     from flax import nnx
 
-    t_model, f_model = build_pair(config, head)
+    t_model, f_model = twins_from_config(config, head).pair
     t_names = set(t_model.state_dict())
     f_paths = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(f_model, nnx.Param))}
     assert {flax_path(n) for n in t_names} == f_paths

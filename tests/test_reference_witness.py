@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 
 from parity import strategies as tst
-from parity.pairs import build_pair, copy_weights
+from parity.loading import copy_weights, twins_from_config
 from tests import numpy_reference as ref
 from tests.twin_utils import assert_close, fcall, randomize
 from torch_impl.checkpoint import state_to_numpy
@@ -16,7 +16,7 @@ from torch_impl.checkpoint import state_to_numpy
 @given(tst.configs(families=False), tst.data())
 def test_both_twins_equal_the_numpy_witness(config, data):
     batch = data.draw(tst.batches(config))
-    t_model, f_model = build_pair(config, "causal_lm", "float64", seed=2)
+    t_model, f_model = twins_from_config(config, "causal_lm", "float64", seed=2).pair
     randomize(t_model, seed=5)  # gains and biases away from their init, so every term counts
     copy_weights(t_model, f_model)
     weights = {k: v.astype(np.float64) for k, v in state_to_numpy(t_model).items()}

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from parity.compare import Comparison, compare, to_numpy
-from parity.pairs import copy_weights, jax_dtype, torch_dtype
+from parity.loading import copy_weights, jax_dtype, torch_dtype
 from parity.tolerances import tolerance
 
 
