@@ -14,8 +14,8 @@ from parity.vq.pairs import random_params
 from parity.vq.strategies import fixture_config
 from torch_impl.vq import checkpoint as tckpt
 from weights.config import ConfigError
-from weights.vq_checkpoint import CheckpointError, import_reference_params, load_vq_checkpoint
-from weights.vq_config import TransformerVQConfig
+from weights.vq.checkpoint import CheckpointError, import_reference_params, load_vq_checkpoint
+from weights.vq.config import TransformerVQConfig
 
 
 # ---- config ----------------------------------------------------------------------------------

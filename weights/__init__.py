@@ -20,6 +20,7 @@ from .names import flax_path, hf_name, is_transposed
 from .report import LoadReport, TensorMismatch, iter_tensors, match_state
 from .safetensors_io import SafetensorsFile, TensorSpec, load_file
 from .safetensors_writer import SafetensorsWriter, save_file
+from .vq import TransformerVQConfig
 
 __all__ = [
     "ModelConfig", "RopeScaling", "ConfigError",
@@ -34,4 +35,3 @@ __all__ = [
     "TiedWeightsMismatchError", "PickleRefusedError", "MissingDependencyError",
     "DestinationExistsError", "LOAD_ERRORS", "TransformerVQConfig",
 ]
-from .vq_config import TransformerVQConfig  # noqa: E402  (Transformer-VQ, issue 9)

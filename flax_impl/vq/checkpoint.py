@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from weights.vq_checkpoint import (import_reference_params, load_vq_checkpoint, save_vq_checkpoint,
+from weights.vq.checkpoint import (import_reference_params, load_vq_checkpoint, save_vq_checkpoint,
                                    validate_tensors, vq_flax_path, vq_is_transposed, vq_param_shapes)
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .model import Transformer
 
 __all__ = ["abstract_model", "to_numpy", "load_numpy", "save_pretrained", "from_pretrained",
@@ -64,5 +64,5 @@ def from_pretrained(directory: str | os.PathLike) -> Transformer:
 
 
 def from_reference_params(tree: Mapping[str, Any], config: TransformerVQConfig) -> Transformer:
-    """A model holding the weights of the official Flax parameter tree (see `weights.vq_checkpoint`)."""
+    """A model holding the weights of the official Flax parameter tree (see `weights.vq.checkpoint`)."""
     return load_numpy(abstract_model(config), import_reference_params(tree, config))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import at_least_float32, to_dtype
 
 __all__ = ["Embeddings"]

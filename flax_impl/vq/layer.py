@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .attention import VQAttention
 from .common import at_least_float32, dropout_mask, to_dtype
 from .quantizer import VQSpec

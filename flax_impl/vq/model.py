@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import dropout_mask, linear, to_dtype
 from .embeddings import Embeddings
 from .layer import TransformerLayer

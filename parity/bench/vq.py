@@ -36,7 +36,7 @@ def _vq_runners(length: int):
     from flax_impl.vq import checkpoint as fckpt
     from torch_impl.vq import Transformer as TTransformer
     from torch_impl.vq import checkpoint as tckpt
-    from weights.vq_config import TransformerVQConfig
+    from weights.vq.config import TransformerVQConfig
 
     config = TransformerVQConfig(**VQ_BENCH)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import flax_impl.vq as fvq
 import torch_impl.vq as tvq
 from flax_impl.vq import checkpoint as fckpt
 from torch_impl.vq import checkpoint as tckpt
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 
 __all__ = ["random_params", "build_vq_pair", "flatten_tree", "max_abs_diff", "torch_spec", "flax_spec",
            "flax_forward", "flax_grads_to_numpy"]
@@ -102,7 +102,7 @@ def flax_forward(model: fvq.Transformer, inputs, state, vq_spec, block_len: int,
 
 def flax_grads_to_numpy(grads: Any, config: TransformerVQConfig) -> dict[str, np.ndarray]:
     """An `nnx.grad` state of the Flax twin -> torch-named numpy arrays in torch layout."""
-    from weights.vq_checkpoint import vq_flax_path, vq_is_transposed, vq_param_shapes
+    from weights.vq.checkpoint import vq_flax_path, vq_is_transposed, vq_param_shapes
     out = {}
     for name in vq_param_shapes(config):
         node = grads

@@ -9,7 +9,7 @@ is replaced by its codeword, and for query t and key s <= t with distance d = t 
 
 There are no blocks, no caches, no masks and no max-shift here: if the twins' blockwise
 recurrence equals this for every block length, the caches and masks are right. Parameters are
-the torch-named numpy tensors of `weights.vq_checkpoint`.
+the torch-named numpy tensors of `weights.vq.checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 
 __all__ = ["rms_norm", "sinusoids", "quantize", "dense_sublayer", "dense_forward"]
 

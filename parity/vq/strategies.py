@@ -9,7 +9,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 
 __all__ = ["fixture_config", "divisors", "vq_configs"]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import MASK_INFTY_APPROX, at_least_float32, dropout_mask, linear, sg, to_dtype
 from .norm import LayerNorm, layer_norm
 from .position import get_sinusoid_embs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .attention import VQAttention
 from .common import at_least_float32, dropout_mask, to_dtype
 from .quantizer import VQSpec

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import dropout_mask, linear, to_dtype
 from .embeddings import Embeddings
 from .layer import TransformerLayer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import at_least_float32, to_dtype
 
 __all__ = ["get_sinusoid_embs", "ScaledSin"]

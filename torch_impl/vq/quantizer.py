@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 from .common import sg, st, to_dtype
 
 __all__ = ["VQSpec", "get_shortcodes", "get_codewords", "get_codebook", "get_codebook_ema_targets",

@@ -38,7 +38,7 @@ from weights.config import ConfigError
 from weights.errors import CheckpointError
 from weights.safetensors_io import load_file
 from weights.safetensors_writer import save_file
-from weights.vq_config import TransformerVQConfig
+from weights.vq.config import TransformerVQConfig
 
 __all__ = [
     "VQ_WEIGHTS_NAME", "CheckpointError", "vq_param_shapes", "vq_flax_path", "vq_is_transposed",
