@@ -3,7 +3,7 @@
 Mirrors `torch_impl/generation.py` function for function. The whole generation, prefill and a
 `jax.lax.while_loop` over the decode steps, is one `jax.jit`-compiled function (`nnx.split` ->
 `jax.jit` -> `nnx.merge`) on a KV cache preallocated to prompt + `max_new_tokens`. Prompts are
-left-padded further to a length bucket (`weights.generation.bucket_length`: the next power of
+left-padded further to a length bucket (`weights.shared.generation.bucket_length`: the next power of
 two, at least 16), so a new prompt length in the same bucket reuses the compiled loop; batch
 size, `max_new_tokens` and the branch-deciding options each select a compilation.
 
@@ -11,7 +11,7 @@ Prompts are left-padded; position ids come from the attention mask (`cumsum - 1`
 A row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
 when every row is finished or after `max_new_tokens`.
 
-Sampling draws no random numbers here: `weights.generation.sampling_noise(seed)` gives one
+Sampling draws no random numbers here: `weights.shared.generation.sampling_noise(seed)` gives one
 uniform `u` per (step, row), and the token is the first one, in vocabulary order, at which the
 cumulative filtered probability exceeds `u` times its total (inverse CDF). Both twins do this
 with the same `u`, so the same seed gives the same tokens in both.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from weights.generation import (TOP_CANDIDATES, GenerationOptions, bucket_length, position_ids_from_mask,
+from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, bucket_length, position_ids_from_mask,
                                 prepare_generation, sampling_noise)
 
 from .layers.attention import KVCache

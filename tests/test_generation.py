@@ -26,7 +26,7 @@ from parity.loading import twins_from_config
 from parity.tolerances import tolerance
 from torch_impl.generation import generate as torch_generate
 from weights.config import ModelConfig
-from weights.generation import bucket_length, position_ids_from_mask
+from weights.shared.generation import bucket_length, position_ids_from_mask
 
 N_NEW = 32  # the issue asks for identity over at least 32 new tokens
 

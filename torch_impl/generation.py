@@ -7,7 +7,7 @@ Prompts are left-padded; position ids come from the attention mask (`cumsum - 1`
 A row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
 when every row is finished or after `max_new_tokens`.
 
-Sampling draws no random numbers here: `weights.generation.sampling_noise(seed)` gives one
+Sampling draws no random numbers here: `weights.shared.generation.sampling_noise(seed)` gives one
 uniform `u` per (step, row), and the token is the first one, in vocabulary order, at which the
 cumulative filtered probability exceeds `u` times its total (inverse CDF). Both twins do this
 with the same `u`, so the same seed gives the same tokens in both.
@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from weights.generation import (TOP_CANDIDATES, GenerationOptions, position_ids_from_mask,
+from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, position_ids_from_mask,
                                 prepare_generation, sampling_noise)
 
 from .layers.attention import KVCache

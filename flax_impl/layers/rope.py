@@ -1,6 +1,6 @@
 """Rotary position embedding with HF's scalings (default, linear, dynamic NTK, llama3).
 
-The frequencies come from `weights.rope.rope_frequencies` (numpy, float64) so both twins use
+The frequencies come from `weights.shared.rope.rope_frequencies` (numpy, float64) so both twins use
 bit-identical values; angles are formed here in float32 (float64 for float64 models).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from weights.config import ModelConfig
-from weights.rope import rope_frequencies
+from weights.shared.rope import rope_frequencies
 
 from .precision import compute_dtype
 

@@ -1,7 +1,7 @@
 """Sampling: block length 1 with the carried state, temperature and nucleus (top-p) sampling.
 
 The draw is the project's generation sampler (`generation.py`, issue 6): the uniform noise comes
-from `weights.generation.sampling_noise(seed)` (numpy), and each twin filters with
+from `weights.shared.generation.sampling_noise(seed)` (numpy), and each twin filters with
 `sampling_weights` and picks by inverse CDF with `sample_from_weights`. Both twins therefore draw
 identical tokens for a seed whenever their probabilities agree to rounding.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from weights.generation import sampling_noise
+from weights.shared.generation import sampling_noise
 from ..generation import greedy, sample_from_weights, sampling_weights
 from .model import Transformer
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 __all__ = ["rope_frequencies"]
 
