@@ -1,14 +1,14 @@
-"""`ModelConfig`: the one configuration of the LLaMA-family decoder, read from and written to
-Hugging Face `config.json`.
-
-Both spellings of transformers 4.x and 5.x are read (`torch_dtype`/`dtype`,
-`rope_scaling`/`rope_parameters`, `type`/`rope_type`) and written back in the spelling the source
-used. Keys that the config does not model are kept verbatim in `extra` and written back
-unchanged, so `from_hf_dict(d).to_hf_dict()` keeps every key and value of `d`.
+"""`ModelConfig`: the one configuration of the LLaMA-family decoder, a frozen dataclass with
+all its validation.
 
 Families (llama, mistral, mixtral, qwen2, gemma, gemma2) are sets of field values defined in
 `weights.families.FAMILIES`, keyed by `model_type`; an unknown family or a switch the twins do
-not implement is refused with a `ConfigError` naming the field.
+not implement is refused with a `ConfigError` naming the field. Every rule is checked here, on
+construction.
+
+Reading and writing Hugging Face `config.json` (both spellings of transformers 4.x and 5.x,
+unmodelled keys kept verbatim) is the spelling layer, `weights.hf_config`; the methods
+`from_hf_dict`, `to_hf_dict`, `from_pretrained` and `save_pretrained` call into it.
 
 The config is frozen and hashable (Flax keeps it as static module metadata, and `jax.jit`
 caches on it): mappings are stored as sorted tuples of pairs and exposed as dicts.
@@ -17,18 +17,17 @@ caches on it): mappings are stored as sorted tuples of pairs and exposed as dict
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .families import FAMILIES, LAYER_TYPES, validate_switches
+from . import hf_config
+from .errors import ConfigError
+from .families import FAMILIES, LAYER_TYPES
 
 __all__ = ["ConfigError", "ModelConfig", "RopeScaling", "ROPE_TYPES", "ACTIVATIONS", "LAYER_TYPES"]
-
-CONFIG_NAME = "config.json"
 
 # Rotary scalings the twins implement, with the keys each one needs (HF names).
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -40,34 +39,6 @@ ROPE_TYPES: dict[str, tuple[str, ...]] = {
 
 # Activations of the gated MLP, by their HF `ACT2FN` names.
 ACTIVATIONS: tuple[str, ...] = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
-
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message names the field and the rule."""
-
-    def __init__(self, field_name: str, rule: str, *, source: str | None = None):
-        self.field = field_name
-        self.rule = rule
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}config field '{field_name}': {rule}")
-
-
-def _freeze(value: Any) -> Any:
-    """JSON-like value -> hashable (dicts become sorted tuples of pairs, lists tuples)."""
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    """Inverse of `_freeze` for values written to JSON (pairs-tuples become dicts)."""
-    if isinstance(value, tuple):
-        if value and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
-            return {k: _thaw(v) for k, v in value}
-        return [_thaw(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -88,45 +59,9 @@ class RopeScaling:
     type_key: str = field(default="rope_type", compare=False)  # source spelling: "rope_type" or 4.x "type"
 
     def to_hf_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {self.type_key: self.rope_type}
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            v = getattr(self, name)
-            if v is not None:
-                d[name] = v
-        d.update(_thaw(self.extra) if self.extra else {})
-        return d
+        """The HF `rope_scaling` object, in the spelling it was read with."""
+        return hf_config.rope_to_hf(self)
 
-
-def _rope_from_hf(d: Mapping[str, Any] | None, key: str, source: str | None) -> RopeScaling | None:
-    if d is None:
-        return None
-    if not isinstance(d, Mapping):
-        raise ConfigError(key, f"must be an object or null, got {type(d).__name__}", source=source)
-    d = dict(d)
-    if any(isinstance(v, Mapping) for v in d.values()):
-        raise ConfigError(key, "per-layer-type rotary parameters (one object per attention kind) "
-                          "are not supported", source=source)
-    # transformers 4.x wrote "type", later versions "rope_type" (some files carry both: the
-    # other one then stays in `extra`); 5.x keeps rope_theta in here too (ModelConfig.rope_theta).
-    type_key = "rope_type" if "rope_type" in d else "type" if "type" in d else "rope_type"
-    rope_type = d.pop(type_key, None) or "default"
-    d.pop("rope_theta", None)
-    known = {k: d.pop(k) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in d}
-    return RopeScaling(rope_type=rope_type, extra=_freeze(d), type_key=type_key, **known)
-
-
-# ModelConfig field -> its HF spellings, the canonical (written when the source had none) first.
-_SPELLINGS = {"torch_dtype": ("torch_dtype", "dtype"), "rope_scaling": ("rope_scaling", "rope_parameters")}
-_ALIASES = {key: name for name, keys in _SPELLINGS.items() for key in keys}
-
-# Fields written to config.json always; the family/switch fields after them are written only
-# when the source had them or they differ from the family's value (a Llama config.json gets no
-# Gemma switches).
-_CORE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-                "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
-                "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id", "num_labels", "problem_type",
-                "model_type", "architectures", "torch_dtype")
 
 # Unmodelled HF keys that switch on behaviour the twins do not implement: key -> (allowed, why).
 _UNSUPPORTED_EXTRA = {
@@ -273,7 +208,7 @@ class ModelConfig:
     @property
     def extra_dict(self) -> dict[str, Any]:
         """Unmodelled config keys as a dict."""
-        return {k: _thaw(v) for k, v in self.extra}
+        return {k: hf_config.thaw(v) for k, v in self.extra}
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with fields changed (validated again)."""
@@ -343,7 +278,53 @@ class ModelConfig:
             fail(key, "multimodal rotary sections ('mrope_section') are not supported")
 
     def _validate_family(self, fail) -> None:
-        validate_switches(self, fail, ACTIVATIONS)
+        """The family and its switches (sliding windows, soft caps, experts, ...)."""
+
+        def positive_int(name: str, allow_none: bool = True, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer"
+                     f"{' or null' if allow_none else ''}, got {v!r}")
+
+        def positive_number(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (v == 0 and not allow_zero):
+                fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} finite number or null, got {v!r}")
+
+        if not isinstance(self.model_type, str) or self.model_type not in FAMILIES:
+            fail("model_type", f"unsupported model_type {self.model_type!r}; supported: {', '.join(FAMILIES)}")
+        for name in ("hidden_activation", "activation_fallback"):
+            v = getattr(self, name)
+            if v is not None and v not in ACTIVATIONS:
+                fail(name, f"unknown activation {v!r}; supported: {', '.join(ACTIVATIONS)}")
+        for name in ("qkv_bias", "use_sliding_window", "norm_unit_offset", "scale_embeddings", "sandwich_norm",
+                     "norm_topk_prob", "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        positive_int("sliding_window")
+        positive_int("sliding_window_pattern")
+        positive_int("max_window_layers", allow_none=False, allow_zero=True)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                fail("layer_types", f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                fail("layer_types", f"unsupported layer type {bad[0]!r}; supported: {', '.join(LAYER_TYPES)}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            positive_number(name)
+        positive_int("num_local_experts")
+        positive_int("num_experts_per_tok", allow_none=False)
+        if self.is_moe and self.num_experts_per_tok > self.num_local_experts:
+            fail("num_experts_per_tok", f"{self.num_experts_per_tok} experts per token but only "
+                 f"{self.num_local_experts} experts (num_local_experts)")
+        positive_number("router_aux_loss_coef", allow_zero=True)
+        if self.router_jitter_noise != 0:
+            fail("router_jitter_noise", f"router jitter noise is not implemented (only 0), got {self.router_jitter_noise!r}")
         extra = self.extra_dict
         for name, (allowed, why) in _UNSUPPORTED_EXTRA.items():
             if name in extra and extra[name] not in allowed:
@@ -351,47 +332,18 @@ class ModelConfig:
 
     def _spelling(self, name: str) -> str:
         """The key `name` had in the source config.json, or its canonical HF key."""
-        spellings = _SPELLINGS.get(name, (name,))
-        return next((k for k in self.source_keys if k in spellings), spellings[0])
+        return hf_config.spelling(self.source_keys, name)
 
-    # ---- HF config.json -------------------------------------------------------------------
+    # ---- HF config.json (the spelling layer: weights.hf_config) -----------------------------
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], *, source: str | None = None) -> "ModelConfig":
         """Build from a parsed HF `config.json`; absent keys take HF's defaults."""
-        if not isinstance(d, Mapping):
-            raise ConfigError("<root>", f"config must be a JSON object, got {type(d).__name__}", source=source)
-        model_type = d.get("model_type", "llama")
-        if not isinstance(model_type, str) or model_type not in FAMILIES:
-            raise ConfigError("model_type", f"unsupported model_type {model_type!r}; supported: "
-                              f"{', '.join(FAMILIES)}", source=source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}
-        # The family's values first: keys absent from config.json take that family's HF defaults.
-        kwargs: dict[str, Any] = dict(FAMILIES[model_type].values)
-        seen: set[str] = set()
-        extra: dict[str, Any] = {}
-        for key, value in d.items():
-            name = _ALIASES.get(key, key)
-            if name in names and name not in seen:
-                kwargs[name] = value
-                seen.add(name)
-            else:  # unmodelled, or a second spelling of a field already read: kept verbatim
-                extra[key] = value
-        # 5.x keeps rope_theta inside rope_parameters.
-        rp = d.get("rope_parameters")
-        if "rope_theta" not in d and isinstance(rp, Mapping) and "rope_theta" in rp:
-            kwargs["rope_theta"] = rp["rope_theta"]
-        rope_key = next((k for k in d if _ALIASES.get(k) == "rope_scaling"), "rope_scaling")
-        kwargs["rope_scaling"] = _rope_from_hf(kwargs.get("rope_scaling"), rope_key, source)
-        for name in ("bos_token_id", "eos_token_id", "architectures", "layer_types"):
-            if isinstance(kwargs.get(name), list):
-                kwargs[name] = tuple(kwargs[name])
-        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            if isinstance(kwargs.get(name), int) and not isinstance(kwargs.get(name), bool):
-                kwargs[name] = float(kwargs[name])
-        if "num_labels" not in kwargs and isinstance(d.get("id2label"), Mapping):
-            kwargs["num_labels"] = len(d["id2label"])
+        kwargs = hf_config.fields_from_hf_dict(d, names, source)
+        rope = kwargs["rope_scaling"]
+        kwargs["rope_scaling"] = RopeScaling(**rope) if rope is not None else None
         try:
-            cfg = cls(**kwargs, extra=_freeze(extra), source_keys=tuple(str(k) for k in d))
+            cfg = cls(**kwargs)
         except ConfigError as e:
             if source is None:
                 raise
@@ -406,56 +358,14 @@ class ModelConfig:
         Keys keep the spelling of the config.json this was read from. Core fields are always
         written; family/switch fields when the source had them or they differ from the family.
         """
-        family = {f.name: f.default for f in dataclasses.fields(self)} | FAMILIES[self.model_type].values
-        present = set(self.source_keys)
-        rope_key = self._spelling("rope_scaling")
-        # 5.x configs keep rope_theta inside rope_parameters, with no top-level key.
-        theta_inside = rope_key == "rope_parameters" and "rope_theta" not in present and self.rope_scaling is not None
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "source_keys") or (f.name == "rope_theta" and theta_inside):
-                continue
-            key, v = self._spelling(f.name), getattr(self, f.name)
-            if f.name not in _CORE_FIELDS and key not in present and v == family[f.name]:
-                continue
-            if f.name == "rope_scaling":
-                v = v.to_hf_dict() if v is not None else None
-                if theta_inside:
-                    v["rope_theta"] = self.rope_theta
-            elif isinstance(v, tuple):
-                v = list(v)
-            d[key] = v
-        d.update(self.extra_dict)
-        return d
+        return hf_config.to_hf_dict(self)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ModelConfig":
         """Read `<directory>/config.json`."""
-        d, source = read_config_json(directory)
+        d, source = hf_config.read_config_json(directory)
         return cls.from_hf_dict(d, source=source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `<directory>/config.json` atomically (temporary file, then rename)."""
-        return write_config_json(directory, self.to_hf_dict())
-
-
-def read_config_json(directory: str | os.PathLike) -> tuple[Any, str]:
-    """The parsed `<directory>/config.json` and its path; `ConfigError` when absent or not JSON."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError("<file>", "config.json not found", source=str(path))
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError("<file>", f"not valid JSON ({e})", source=str(path)) from None
-
-
-def write_config_json(directory: str | os.PathLike, d: Mapping[str, Any]) -> Path:
-    """Write `<directory>/config.json` atomically: a temporary file renamed into place."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CONFIG_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+        return hf_config.write_config_json(directory, self.to_hf_dict())

@@ -28,8 +28,9 @@ import numpy as np
 
 from .checkpoint import (FLAX_WEIGHTS_NAME, PICKLE_PATTERNS, SAFE_WEIGHTS_NAME, WEIGHT_FILE_RE,
                          CheckpointReader, ShardedWriter, flax_key, parse_size)
-from .config import CONFIG_NAME, ModelConfig
+from .config import ModelConfig
 from .errors import CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError
+from .hf_config import CONFIG_NAME
 from .names import is_transposed
 from .pretrained import natural_key
 from .safetensors_io import TensorSpec

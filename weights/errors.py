@@ -1,4 +1,4 @@
-"""The errors a checkpoint can raise, one class per kind of problem.
+"""The errors a checkpoint or its config can raise, one class per kind of problem.
 
 Every message names the file, the tensor when there is one, what was expected and what was
 found, so a user can fix the input without reading a traceback. `LOAD_ERRORS` is the complete
@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .config import ConfigError
-
 __all__ = [
+    "ConfigError",
     "CheckpointError",
     "SafetensorsFormatError",
     "TruncatedFileError",
@@ -31,6 +30,16 @@ __all__ = [
     "DestinationExistsError",
     "LOAD_ERRORS",
 ]
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field and the rule."""
+
+    def __init__(self, field_name: str, rule: str, *, source: str | None = None):
+        self.field = field_name
+        self.rule = rule
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config field '{field_name}': {rule}")
 
 
 class CheckpointError(Exception):

@@ -15,10 +15,9 @@ Layers never test `model_type`; they read the switches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import math
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["FAMILIES", "Family", "LAYER_TYPES", "validate_switches"]
+__all__ = ["FAMILIES", "Family", "LAYER_TYPES"]
 
 # Per-layer attention kinds of HF `layer_types` that the twins implement.
 LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
@@ -71,53 +70,3 @@ FAMILIES: dict[str, Family] = {
         "sandwich_norm": True,
     }),
 }
-
-
-def validate_switches(config: Any, fail: Callable[[str, str], None], activations: tuple[str, ...]) -> None:
-    """Check the family/switch fields of a `ModelConfig`; `fail(field, rule)` raises."""
-
-    def positive_int(name: str, allow_none: bool = True, allow_zero: bool = False) -> None:
-        v = getattr(config, name)
-        if v is None and allow_none:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-            fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer"
-                 f"{' or null' if allow_none else ''}, got {v!r}")
-
-    def positive_number(name: str, allow_zero: bool = False) -> None:
-        v = getattr(config, name)
-        if v is None:
-            return
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v < 0 or (v == 0 and not allow_zero):
-            fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} finite number or null, got {v!r}")
-
-    if not isinstance(config.model_type, str) or config.model_type not in FAMILIES:
-        fail("model_type", f"unsupported model_type {config.model_type!r}; supported: {', '.join(FAMILIES)}")
-    for name in ("hidden_activation", "activation_fallback"):
-        v = getattr(config, name)
-        if v is not None and v not in activations:
-            fail(name, f"unknown activation {v!r}; supported: {', '.join(activations)}")
-    for name in ("qkv_bias", "use_sliding_window", "norm_unit_offset", "scale_embeddings", "sandwich_norm",
-                 "norm_topk_prob", "output_router_logits"):
-        if not isinstance(getattr(config, name), bool):
-            fail(name, f"must be true or false, got {getattr(config, name)!r}")
-    positive_int("sliding_window")
-    positive_int("sliding_window_pattern")
-    positive_int("max_window_layers", allow_none=False, allow_zero=True)
-    if config.layer_types is not None:
-        if len(config.layer_types) != config.num_hidden_layers:
-            fail("layer_types", f"has {len(config.layer_types)} entries for {config.num_hidden_layers} layers")
-        bad = [t for t in config.layer_types if t not in LAYER_TYPES]
-        if bad:
-            fail("layer_types", f"unsupported layer type {bad[0]!r}; supported: {', '.join(LAYER_TYPES)}")
-    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
-        positive_number(name)
-    positive_int("num_local_experts")
-    positive_int("num_experts_per_tok", allow_none=False)
-    if config.is_moe and config.num_experts_per_tok > config.num_local_experts:
-        fail("num_experts_per_tok", f"{config.num_experts_per_tok} experts per token but only "
-             f"{config.num_local_experts} experts (num_local_experts)")
-    positive_number("router_aux_loss_coef", allow_zero=True)
-    if config.router_jitter_noise != 0:
-        fail("router_jitter_noise", f"router jitter noise is not implemented (only 0), got {config.router_jitter_noise!r}")

@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 
 from .checkpoint import WEIGHT_FILE_RE, CheckpointReader, ShardedWriter
-from .config import CONFIG_NAME, ModelConfig
+from .config import ModelConfig
+from .hf_config import CONFIG_NAME
 from .report import LoadReport, match_state
 from .safetensors_io import TensorSpec
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from weights.config import ConfigError, read_config_json, write_config_json
+from weights.errors import ConfigError
+from weights.hf_config import read_config_json, write_config_json
 
 __all__ = ["TransformerVQConfig", "VQ_MODEL_TYPE", "VQ_DTYPES"]
 
