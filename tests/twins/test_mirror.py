@@ -14,7 +14,7 @@ from parity.loading import twins_from_config
 from weights.config import ModelConfig
 from weights.names import flax_path, hf_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`; Flax constructors
 # take `param_dtype` and `rngs` besides `dtype`; torch allocations take a `device`.
 CALL = {"forward": "__call__"}

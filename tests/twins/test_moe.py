@@ -26,7 +26,7 @@ import torch_impl.layers.moe as tmoe
 from parity import strategies as tst
 from parity.compare import to_numpy
 from parity.loading import copy_weights
-from tests.test_families import batch, check, decode_matches_full_pass, randomized_pair, run_flax, run_torch
+from tests.twins.test_families import batch, check, decode_matches_full_pass, randomized_pair, run_flax, run_torch
 from weights.config import ModelConfig
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import flax_impl.generation as fg
 import torch_impl.generation as tg
-from test_generation import run_both, twin_pair, uncached_logits
+from tests.twins.test_generation import run_both, twin_pair, uncached_logits
 from weights.config import ModelConfig
 
 B, V = 6, 24

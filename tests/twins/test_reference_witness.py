@@ -1,5 +1,5 @@
 """The third witness: both twins equal a plain-numpy forward pass written from the math
-(tests/numpy_reference.py), so a mistake made identically in both twins cannot pass."""
+(tests/helpers/numpy_reference.py), so a mistake made identically in both twins cannot pass."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +8,8 @@ from hypothesis import given
 
 from parity import strategies as tst
 from parity.loading import copy_weights, twins_from_config
-from tests import numpy_reference as ref
-from tests.twin_utils import assert_close, fcall, randomize
+from tests.helpers import numpy_reference as ref
+from tests.helpers.twins import assert_close, fcall, randomize
 from torch_impl.checkpoint import state_to_numpy
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import flax_impl
 import torch_impl
 from parity import strategies as tst
-from tests.twin_utils import assert_close, fcall, layer_pair, to_jax, to_torch
+from tests.helpers.twins import assert_close, fcall, layer_pair, to_jax, to_torch
 
 
 def hidden(rng: np.random.Generator, *shape: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from parity import strategies as tst
 from parity.compare import compare
 from parity.loading import twins_from_config
 from parity.tolerances import tolerance
-from tests.twin_utils import assert_close, fcall, to_jax, to_torch
+from tests.helpers.twins import assert_close, fcall, to_jax, to_torch
 from weights.config import ModelConfig
 from weights.names import hf_name, is_transposed
 

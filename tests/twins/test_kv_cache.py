@@ -21,7 +21,7 @@ import torch_impl
 from parity import strategies as tst
 from parity.compare import compare
 from parity.loading import twins_from_config
-from tests.twin_utils import assert_close, fcall
+from tests.helpers.twins import assert_close, fcall
 
 TOL = 1e-10  # float64: same math, different order of summation
 

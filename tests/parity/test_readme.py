@@ -4,7 +4,7 @@ from pathlib import Path
 
 from parity.tolerances import markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_tolerance_table_is_the_one_in_the_code():

@@ -1,0 +1,1 @@
+"""Tests of Transformer-VQ: units, model, twin parity, checkpoints, dropout."""

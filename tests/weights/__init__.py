@@ -1,0 +1,1 @@
+"""Tests of `weights/`: safetensors IO, checkpoints, config, converter, load reports."""
