@@ -53,6 +53,18 @@ def rotate(x: np.ndarray, pos: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (max-shifted)."""
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis (max-shifted)."""
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def act(name: str, x: np.ndarray) -> np.ndarray:
     if name in ("silu", "swish"):
         return x / (1 + np.exp(-x))

@@ -8,19 +8,14 @@ import pytest
 import torch
 
 from parity.check import check_checkpoint, check_pair, flax_forward, to_jax, to_torch
-from parity.demo import DemoModel, build_checkpoint, tiny_config
+from parity.demo import DemoModel, build_checkpoint
 from parity.inputs import seeded_batch
 from parity.loading import load_twins
 from parity.testing import break_layer
+from tests.helpers.configs import TINY_DEMO
 
 # One small config for every parity test file: equal configs share the compiled Flax functions.
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
 SEQ = 16  # the default of `twinlm check` and the demo: shapes shared with the CLI tests
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(DemoModel("tiny", "causal_lm", CONFIG), tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def test_float64_check_passes_and_covers_every_tensor(report, checkpoint):
     assert report.passed, report.format_table()
     by_section = {s: [r.name for r in report.rows if r.section == s]
                   for s in ("forward", "head", "gradients", "kv cache", "generation")}
-    n = CONFIG.num_hidden_layers
+    n = TINY_DEMO.num_hidden_layers
     assert by_section["forward"] == (
         ["model.embed_tokens (embeddings)"]
         + [name for i in range(n - 1) for name in (f"model.layers.{i}.self_attn (attention weights)",
@@ -88,7 +83,7 @@ def test_broken_twin_is_caught_and_localised(checkpoint, layer):
 
 @pytest.mark.parametrize("head", ["sequence_classification", "question_answering"])
 def test_other_heads_pass_in_float64(tmp_path, head):
-    ckpt = build_checkpoint(DemoModel(head, head, CONFIG), tmp_path / head)
+    ckpt = build_checkpoint(DemoModel(head, head, TINY_DEMO), tmp_path / head)
     report = check_checkpoint(ckpt, "float64", seq_len=SEQ)
     assert report.passed, report.format_table()
     assert report.head == head
@@ -100,12 +95,12 @@ def test_other_heads_pass_in_float64(tmp_path, head):
 
 
 def test_classifier_without_pad_id_checks_one_unpadded_row(tmp_path):
-    config = CONFIG.replace(pad_token_id=None)
+    config = TINY_DEMO.replace(pad_token_id=None)
     ckpt = build_checkpoint(DemoModel("nopad", "sequence_classification", config), tmp_path / "nopad")
     report = check_checkpoint(ckpt, "float64", seq_len=SEQ, sections=("forward", "head"))
     assert report.passed, report.format_table()
     assert "no pad_token_id" in report.meta["describe"]["note"]
-    assert next(r for r in report.rows if r.name == "logits").comparison.shape == (1, CONFIG.num_labels)
+    assert next(r for r in report.rows if r.name == "logits").comparison.shape == (1, TINY_DEMO.num_labels)
 
 
 def test_unknown_section_and_mismatched_heads_are_refused(checkpoint, tmp_path):
@@ -113,7 +108,7 @@ def test_unknown_section_and_mismatched_heads_are_refused(checkpoint, tmp_path):
     batch = seeded_batch(twins.config, 3, SEQ, 0)
     with pytest.raises(ValueError, match="unknown sections"):
         check_pair(twins.torch_model, twins.flax_model, batch, sections=("forwards",))
-    other = load_twins(build_checkpoint(DemoModel("qa", "question_answering", CONFIG), tmp_path / "qa"), "float64")
+    other = load_twins(build_checkpoint(DemoModel("qa", "question_answering", TINY_DEMO), tmp_path / "qa"), "float64")
     with pytest.raises(TypeError, match="differ in head"):
         check_pair(twins.torch_model, other.flax_model, batch)
 

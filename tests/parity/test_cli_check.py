@@ -9,16 +9,9 @@ import pytest
 
 import parity.check.pair
 from parity.cli import main
-from parity.demo import DemoModel, build_checkpoint, tiny_config
 from parity.testing import break_layer
 from parity.tolerances import TOLERANCES
-
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(DemoModel("tiny", "causal_lm", CONFIG), tmp_path_factory.mktemp("cli") / "tiny")
+from tests.helpers.configs import TINY_DEMO
 
 
 def test_check_passes_and_writes_json_and_html(checkpoint, tmp_path, capsys):
@@ -32,7 +25,7 @@ def test_check_passes_and_writes_json_and_html(checkpoint, tmp_path, capsys):
     statuses = {r["status"] for r in data["rows"]}
     assert statuses <= {"pass", "n/a"} and "pass" in statuses
     # Every gradient is in the JSON, one row per parameter (the table folds them per layer).
-    assert sum(r["section"] == "gradients" for r in data["rows"]) == 2 + 9 * CONFIG.num_hidden_layers + 1
+    assert sum(r["section"] == "gradients" for r in data["rows"]) == 2 + 9 * TINY_DEMO.num_hidden_layers + 1
     page = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64," in page and "model.layers.2 + model.norm (output)" in page
 

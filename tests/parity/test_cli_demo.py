@@ -8,16 +8,15 @@ import json
 
 import parity.demo
 from parity.cli import main
-from parity.demo import DEMO_MODELS, DemoModel, tiny_config
+from parity.demo import DEMO_MODELS, DemoModel
 from parity.inputs import HEADS
+from tests.helpers.configs import TINY_DEMO
 from weights.families import FAMILIES
-
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
 
 
 def test_demo_round_trip_on_a_small_model(tmp_path, monkeypatch, capsys):
     # The embedded list is checked in CI by `make demo`; here one small model, one dtype.
-    monkeypatch.setattr(parity.demo, "DEMO_MODELS", [DemoModel("tiny-causal-lm", "causal_lm", CONFIG)])
+    monkeypatch.setattr(parity.demo, "DEMO_MODELS", [DemoModel("tiny-causal-lm", "causal_lm", TINY_DEMO)])
     assert main(["demo", "--out", str(tmp_path), "--dtypes", "float64"]) == 0
     out = capsys.readouterr().out
     assert "== tiny-causal-lm (float64) ==" in out and "all checks PASS" in out

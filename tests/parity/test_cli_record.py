@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from parity.cli import main
-from parity.demo import DemoModel, build_checkpoint, tiny_config
 from parity.record import FORMAT
+from tests.helpers.configs import TINY_DEMO
 from weights import SafetensorsFile, load_file, save_file
-
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(DemoModel("tiny", "causal_lm", CONFIG), tmp_path_factory.mktemp("rec") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +28,9 @@ def test_reference_holds_inputs_outputs_and_versions(reference):
     assert set(json.loads(meta["versions"])) >= {"torch", "jax", "flax", "twinlm", "numpy"}
     assert {"input.input_ids", "input.attention_mask", "input.position_ids", "input.labels",
             "output.logits", "output.loss"} <= names
-    assert {f"output.hidden_states.{i}" for i in range(CONFIG.num_hidden_layers + 1)} <= names
+    assert {f"output.hidden_states.{i}" for i in range(TINY_DEMO.num_hidden_layers + 1)} <= names
     tensors = load_file(reference)
-    assert tensors["output.logits"].shape == (3, 16, CONFIG.vocab_size) and tensors["output.logits"].dtype == np.float64
+    assert tensors["output.logits"].shape == (3, 16, TINY_DEMO.vocab_size) and tensors["output.logits"].dtype == np.float64
 
 
 @pytest.mark.parametrize("extra", [[], ["--framework", "flax"], ["--rtol", "0", "--atol", "0"]])

@@ -8,11 +8,9 @@ import pytest
 from hypothesis import given
 
 from parity import strategies as tst
-from parity.demo import tiny_config
 from parity.check.generation import left_aligned
 from parity.inputs import HEADS, seeded_batch
-
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+from tests.helpers.configs import TINY_DEMO
 
 
 def _hf_positions(mask: np.ndarray) -> np.ndarray:
@@ -28,7 +26,7 @@ def _hf_positions(mask: np.ndarray) -> np.ndarray:
 
 
 def test_seeded_batch_rows_are_left_right_and_unpadded():
-    b = seeded_batch(CONFIG, 4, 12, seed=3)
+    b = seeded_batch(TINY_DEMO, 4, 12, seed=3)
     assert b.padding == ("left", "right", "none", "left")
     m = b.attention_mask
     assert m[0, 0] == 0 and m[0, -1] == 1  # left-padded
@@ -36,22 +34,22 @@ def test_seeded_batch_rows_are_left_right_and_unpadded():
     assert m[2].all()
     for row in m:  # padding is one contiguous run at one end, never the whole row
         assert row.sum() >= 1 and np.all(np.diff(row) >= 0) | np.all(np.diff(row) <= 0)
-    assert np.all((b.input_ids == CONFIG.pad_token_id) == (m == 0))
+    assert np.all((b.input_ids == TINY_DEMO.pad_token_id) == (m == 0))
     np.testing.assert_array_equal(b.position_ids, _hf_positions(m))
     np.testing.assert_array_equal(b.labels, np.where(m == 1, b.input_ids, -100))
-    assert b.class_labels.shape == (4,) and set(b.class_labels) <= set(range(CONFIG.num_labels))
+    assert b.class_labels.shape == (4,) and set(b.class_labels) <= set(range(TINY_DEMO.num_labels))
     for row, s, e in zip(m, b.start_positions, b.end_positions):
         assert row[s] == 1 and row[e] == 1 and s <= e
-    again = seeded_batch(CONFIG, 4, 12, seed=3)
+    again = seeded_batch(TINY_DEMO, 4, 12, seed=3)
     assert all(np.array_equal(getattr(b, f), getattr(again, f)) for f in ("input_ids", "class_labels"))
 
 
 def test_seeded_batch_rejects_impossible_shapes():
     with pytest.raises(ValueError, match="seq_len >= 2"):
-        seeded_batch(CONFIG, 2, 1)
+        seeded_batch(TINY_DEMO, 2, 1)
     with pytest.raises(ValueError, match="paddings"):
-        seeded_batch(CONFIG, 2, 4, paddings=("left",))
-    one = seeded_batch(CONFIG, 1, 1, paddings=("none",))
+        seeded_batch(TINY_DEMO, 2, 4, paddings=("left",))
+    one = seeded_batch(TINY_DEMO, 1, 1, paddings=("none",))
     assert one.attention_mask.tolist() == [[1]]
 
 
@@ -60,7 +58,7 @@ def test_seeded_batch_rejects_impossible_shapes():
     ("multi_label_classification", 4, "f", (3, 4)),
 ])
 def test_classification_labels_follow_the_problem_type(problem_type, num_labels, kind, shape):
-    cfg = CONFIG.replace(problem_type=problem_type, num_labels=num_labels)
+    cfg = TINY_DEMO.replace(problem_type=problem_type, num_labels=num_labels)
     labels = seeded_batch(cfg, 3, 6).head_labels("sequence_classification")["labels"]
     assert labels.dtype.kind == kind and labels.shape == shape
     if problem_type == "multi_label_classification":
@@ -83,7 +81,7 @@ def test_strategy_batches_carry_valid_labels_for_every_head(config, head, data):
 
 
 def test_left_aligned_prompts_keep_token_order():
-    b = seeded_batch(CONFIG, 3, 8, seed=1)
+    b = seeded_batch(TINY_DEMO, 3, 8, seed=1)
     ids, mask = left_aligned(b)
     for r in range(3):
         np.testing.assert_array_equal(ids[r][mask[r] == 1], b.input_ids[r][b.attention_mask[r] == 1])

@@ -1,10 +1,9 @@
 """README.md shows the tolerance table that the code applies, generated from parity/tolerances.py."""
 
-from pathlib import Path
-
 from parity.tolerances import markdown_table
+from tests.helpers.configs import REPO_ROOT
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def test_readme_tolerance_table_is_the_one_in_the_code():

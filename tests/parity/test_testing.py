@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from parity.demo import DemoModel, build_checkpoint, tiny_config
+
 from parity.loading import load_twins, read_config
 from parity.testing import assert_parity, break_layer
-
-CONFIG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(DemoModel("tiny", "causal_lm", CONFIG), tmp_path_factory.mktemp("t") / "tiny")
+from tests.helpers.configs import TINY_DEMO
 
 
 def test_assert_parity_from_a_directory_and_from_a_config(checkpoint):
@@ -35,4 +29,4 @@ def test_a_custom_batch_needs_a_model(checkpoint):
     from parity.inputs import seeded_batch
 
     with pytest.raises(ValueError, match="custom batch"):
-        assert_parity(checkpoint, batch=seeded_batch(CONFIG, 2, 4))
+        assert_parity(checkpoint, batch=seeded_batch(TINY_DEMO, 2, 4))

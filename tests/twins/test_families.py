@@ -22,10 +22,9 @@ import flax_impl
 import torch_impl
 from flax_impl.checkpoint import load_numpy_state as flax_load
 from parity import strategies as tst
-from parity.compare import compare, to_numpy
+from parity.compare import to_numpy
 from parity.inputs import HEADS
-from parity.loading import copy_weights, jax_dtype, torch_dtype, twins_from_config
-from parity.tolerances import tolerance
+from tests.helpers.twins import assert_close, batch, decode_matches_full_pass, randomized_pair, run_flax, run_torch
 from torch_impl.checkpoint import load_numpy_state as torch_load
 from weights.config import ConfigError, ModelConfig
 from weights.names import hf_name, is_transposed
@@ -34,53 +33,13 @@ from weights import load_file, save_file
 EXAMPLES = tst.family_examples()
 
 
-# ---- helpers shared with test_moe.py ---------------------------------------------------------
-def randomized_pair(config: ModelConfig, head: str = "causal_lm", dtype: str = "float64", seed: int = 0):
-    """Both twins with identical weights; norm gains and biases randomised too, so a twin that
-    ignored one (or Gemma's `1 + w`) could not pass."""
-    t_model, f_model = twins_from_config(config, head, dtype, seed).pair
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in t_model.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if name.endswith("norm.weight") and not config.norm_unit_offset else 0.0
-                p.copy_((base + 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
-    copy_weights(t_model, f_model)
-    return t_model, f_model
-
-
-def batch(config: ModelConfig, b: int = 2, t: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
-    """ids, mask (row 0 left-padded by 2, row 1 full), causal labels, QA spans, class labels."""
-    rng = np.random.default_rng(seed)
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    mask = np.ones((b, t), np.int64)
-    mask[0, :2] = 0
-    ids = np.where(mask == 1, rng.choice([v for v in range(config.vocab_size) if v != pad], (b, t)), pad)
-    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100),
-            "class_labels": rng.integers(0, config.num_labels, (b,)),
-            "start_positions": rng.integers(0, t, (b,)), "end_positions": rng.integers(0, t, (b,))}
-
-
+# ---- helpers -------------------------------------------------------------------------------
 def head_kwargs(head: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if head == "causal_lm":
         return {"labels": x["labels"]}
     if head == "sequence_classification":
         return {"labels": x["class_labels"]}
     return {"start_positions": x["start_positions"], "end_positions": x["end_positions"]}
-
-
-def run_torch(model, inputs: dict[str, np.ndarray], **kw):
-    return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, **kw)
-
-
-def run_flax(model, inputs: dict[str, np.ndarray], **kw):
-    return model(**{k: jnp.asarray(v) for k, v in inputs.items()}, **kw)
-
-
-def check(name: str, ref, got, dtype: str, quantity: str = "activations") -> float:
-    c = compare(name, ref, got, tolerance(dtype, quantity))
-    assert c.passed, f"{name} ({dtype}): max abs {c.max_abs:.3e} rel {c.rel:.3e} at {c.worst_index} > {c.tolerance:.0e}"
-    return c.max_abs
 
 
 def flax_grads_by_hf_name(grads: nnx.State) -> dict[str, np.ndarray]:
@@ -91,32 +50,6 @@ def flax_grads_by_hf_name(grads: nnx.State) -> dict[str, np.ndarray]:
         a = to_numpy(v[...])
         out[name] = a.T if is_transposed(name) else a
     return out
-
-
-def decode_matches_full_pass(config: ModelConfig, dtype: str = "float64", prompt: int = 1, t: int = 9) -> None:
-    """Prefill `prompt` tokens, then decode one token at a time (teacher-forced) in each twin:
-    every step's logits equal the full pass's, and the twins' cached logits agree. (A one-token
-    prompt keeps every step the same shape: the eager Flax twin compiles each operation once.)"""
-    t_model, f_model = randomized_pair(config, "causal_lm", dtype)
-    x = batch(config, t=t)
-    ids, mask = x["input_ids"], x["attention_mask"]
-    t_full = run_torch(t_model, {"input_ids": ids, "attention_mask": mask}).logits
-    f_full = run_flax(f_model, {"input_ids": ids, "attention_mask": mask}).logits
-    t_cache = torch_impl.KVCache.init(config, ids.shape[0], t, dtype=torch_dtype(dtype))
-    f_cache = flax_impl.KVCache.init(config, ids.shape[0], t, dtype=jax_dtype(dtype))
-    steps = [(0, prompt)] + [(i, i + 1) for i in range(prompt, t)]
-    for start, end in steps:
-        # The [B, S] mask convention (S = cache capacity): one mask shape for every step.
-        step = {"input_ids": ids[:, start:end], "attention_mask": mask}
-        t_out = run_torch(t_model, step, past_key_values=t_cache, use_cache=True)
-        f_out = run_flax(f_model, step, past_key_values=f_cache, use_cache=True)
-        t_cache, f_cache = t_out.past_key_values, f_out.past_key_values
-        # A fully padded query row (row 0's first slots) is undefined in HF; skip it.
-        real = mask[:, start:end].astype(bool)
-        for label, got, full in (("torch", t_out.logits, t_full), ("flax", f_out.logits, f_full)):
-            check(f"{label} cached logits [{start}:{end}]", to_numpy(full)[:, start:end][real],
-                  to_numpy(got)[real], dtype, "logits")
-        check(f"torch vs flax cached [{start}:{end}]", t_out.logits, f_out.logits, dtype, "logits")
 
 
 # ---- forward, gradients, decoding --------------------------------------------------------
@@ -132,13 +65,13 @@ def test_forward_parity(family, dtype):
         t_out = run_torch(t_model, inputs, output_hidden_states=True)
         f_out = run_flax(f_model, inputs, output_hidden_states=True)
         for i, (a, b) in enumerate(zip(t_out.hidden_states, f_out.hidden_states)):
-            check(f"{head} hidden_states[{i}]", a, b, dtype)
+            assert_close(f"{head} hidden_states[{i}]", a, b, dtype)
         for field in ("logits", "start_logits", "end_logits"):
             if hasattr(t_out, field):
-                check(f"{head} {field}", getattr(t_out, field), getattr(f_out, field), dtype, "logits")
-        check(f"{head} loss", t_out.loss, f_out.loss, dtype, "loss")
+                assert_close(f"{head} {field}", getattr(t_out, field), getattr(f_out, field), dtype, "logits")
+        assert_close(f"{head} loss", t_out.loss, f_out.loss, dtype, "loss")
         if head == "causal_lm" and config.is_moe and config.output_router_logits:
-            check("aux_loss", t_out.aux_loss, f_out.aux_loss, dtype, "loss")
+            assert_close("aux_loss", t_out.aux_loss, f_out.aux_loss, dtype, "loss")
 
 
 def test_gemma_casts_follow_hf_in_bfloat16():
@@ -176,7 +109,7 @@ def test_gradient_parity(family):
     assert set(t_grads) == set(f_grads)
     for name, g in t_grads.items():
         assert g is not None, f"{name}: no gradient in the torch twin"
-        check(f"grad {name}", g, f_grads[name], "float64", "gradients")
+        assert_close(f"grad {name}", g, f_grads[name], "float64", "gradients")
 
 
 @pytest.mark.parametrize("family", sorted(EXAMPLES))
@@ -374,7 +307,7 @@ def test_hf_layout_checkpoint_loads_runs_and_saves(model_type, tmp_path):
     f_model = flax_impl.ForCausalLM.from_pretrained(tmp_path, dtype="float64")
     x = batch(config)
     inputs = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "labels": x["labels"]}
-    check("logits", run_torch(t_model, inputs).logits, run_flax(f_model, inputs).logits, "float64", "logits")
+    assert_close("logits", run_torch(t_model, inputs).logits, run_flax(f_model, inputs).logits, "float64", "logits")
 
     # The low-level loaders are strict too: the HF names are exactly the twins' parameters.
     torch_load(torch_impl.ForCausalLM(config, dtype=torch.float32), tensors)

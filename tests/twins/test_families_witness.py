@@ -26,7 +26,7 @@ import torch
 
 import torch_impl
 from parity import strategies as tst
-from tests.twins.test_families import batch
+from tests.helpers.twins import batch
 
 transformers = pytest.importorskip("transformers")
 

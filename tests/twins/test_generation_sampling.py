@@ -18,15 +18,11 @@ from hypothesis import strategies as st
 
 import flax_impl.generation as fg
 import torch_impl.generation as tg
-from tests.twins.test_generation import run_both, twin_pair, uncached_logits
+from tests.helpers.generation import run_both, twin_pair, uncached_logits
+from tests.helpers.numpy_reference import softmax
 from weights.config import ModelConfig
 
 B, V = 6, 24
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def reference_keep(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,

@@ -42,7 +42,7 @@ def classification_safe(config):
     return config if config.pad_token_id is not None else config.replace(pad_token_id=0)
 
 
-def run_torch(model, batch, labels, dtype):
+def torch_outputs_and_grads(model, batch, labels, dtype):
     model.zero_grad(set_to_none=True)
     out = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), None,
                 **{k: to_torch(v, dtype) for k, v in labels.items()})
@@ -62,7 +62,7 @@ def flax_loss_and_grads(model, ids, mask, kw):
     return out, grads
 
 
-def run_flax(model, batch, labels, dtype):
+def flax_outputs_and_grads(model, batch, labels, dtype):
     kw = {k: to_jax(v, dtype) for k, v in labels.items()}
     out, g = flax_loss_and_grads(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), kw)
     grads = {}
@@ -90,8 +90,8 @@ def test_head_forward_loss_and_gradient_parity(config, data, head, dtype):
     rng = np.random.default_rng(data.draw(st.integers(0, 999)))
     labels = head_labels(head, config, batch, rng, data.draw(st.sampled_from(["single", "multi", "regression"])))
     t_model, f_model = twins_from_config(config, head, dtype).pair
-    t_out, t_grads = run_torch(t_model, batch, labels, dtype)
-    f_out, f_grads = run_flax(f_model, batch, labels, dtype)
+    t_out, t_grads = torch_outputs_and_grads(t_model, batch, labels, dtype)
+    f_out, f_grads = flax_outputs_and_grads(f_model, batch, labels, dtype)
     for field in HEAD_OUTPUTS[head]:
         assert_close(field, getattr(t_out, field), getattr(f_out, field), dtype, "logits")
     assert_close("loss", t_out.loss, f_out.loss, dtype, "loss")
@@ -110,7 +110,7 @@ def test_one_adamw_step_leaves_the_same_parameters(head):
     hp = dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     opt = torch.optim.AdamW(t_model.parameters(), lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
                             weight_decay=hp["weight_decay"])
-    run_torch(t_model, batch, labels, "float64")
+    torch_outputs_and_grads(t_model, batch, labels, "float64")
     opt.step()
     f_opt = nnx.Optimizer(f_model, optax.adamw(hp["lr"], hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"]),
                           wrt=nnx.Param)

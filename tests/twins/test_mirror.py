@@ -11,10 +11,10 @@ import flax_impl
 import torch_impl
 from parity.inputs import HEADS
 from parity.loading import twins_from_config
+from tests.helpers.configs import REPO_ROOT
 from weights.config import ModelConfig
 from weights.names import flax_path, hf_name
 
-ROOT = Path(__file__).resolve().parents[2]
 # Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`; Flax constructors
 # take `param_dtype` and `rngs` besides `dtype`; torch allocations take a `device`.
 CALL = {"forward": "__call__"}
@@ -28,7 +28,7 @@ ONE_SIDED = {
 
 
 def module_files(pkg: str) -> set[str]:
-    return {str(p.relative_to(ROOT / pkg)) for p in (ROOT / pkg).rglob("*.py")}
+    return {str(p.relative_to(REPO_ROOT / pkg)) for p in (REPO_ROOT / pkg).rglob("*.py")}
 
 
 def public_defs(path: Path) -> dict[str, ast.AST]:
@@ -55,7 +55,7 @@ def test_same_module_files():
 
 @pytest.mark.parametrize("rel", sorted(module_files("torch_impl")))
 def test_same_public_names_and_signatures(rel):
-    t_defs, f_defs = public_defs(ROOT / "torch_impl" / rel), public_defs(ROOT / "flax_impl" / rel)
+    t_defs, f_defs = public_defs(REPO_ROOT / "torch_impl" / rel), public_defs(REPO_ROOT / "flax_impl" / rel)
     allowed = ONE_SIDED.get(rel, set())
     # A dataclass-generated __init__ (Flax pytrees) has no source to compare.
     t_names = {n for n in t_defs if n not in allowed and not n.endswith(".__init__")}

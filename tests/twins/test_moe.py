@@ -10,8 +10,6 @@ LLaMA layout); the Mixtral- and Gemma 2-layout checkpoints are in test_families.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +24,8 @@ import torch_impl.layers.moe as tmoe
 from parity import strategies as tst
 from parity.compare import to_numpy
 from parity.loading import copy_weights
-from tests.twins.test_families import batch, check, decode_matches_full_pass, randomized_pair, run_flax, run_torch
+from tests.helpers.numpy_reference import act, softmax
+from tests.helpers.twins import assert_close, batch, decode_matches_full_pass, randomized_pair, run_flax, run_torch
 from weights.config import ModelConfig
 
 
@@ -47,17 +46,6 @@ def block_pair(config: ModelConfig, seed: int = 0):
     f_block = fmoe.SparseMoeBlock(config, dtype=jnp.float64, rngs=nnx.Rngs(seed))
     copy_weights(t_block, f_block)
     return t_block, f_block
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def act(name: str, x: np.ndarray) -> np.ndarray:
-    if name == "silu":
-        return x / (1 + np.exp(-x))
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))  # gelu_pytorch_tanh
 
 
 def moe_numpy(block: torch.nn.Module, x: np.ndarray, top_k: int, norm_topk_prob: bool, act_name: str) -> np.ndarray:
@@ -116,16 +104,16 @@ def test_moe_block_forward_and_gradients(experts, data, norm_topk_prob, tokens, 
 
     (f_val, (f_out, f_logits)), (g_block, g_x) = nnx.value_and_grad(f_loss, argnums=(0, 1), has_aux=True)(
         f_block, jnp.asarray(x))
-    check("moe output", t_out, f_out, "float64")
-    check("router logits", t_logits, f_logits, "float64")
-    check("moe loss", t_loss, f_val, "float64", "loss")
-    check("grad input", xt.grad, g_x, "float64", "gradients")
+    assert_close("moe output", t_out, f_out, "float64")
+    assert_close("router logits", t_logits, f_logits, "float64")
+    assert_close("moe loss", t_loss, f_val, "float64", "loss")
+    assert_close("grad input", xt.grad, g_x, "float64", "gradients")
     f_grads = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(g_block)}
     for name, p in t_block.named_parameters():
         path = name.rsplit(".", 1)[0] + ".kernel"
-        check(f"grad {name}", p.grad.T, f_grads[path], "float64", "gradients")  # the router's `gate` included
+        assert_close(f"grad {name}", p.grad.T, f_grads[path], "float64", "gradients")  # the router's `gate` included
     witness = moe_numpy(t_block, x.reshape(-1, config.hidden_size), top_k, norm_topk_prob, act_name)
-    check("numpy witness", witness, t_out.detach().reshape(-1, config.hidden_size), "float64")
+    assert_close("numpy witness", witness, t_out.detach().reshape(-1, config.hidden_size), "float64")
 
 
 @settings(max_examples=10, deadline=None)
@@ -148,10 +136,10 @@ def test_load_balancing_loss(layers, bt, experts, data, masked):
     f_mask = None if mask is None else jnp.asarray(mask)
     f_aux, f_grads = jax.value_and_grad(lambda zs: fmoe.load_balancing_loss(zs, experts, top_k, f_mask))(
         tuple(jnp.asarray(z) for z in logits))
-    check("aux loss", t_aux, f_aux, "float64", "loss")
-    check("aux loss vs numpy", aux_loss_numpy(logits, experts, top_k, mask), t_aux, "float64", "loss")
+    assert_close("aux loss", t_aux, f_aux, "float64", "loss")
+    assert_close("aux loss vs numpy", aux_loss_numpy(logits, experts, top_k, mask), t_aux, "float64", "loss")
     for i, (a, g) in enumerate(zip(t_logits, f_grads)):
-        check(f"grad logits[{i}]", a.grad, g, "float64", "gradients")
+        assert_close(f"grad logits[{i}]", a.grad, g, "float64", "gradients")
 
 
 def test_ties_go_to_the_lower_expert_index():
@@ -179,8 +167,8 @@ def test_zero_router_picks_the_first_experts():
         expected = (experts[0] + experts[1]) * (0.5 if norm else 0.25)
         t_out, _ = t_block(torch.from_numpy(x))
         f_out, _ = f_block(jnp.asarray(x))
-        check(f"torch (norm={norm})", expected, t_out[0], "float64")
-        check(f"flax (norm={norm})", expected, f_out[0], "float64")
+        assert_close(f"torch (norm={norm})", expected, t_out[0], "float64")
+        assert_close(f"flax (norm={norm})", expected, f_out[0], "float64")
 
 
 def test_causal_lm_loss_adds_the_router_aux_loss():
@@ -198,9 +186,9 @@ def test_causal_lm_loss_adds_the_router_aux_loss():
         z = logits[:, :-1][x["labels"][:, 1:] != -100]
         y = x["labels"][:, 1:][x["labels"][:, 1:] != -100]
         nll = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1) - z[np.arange(len(y)), y]
-        check(f"{label} loss - coef * aux", nll.mean(), ce, "float64", "loss")
+        assert_close(f"{label} loss - coef * aux", nll.mean(), ce, "float64", "loss")
         real = x["attention_mask"]
-        check(f"{label} aux", aux_loss_numpy([to_numpy(r) for r in out.router_logits], config.num_local_experts,
+        assert_close(f"{label} aux", aux_loss_numpy([to_numpy(r) for r in out.router_logits], config.num_local_experts,
                                              config.num_experts_per_tok, real), out.aux_loss, "float64", "loss")
     quiet, _ = randomized_pair(config.replace(output_router_logits=False))
     out = run_torch(quiet, inputs)
@@ -240,9 +228,9 @@ def test_jitted_decode_step_matches_eager():
     token = ids[:, 4:5]
     eager = model(token, attention_mask=mask, past_key_values=cache, use_cache=True, labels=token)
     jitted = step(model, token, cache, token)
-    check("jitted logits", eager.logits, jitted[0], "float64", "logits")
-    check("jitted loss", eager.loss, jitted[1], "float64", "loss")
-    check("jitted aux loss", eager.aux_loss, jitted[2], "float64", "loss")
+    assert_close("jitted logits", eager.logits, jitted[0], "float64", "logits")
+    assert_close("jitted loss", eager.loss, jitted[1], "float64", "loss")
+    assert_close("jitted aux loss", eager.aux_loss, jitted[2], "float64", "loss")
 
 
 EVERY_SWITCH = GROK_LIKE.replace(qkv_bias=True, norm_unit_offset=True, query_pre_attn_scalar=6.0,

@@ -14,13 +14,12 @@ from flax import nnx
 import flax_impl
 import torch_impl
 from weights.checkpoint import SAFE_WEIGHTS_INDEX_NAME, CheckpointReader
-from weights.config import ModelConfig
+from tests.helpers.configs import TINY
 from weights.convert import convert
 from weights.errors import MissingKeysError, ShapeMismatchError, TiedWeightsMismatchError
 from weights.safetensors_writer import save_file
 
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+CONFIG = TINY.replace(pad_token_id=0)  # classification pools the last non-pad token
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = ["ForCausalLM", "ForSequenceClassification", "ForQuestionAnswering"]
 
@@ -45,7 +44,7 @@ def files(d) -> dict[str, bytes]:
 @pytest.mark.parametrize("head,tied", [("ForCausalLM", False), ("ForCausalLM", True),
                                        ("ForSequenceClassification", False), ("ForQuestionAnswering", False)])
 def test_torch_flax_torch_round_trip_is_byte_exact(tmp_path, dtype, head, tied):
-    config = TINY.replace(tie_word_embeddings=tied)
+    config = CONFIG.replace(tie_word_embeddings=tied)
     torch.manual_seed(0)
     original = getattr(torch_impl, head)(config, dtype=TORCH_DTYPES[dtype])
     original.save_pretrained(tmp_path / "torch", max_shard_size="8KB")
@@ -72,7 +71,7 @@ def test_torch_flax_torch_round_trip_is_byte_exact(tmp_path, dtype, head, tied):
 
 
 def test_sharded_and_unsharded_load_the_same_in_both_twins(tmp_path):
-    model = torch_impl.ForCausalLM(TINY, dtype=torch.bfloat16)
+    model = torch_impl.ForCausalLM(CONFIG, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "one")
     model.save_pretrained(tmp_path / "many", max_shard_size=2000)
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 5
@@ -85,7 +84,7 @@ def test_sharded_and_unsharded_load_the_same_in_both_twins(tmp_path):
 
 
 def test_dtype_change_on_load_is_the_same_numpy_cast_in_both_twins(tmp_path):
-    model = torch_impl.ForCausalLM(TINY, dtype=torch.float32)
+    model = torch_impl.ForCausalLM(CONFIG, dtype=torch.float32)
     model.save_pretrained(tmp_path / "c")
     t = torch_impl.ForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.bfloat16)
     f = flax_impl.ForCausalLM.from_pretrained(tmp_path / "c", dtype="bfloat16")
@@ -98,7 +97,7 @@ def test_dtype_change_on_load_is_the_same_numpy_cast_in_both_twins(tmp_path):
 
 @pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
 def test_strict_loading_fails_alike_and_non_strict_returns_the_report(tmp_path, twin):
-    torch_impl.ForCausalLM(TINY).save_pretrained(tmp_path / "ok")
+    torch_impl.ForCausalLM(CONFIG).save_pretrained(tmp_path / "ok")
     with pytest.raises(MissingKeysError) as info:  # a causal-LM checkpoint is not a QA one
         twin.ForQuestionAnswering.from_pretrained(tmp_path / "ok")
     assert "qa_outputs.bias" in str(info.value) and "unexpected" in str(info.value)
@@ -106,7 +105,7 @@ def test_strict_loading_fails_alike_and_non_strict_returns_the_report(tmp_path, 
     model, report = twin.ForQuestionAnswering.from_pretrained(tmp_path / "ok", strict=False)
     assert report.unexpected == ["lm_head.weight"]
     assert sorted(report.missing) == ["qa_outputs.bias", "qa_outputs.weight"]
-    TINY.replace(vocab_size=80).save_pretrained(tmp_path / "ok")  # config disagrees with tensors
+    CONFIG.replace(vocab_size=80).save_pretrained(tmp_path / "ok")  # config disagrees with tensors
     with pytest.raises(ShapeMismatchError) as info:
         twin.ForCausalLM.from_pretrained(tmp_path / "ok")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -116,12 +115,12 @@ def test_strict_loading_fails_alike_and_non_strict_returns_the_report(tmp_path, 
 @pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
 def test_benign_legacy_checkpoints_load(tmp_path, twin):
     """Old QA checkpoints (`transformer.` prefix), inv_freq buffers, and a saved tied head."""
-    qa = torch_impl.ForQuestionAnswering(TINY)
+    qa = torch_impl.ForQuestionAnswering(CONFIG)
     state = {("transformer." + k[6:] if k.startswith("model.") else k): v.detach().numpy()
              for k, v in qa.state_dict().items()}
     state["transformer.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
     (tmp_path / "qa").mkdir()
-    TINY.save_pretrained(tmp_path / "qa")
+    CONFIG.save_pretrained(tmp_path / "qa")
     save_file(state, tmp_path / "qa" / "model.safetensors", {"format": "pt"})
     loaded = twin.ForQuestionAnswering.from_pretrained(tmp_path / "qa")
     ref = torch_bits(qa)
@@ -130,7 +129,7 @@ def test_benign_legacy_checkpoints_load(tmp_path, twin):
     if twin is flax_impl:
         assert np.asarray(loaded.qa_outputs.bias[...]).tobytes() == ref["qa_outputs.bias"]
 
-    tied = TINY.replace(tie_word_embeddings=True)
+    tied = CONFIG.replace(tie_word_embeddings=True)
     lm = torch_impl.ForCausalLM(tied)
     lm_state = {k: v.detach().numpy() for k, v in lm.state_dict().items()}
     lm_state["lm_head.weight"] = lm_state["model.embed_tokens.weight"]
@@ -145,7 +144,7 @@ def test_benign_legacy_checkpoints_load(tmp_path, twin):
 
 
 def test_flax_layout_checkpoint_loads_in_both_twins_and_save_keeps_other_files(tmp_path):
-    model = torch_impl.ForCausalLM(TINY, dtype=torch.float16)
+    model = torch_impl.ForCausalLM(CONFIG, dtype=torch.float16)
     model.save_pretrained(tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "flax", layout="flax", progress=False)
     assert same(torch_bits(torch_impl.ForCausalLM.from_pretrained(tmp_path / "flax")), torch_bits(model))
@@ -157,10 +156,10 @@ def test_flax_layout_checkpoint_loads_in_both_twins_and_save_keeps_other_files(t
 
 
 def test_missing_keys_error_in_both_twins(tmp_path):
-    model = torch_impl.ForCausalLM(TINY)
+    model = torch_impl.ForCausalLM(CONFIG)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items() if "layers.1.mlp" not in k}
     (tmp_path / "c").mkdir()
-    TINY.save_pretrained(tmp_path / "c")
+    CONFIG.save_pretrained(tmp_path / "c")
     save_file(state, tmp_path / "c" / "model.safetensors")
     for twin in (torch_impl, flax_impl):
         with pytest.raises(MissingKeysError) as info:
@@ -173,7 +172,7 @@ def test_missing_keys_error_in_both_twins(tmp_path):
 @pytest.mark.parametrize("twin", [torch_impl, flax_impl], ids=["torch", "flax"])
 def test_transformers_reads_what_we_write_and_we_read_what_it_writes(tmp_path, twin, tied):
     transformers = pytest.importorskip("transformers")
-    config = TINY.replace(tie_word_embeddings=tied)
+    config = CONFIG.replace(tie_word_embeddings=tied)
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
         k: v for k, v in config.to_hf_dict().items() if v is not None})).to(torch.bfloat16)
@@ -192,7 +191,7 @@ def test_transformers_reads_what_we_write_and_we_read_what_it_writes(tmp_path, t
 def test_repeated_flax_loads_are_identical(tmp_path):
     """Regression: jax.device_put may read its argument after the array reports ready, so host
     buffers handed to it must not be reused (a shared buffer corrupted ~1 load in 4)."""
-    model = torch_impl.ForCausalLM(TINY, dtype=torch.bfloat16)
+    model = torch_impl.ForCausalLM(CONFIG, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "c", max_shard_size="8KB")
     want = torch_bits(model)
     for _ in range(6):

@@ -11,6 +11,7 @@ import pytest
 
 from weights.checkpoint import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointReader, ShardedWriter,
                                 atomic_directory, parse_size, plan_shards)
+from tests.helpers.configs import TINY
 from weights.config import ConfigError, ModelConfig
 from weights.errors import (CheckpointNotFoundError, DestinationExistsError, PickleRefusedError,
                             SafetensorsFormatError, ShardIndexError)
@@ -19,8 +20,6 @@ from weights.safetensors_writer import save_file
 from weights.synthetic import hf_shapes, write_synthetic_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import weights.safetensors_writer as sio
 from parity.cli import main as cli
 from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
+from tests.helpers.configs import REPO_ROOT, TINY
 from weights.config import ConfigError, ModelConfig
 from weights.convert import convert
 from weights.errors import (LOAD_ERRORS, CheckpointError, DestinationExistsError, MissingDependencyError,
@@ -29,9 +30,7 @@ from weights.synthetic import hf_shapes, write_synthetic_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), BF16, np.dtype(np.float16)]
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
-ROOT = Path(__file__).resolve().parents[2]
+CONFIG = TINY.replace(num_hidden_layers=3, attention_bias=True)  # biases: 1-D tensors, never transposed
 
 
 def tree_bytes(d: Path) -> dict[str, bytes]:
@@ -46,7 +45,7 @@ def all_tensors(d: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head", ["causal_lm", "question_answering"])
 def test_hf_to_flax_to_hf_is_bit_exact(tmp_path, dtype, head):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, head=head, dtype=dtype, max_shard_size="8KB")
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, head=head, dtype=dtype, max_shard_size="8KB")
     convert(src, tmp_path / "flax", layout="flax", progress=False)
     convert(tmp_path / "flax", tmp_path / "back", max_shard_size="8KB", progress=False)
     convert(src, tmp_path / "direct", max_shard_size="8KB", progress=False)
@@ -72,7 +71,7 @@ def test_flax_layout_loads_with_safetensors_flax_and_nnx_update(tmp_path):
 
     from flax_impl import ForCausalLM
 
-    cfg = TINY.replace(attention_bias=False)
+    cfg = CONFIG.replace(attention_bias=False)
     src = write_synthetic_checkpoint(tmp_path / "src", cfg, dtype=BF16)
     convert(src, tmp_path / "flax", layout="flax", progress=False)
     flat = flax_load_file(str(tmp_path / "flax" / FLAX_WEIGHTS_NAME))
@@ -89,7 +88,7 @@ def test_flax_layout_loads_with_safetensors_flax_and_nnx_update(tmp_path):
 
 @pytest.mark.parametrize("target", ["float32", "bfloat16", "float16"])
 def test_dtype_change_casts_floats_once_and_updates_config(tmp_path, target):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=np.float32)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=np.float32)
     (src / "tokenizer.json").write_text('{"tok": 1}')
     convert(src, tmp_path / "out", dtype=target, progress=False)
     want = np.dtype(ml_dtypes.bfloat16 if target == "bfloat16" else target)
@@ -103,7 +102,7 @@ def test_dtype_change_casts_floats_once_and_updates_config(tmp_path, target):
 
 
 def test_same_dtype_keeps_config_bytes(tmp_path):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     convert(src, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
 
@@ -127,8 +126,8 @@ def fail_after(monkeypatch, n: int, exc: BaseException) -> None:
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(28, "No space left on device")], ids=repr)
 def test_failure_mid_conversion_leaves_dst_absent_or_unchanged(tmp_path, monkeypatch, exc):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16, max_shard_size="8KB")
-    old = write_synthetic_checkpoint(tmp_path / "old", TINY, dtype=np.float32)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16, max_shard_size="8KB")
+    old = write_synthetic_checkpoint(tmp_path / "old", CONFIG, dtype=np.float32)
     before = tree_bytes(old)
     fail_after(monkeypatch, 5, exc)
     with pytest.raises(type(exc)):
@@ -141,7 +140,7 @@ def test_failure_mid_conversion_leaves_dst_absent_or_unchanged(tmp_path, monkeyp
 
 
 def test_refuses_existing_dst_without_force(tmp_path):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("mine")
     with pytest.raises(DestinationExistsError, match="--force"):
@@ -152,7 +151,7 @@ def test_refuses_existing_dst_without_force(tmp_path):
 
 
 def test_bad_config_is_reported_before_anything_is_written(tmp_path):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     (src / "config.json").write_text('{"hidden_size": 30, "num_attention_heads": 4}')
     with pytest.raises(ConfigError, match="num_attention_heads"):
         convert(src, tmp_path / "dst", progress=False)
@@ -171,8 +170,8 @@ def torch_state(shapes, dtype):
 def test_pickles_only_when_allowed_and_bit_exact(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    ModelConfig(**{**TINY.to_hf_dict(), "rope_scaling": None}).save_pretrained(src)
-    state = torch_state(hf_shapes(TINY), torch.bfloat16)
+    ModelConfig(**{**CONFIG.to_hf_dict(), "rope_scaling": None}).save_pretrained(src)
+    state = torch_state(hf_shapes(CONFIG), torch.bfloat16)
     torch.save(state, src / "pytorch_model.bin")
     with pytest.raises(PickleRefusedError, match="pytorch_model.bin"):
         convert(src, tmp_path / "dst", progress=False)
@@ -188,7 +187,7 @@ def test_malicious_pickle_is_refused_by_weights_only(tmp_path):
         def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
 
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     for p in src.glob("*.safetensors"):
         p.unlink()
     torch.save({"x": Evil()}, src / "model.pt")
@@ -202,7 +201,7 @@ def test_pickle_without_torch_gives_a_clear_error(tmp_path, monkeypatch):
 
     src = tmp_path / "src"
     src.mkdir()
-    TINY.save_pretrained(src)
+    CONFIG.save_pretrained(src)
     (src / "pytorch_model.bin").write_bytes(b"x")
 
     def no_torch(name, *a, **k):
@@ -214,18 +213,19 @@ def test_pickle_without_torch_gives_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_weights_never_imports_torch_or_jax():
-    for path in (ROOT / "weights").glob("*.py"):
+    for path in (REPO_ROOT / "weights").rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not re.match(r"^\s*(import|from)\s+(torch|jax|flax)\b", line), f"{path}: {line}"
-    code = ("import sys, weights, weights.convert, weights.synthetic; "
+    code = ("import sys, weights, weights.convert, weights.synthetic, weights.vq.checkpoint, "
+            "weights.shared.rope, weights.shared.generation; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'flax')]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 # ---- the command line ------------------------------------------------------------------------
 def test_cli_converts_and_reports_bad_input_in_one_line(tmp_path, capsys):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     assert cli(["convert", str(src), str(tmp_path / "out"), "--layout", "flax", "--no-progress"]) == 0
     assert "flax layout" in capsys.readouterr().out
     assert cli(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
@@ -241,17 +241,17 @@ def test_cli_converts_and_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_cli_ctrl_c_exits_130_and_leaves_dst_absent(tmp_path, monkeypatch, capsys):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     fail_after(monkeypatch, 3, KeyboardInterrupt())
     assert cli(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 130
     assert "left as it was" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_progress_bar_shows_tensors_and_bytes(tmp_path, capsys):
-    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    src = write_synthetic_checkpoint(tmp_path / "src", CONFIG, dtype=BF16)
     convert(src, tmp_path / "out", progress=True)
     err = capsys.readouterr().err
-    shapes = hf_shapes(TINY)
+    shapes = hf_shapes(CONFIG)
     kb = sum(np.prod(s) for s in shapes.values()) * 2 / 1000
     assert f"tensor {len(shapes)}/{len(shapes)}" in err and f"{kb:.1f}kB/{kb:.1f}kB" in err
 
@@ -264,7 +264,7 @@ def _fuzz_source(tmp_path_factory) -> dict[str, bytes]:
     """A small sharded checkpoint's files (built once): config, index and shards."""
     if not _FUZZ_SRC:
         d = write_synthetic_checkpoint(tmp_path_factory.mktemp("fuzzsrc") / "c",
-                                       TINY.replace(num_hidden_layers=1), dtype=BF16, max_shard_size="4KB")
+                                       CONFIG.replace(num_hidden_layers=1), dtype=BF16, max_shard_size="4KB")
         _FUZZ_SRC.update({p.name: p.read_bytes() for p in sorted(d.iterdir())})
     return _FUZZ_SRC
 

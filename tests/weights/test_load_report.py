@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from weights.checkpoint import CheckpointReader
-from weights.config import ModelConfig
+from tests.helpers.configs import TINY
 from weights.errors import (MissingKeysError, ShapeMismatchError, StateMismatchError, TiedWeightsMismatchError,
                             UnexpectedKeysError)
 from weights.report import iter_tensors, match_state
@@ -16,8 +16,6 @@ from weights.safetensors_writer import save_file
 from weights.synthetic import hf_shapes, synthetic_tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
 
 
 def expected_of(shapes, dtype=np.float32):
