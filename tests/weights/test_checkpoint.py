@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.helpers.configs import TINY
 from weights.checkpoint import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointReader, ShardedWriter,
                                 atomic_directory, parse_size, plan_shards)
-from tests.helpers.configs import TINY
 from weights.config import ConfigError, ModelConfig
 from weights.errors import (CheckpointNotFoundError, DestinationExistsError, PickleRefusedError,
                             SafetensorsFormatError, ShardIndexError)

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import weights.safetensors_writer as sio
 from parity.cli import main as cli
-from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
 from tests.helpers.configs import REPO_ROOT, TINY
+from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
 from weights.config import ConfigError, ModelConfig
 from weights.convert import convert
 from weights.errors import (LOAD_ERRORS, CheckpointError, DestinationExistsError, MissingDependencyError,

@@ -7,8 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from weights.checkpoint import CheckpointReader
 from tests.helpers.configs import TINY
+from weights.checkpoint import CheckpointReader
 from weights.errors import (MissingKeysError, ShapeMismatchError, StateMismatchError, TiedWeightsMismatchError,
                             UnexpectedKeysError)
 from weights.report import iter_tensors, match_state
