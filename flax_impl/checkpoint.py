@@ -20,7 +20,8 @@ from weights.blockcopy import contiguous
 from weights.checkpoint import CheckpointReader
 from weights.config import ModelConfig
 from weights.names import hf_name, is_transposed
-from weights.pretrained import checkpoint_dtype, load_into, resolve_dtype, save_checkpoint
+from weights.dtypes import numpy_dtype
+from weights.pretrained import checkpoint_dtype, load_into, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
@@ -117,7 +118,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     """
     config = ModelConfig.from_pretrained(directory)
     with CheckpointReader(directory) as reader:
-        np_dtype = checkpoint_dtype(reader, config) if dtype is None else resolve_dtype(dtype)
+        np_dtype = checkpoint_dtype(reader, config) if dtype is None else numpy_dtype(dtype)
     build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
     abstract = nnx.eval_shape(build)
     params = _hf_params(nnx.state(abstract, nnx.Param))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from weights.dtypes import FLOAT_DTYPES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -69,7 +71,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 # ---- parity: check, demo, record, compare -------------------------------------------------
-_DTYPES = ["float32", "bfloat16", "float16", "float64"]
+_DTYPES = list(FLOAT_DTYPES)
 _SKIPPABLE = {"gradients": "gradients", "kv-cache": "kv cache", "generation": "generation"}
 _EXIT_DOC = "Exit status: 0 when every tensor is within tolerance, 1 on a parity failure, 2 on bad input."
 

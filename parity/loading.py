@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from weights.config import ConfigError, ModelConfig
+from weights.dtypes import FLOAT_DTYPES
 from weights.errors import LOAD_ERRORS
 
 from .inputs import HEADS
@@ -25,7 +26,7 @@ __all__ = ["BadInputError", "DTYPES", "Twins", "abstract_flax_model", "copy_weig
            "fill_flax_model", "jax_dtype", "load_flax", "load_torch", "load_twins", "read_config", "torch_dtype",
            "twins_from_config"]
 
-DTYPES = ("float64", "float32", "bfloat16", "float16")
+DTYPES = tuple(FLOAT_DTYPES)  # the dtype names of `weights.dtypes`
 
 
 class BadInputError(Exception):
@@ -50,19 +51,18 @@ class Twins:
 
 
 def torch_dtype(name: str) -> Any:
-    """torch dtype for a dtype name of `DTYPES`."""
-    import torch
+    """torch dtype for a dtype name of `DTYPES` (the torch twin's table; imported on use, so
+    this module loads without torch)."""
+    from torch_impl.layers.precision import to_dtype
 
-    return {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
+    return to_dtype(name)
 
 
 def jax_dtype(name: str) -> Any:
-    """jax dtype for a dtype name of `DTYPES`."""
-    import jax.numpy as jnp
+    """jax dtype for a dtype name of `DTYPES` (the Flax twin's table; imported on use)."""
+    from flax_impl.layers.precision import to_dtype
 
-    return {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16,
-            "float16": jnp.float16}[name]
+    return to_dtype(name)
 
 
 def detect_head(config: ModelConfig, tensor_names: list[str] | None = None) -> str:

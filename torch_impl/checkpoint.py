@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from weights import dtypes
 from weights.blockcopy import copy_into
 from weights.checkpoint import CheckpointReader
 from weights.config import ModelConfig
-from weights.pretrained import checkpoint_dtype, load_into, resolve_dtype, save_checkpoint
+from weights.pretrained import checkpoint_dtype, load_into, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
+
+from .layers import precision
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -68,17 +71,9 @@ def load_numpy_state(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> Non
 
 
 # ---- from_pretrained / save_pretrained ------------------------------------------------------
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
-                 np.dtype(np.float16): torch.float16, np.dtype(np.float64): torch.float64}
-
-
 def _numpy_dtype(dtype: Any) -> np.dtype:
-    if isinstance(dtype, torch.dtype):
-        for np_dtype, t in _TORCH_DTYPES.items():
-            if t == dtype:
-                return np_dtype
-        raise ValueError(f"{dtype} is not a parameter dtype twinlm saves")
-    return resolve_dtype(dtype)
+    """A torch dtype, a dtype name or a numpy dtype, as numpy's (through the one name table)."""
+    return dtypes.numpy_dtype(precision.dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype)
 
 
 def _writable_view(t: torch.Tensor) -> np.ndarray:
@@ -122,7 +117,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
             np_dtype = checkpoint_dtype(reader, config)
     else:
         np_dtype = _numpy_dtype(dtype)
-    torch_dtype = _TORCH_DTYPES[np_dtype]
+    torch_dtype = precision.to_dtype(dtypes.dtype_name(np_dtype))
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config, dtype=torch_dtype)
     if strict and not list(model.buffers()):

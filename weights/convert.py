@@ -29,6 +29,7 @@ import numpy as np
 from .checkpoint import (FLAX_WEIGHTS_NAME, PICKLE_PATTERNS, SAFE_WEIGHTS_NAME, WEIGHT_FILE_RE,
                          CheckpointReader, ShardedWriter, flax_key, parse_size)
 from .config import ModelConfig
+from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError
 from .hf_config import CONFIG_NAME
 from .names import is_transposed
@@ -37,12 +38,9 @@ from .safetensors_io import TensorSpec
 
 __all__ = ["DTYPE_NAMES", "ConvertResult", "PickleReader", "convert", "open_source"]
 
-# --dtype choices -> numpy dtype; only floating tensors are re-typed (int buffers keep theirs).
-DTYPE_NAMES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
+# --dtype choices -> numpy dtype: the checkpoint dtypes of `weights.dtypes` but float64; only
+# floating tensors are re-typed (int buffers keep theirs).
+DTYPE_NAMES: dict[str, np.dtype] = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 _LEGACY_PREFIX = "transformer."
 
 
@@ -59,7 +57,7 @@ class ConvertResult:
 
 # Re-typed by --dtype. float8 tensors are left alone: they are quantised weights whose meaning
 # depends on scale tensors next to them, and a plain cast would silently break that.
-_RETYPED = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64))
+_RETYPED = tuple(FLOAT_DTYPES.values())
 
 
 class PickleReader:

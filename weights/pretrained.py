@@ -12,42 +12,18 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from .checkpoint import WEIGHT_FILE_RE, CheckpointReader, ShardedWriter
 from .config import ModelConfig
+from .dtypes import FLOAT_DTYPES, dtype_name
 from .hf_config import CONFIG_NAME
 from .report import LoadReport, match_state
 from .safetensors_io import TensorSpec
 
-__all__ = ["DTYPE_BY_NAME", "checkpoint_dtype", "dtype_to_name", "resolve_dtype", "load_into",
-           "natural_key", "save_checkpoint"]
+__all__ = ["checkpoint_dtype", "load_into", "natural_key", "save_checkpoint"]
 
-# HF `torch_dtype` names <-> numpy dtypes (bfloat16 via ml_dtypes).
-DTYPE_BY_NAME: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
-}
-_FLOATS = tuple(DTYPE_BY_NAME.values())
-
-
-def dtype_to_name(dtype: Any) -> str:
-    """numpy dtype -> the `torch_dtype` string of config.json."""
-    dt = np.dtype(dtype)
-    for name, d in DTYPE_BY_NAME.items():
-        if d == dt:
-            return name
-    raise ValueError(f"{dt} is not a parameter dtype; one of {', '.join(DTYPE_BY_NAME)}")
-
-
-def resolve_dtype(dtype: Any) -> np.dtype:
-    """A user's dtype (a name like "bfloat16", or anything numpy understands) as numpy's."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_BY_NAME:
-            raise ValueError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPE_BY_NAME)}")
-        return DTYPE_BY_NAME[dtype]
-    return np.dtype(dtype)
+_FLOATS = tuple(FLOAT_DTYPES.values())
 
 
 def checkpoint_dtype(reader: CheckpointReader, config: ModelConfig | None = None) -> np.dtype:
@@ -60,8 +36,8 @@ def checkpoint_dtype(reader: CheckpointReader, config: ModelConfig | None = None
             by_dtype[dt] = by_dtype.get(dt, 0) + reader.nbytes(k)
     if by_dtype:
         return max(by_dtype, key=by_dtype.__getitem__)
-    if config is not None and config.torch_dtype in DTYPE_BY_NAME:
-        return DTYPE_BY_NAME[config.torch_dtype]
+    if config is not None and config.torch_dtype in FLOAT_DTYPES:
+        return FLOAT_DTYPES[config.torch_dtype]
     return np.dtype(np.float32)
 
 
@@ -111,7 +87,7 @@ def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, head_clas
     family = FAMILIES.get(config.model_type)
     changes: dict[str, Any] = {}
     if len(dtypes) == 1:
-        changes["torch_dtype"] = dtype_to_name(dtypes.pop())
+        changes["torch_dtype"] = dtype_name(dtypes.pop())
     if family is not None:
         changes["architectures"] = (family.class_prefix + head_class,)
     config = config.replace(**changes)

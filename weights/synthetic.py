@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoint import ShardedWriter
 from .config import ModelConfig
+from .dtypes import FLOAT_DTYPES, dtype_name
 from .safetensors_io import TensorSpec
 
 __all__ = ["HEADS", "hf_shapes", "synthetic_tensor", "write_synthetic_checkpoint"]
@@ -86,5 +87,5 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: ModelConfig
 
 
 def _torch_name(dt: np.dtype) -> str:
-    return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-            "float64": "float64"}.get(dt.name, dt.name)
+    """The config.json `torch_dtype` of `dt` (its numpy name when it is not a float of the table)."""
+    return dtype_name(dt) if dt in FLOAT_DTYPES.values() else dt.name

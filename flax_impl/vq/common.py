@@ -10,18 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..layers.precision import to_dtype  # config dtype string -> jax dtype
+
 __all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
 
 # Finite stand-in for infinity in masks (pitfall P4): -inf would give inf - inf = NaN in the shift.
 MASK_INFTY_APPROX = 1e30
-
-_DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
-
-
-def to_dtype(name: str) -> jnp.dtype:
-    """Config dtype string -> jax dtype."""
-    return jnp.dtype(_DTYPES[name])
 
 
 def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:

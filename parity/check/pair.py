@@ -22,6 +22,7 @@ from flax import nnx
 
 import flax_impl
 import torch_impl
+from torch_impl.layers.precision import dtype_name
 from weights.names import hf_name, is_transposed
 
 from ..compare import Comparison, compare, to_numpy
@@ -32,10 +33,6 @@ from ..tolerances import tolerance
 from .generation import generation_rows
 
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
-
-_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
-                torch.float16: "float16"}
-
 
 def to_torch(a: np.ndarray | None) -> torch.Tensor | None:
     """numpy -> torch, bits and dtype unchanged."""
@@ -76,7 +73,7 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     head = _head_of(torch_model)
     if _head_of(flax_model) != head:
         raise TypeError(f"the twins differ in head: {type(torch_model).__name__} vs {type(flax_model).__name__}")
-    dtype = dtype or _DTYPE_NAMES[next(torch_model.parameters()).dtype]
+    dtype = dtype or dtype_name(next(torch_model.parameters()).dtype)
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")

@@ -10,18 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..layers.precision import to_dtype  # config dtype string -> torch dtype
+
 __all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
 
 # Finite stand-in for infinity in masks (pitfall P4): -inf would give inf - inf = NaN in the shift.
 MASK_INFTY_APPROX = 1e30
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
-
-
-def to_dtype(name: str) -> torch.dtype:
-    """Config dtype string -> torch dtype."""
-    return _DTYPES[name]
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:

@@ -31,7 +31,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-import ml_dtypes
 import numpy as np
 
 from weights.config import ConfigError
@@ -42,17 +41,12 @@ from weights.vq.config import TransformerVQConfig
 
 __all__ = [
     "VQ_WEIGHTS_NAME", "CheckpointError", "vq_param_shapes", "vq_flax_path", "vq_is_transposed",
-    "save_vq_checkpoint", "load_vq_checkpoint", "import_reference_params", "numpy_dtype",
+    "save_vq_checkpoint", "load_vq_checkpoint", "import_reference_params",
     "validate_tensors",
 ]
 
 VQ_WEIGHTS_NAME = "model.safetensors"
 FlaxPath = tuple[Union[str, int], ...]
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """Config dtype string -> numpy dtype (bfloat16 through ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def _sublayer_shapes(c: TransformerVQConfig) -> dict[str, tuple[int, ...]]:

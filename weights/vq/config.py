@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from weights.dtypes import FLOAT_DTYPES
 from weights.errors import ConfigError
 from weights.hf_config import read_config_json, write_config_json
 
 __all__ = ["TransformerVQConfig", "VQ_MODEL_TYPE", "VQ_DTYPES"]
 
 VQ_MODEL_TYPE = "transformer_vq"
-VQ_DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+VQ_DTYPES: tuple[str, ...] = tuple(FLOAT_DTYPES)  # the names of `weights.dtypes`
 
 
 @dataclass(frozen=True)
