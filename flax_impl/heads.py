@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from weights.config import ModelConfig
+from weights.names import IGNORE_INDEX
 
 from .checkpoint import Pretrained
 from .generation import GenerationOutput, generate
@@ -19,8 +20,6 @@ from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
 from .model import DecoderModel
-
-IGNORE_INDEX = -100
 
 
 @flax.struct.dataclass

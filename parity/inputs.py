@@ -13,18 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from weights.config import ModelConfig
+from weights.names import HEADS, IGNORE_INDEX  # head key -> class name in each twin; the ignored label
 
 __all__ = ["Batch", "HEADS", "PADDINGS", "head_labels", "position_ids_from_mask", "seeded_batch",
            "sequence_labels", "span_positions"]
 
-# Head name -> class name in each twin.
-HEADS: dict[str, str] = {
-    "causal_lm": "ForCausalLM",
-    "sequence_classification": "ForSequenceClassification",
-    "question_answering": "ForQuestionAnswering",
-}
 PADDINGS = ("left", "right", "none")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

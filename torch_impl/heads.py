@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weights.config import ModelConfig
+from weights.names import IGNORE_INDEX
 
 from .checkpoint import Pretrained
 from .generation import GenerationOutput, generate
@@ -20,8 +21,6 @@ from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
 from .model import DecoderModel, init_weights
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -25,14 +25,13 @@ import numpy as np
 
 from .errors import (CheckpointError, CheckpointNotFoundError, DestinationExistsError,
                      PickleRefusedError, ShardIndexError)
-from .names import flax_path, hf_name, is_transposed
+from .names import hf_key_from_flax, is_transposed
 from .safetensors_io import SafetensorsFile, TensorSpec
 from .safetensors_writer import SafetensorsWriter
 
 __all__ = [
     "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME", "PICKLE_PATTERNS",
     "CheckpointReader", "ShardedWriter", "atomic_directory", "parse_size", "plan_shards",
-    "flax_key", "hf_key_from_flax",
 ]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -41,16 +40,6 @@ FLAX_WEIGHTS_NAME = "flax_model.safetensors"  # twinlm's Flax layout, one flat f
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.bin.index.json")
 WEIGHT_FILE_RE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
 _SHARD_RE = re.compile(r"^[^/\\]+$")
-
-
-def flax_key(hf_key: str) -> str:
-    """HF name -> the flat key of the Flax layout: the NNX path joined with dots."""
-    return ".".join(str(p) for p in flax_path(hf_key))
-
-
-def hf_key_from_flax(key: str) -> str:
-    """Flat Flax-layout key -> HF name (list indices are the all-digit parts)."""
-    return hf_name(tuple(int(p) if p.isdigit() else p for p in key.split(".")))
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -27,12 +27,12 @@ import ml_dtypes
 import numpy as np
 
 from .checkpoint import (FLAX_WEIGHTS_NAME, PICKLE_PATTERNS, SAFE_WEIGHTS_NAME, WEIGHT_FILE_RE,
-                         CheckpointReader, ShardedWriter, flax_key, parse_size)
+                         CheckpointReader, ShardedWriter, parse_size)
 from .config import ModelConfig
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError
 from .hf_config import CONFIG_NAME
-from .names import is_transposed
+from .names import flax_key, is_rotary_buffer, is_transposed, legacy_name
 from .pretrained import natural_key
 from .safetensors_io import TensorSpec
 
@@ -41,7 +41,6 @@ __all__ = ["DTYPE_NAMES", "ConvertResult", "PickleReader", "convert", "open_sour
 # --dtype choices -> numpy dtype: the checkpoint dtypes of `weights.dtypes` but float64; only
 # floating tensors are re-typed (int buffers keep theirs).
 DTYPE_NAMES: dict[str, np.dtype] = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16", "float16")}
-_LEGACY_PREFIX = "transformer."
 
 
 @dataclass(frozen=True)
@@ -204,9 +203,9 @@ def _plan(reader: CheckpointReader | PickleReader, layout: str,
         out_dtype = target if target is not None and dtype in _RETYPED else dtype
         out, transpose = key, False
         if layout == "flax":
-            if key.endswith(".inv_freq"):
+            if is_rotary_buffer(key):
                 continue  # a recomputed buffer, not an NNX parameter
-            hf = "model." + key[len(_LEGACY_PREFIX):] if key.startswith(_LEGACY_PREFIX) else key
+            hf = legacy_name(key)
             try:
                 out = flax_key(hf)
             except ValueError as e:

@@ -19,13 +19,13 @@ import numpy as np
 
 from .errors import (MissingKeysError, ShapeMismatchError, StateMismatchError, TiedWeightsMismatchError,
                      UnexpectedKeysError)
+from .names import is_legacy_name, is_rotary_buffer, legacy_name
 
 __all__ = ["TensorMismatch", "LoadReport", "TensorSource", "match_state", "iter_tensors",
            "EMBED_KEY", "LM_HEAD_KEY"]
 
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
-_LEGACY_PREFIX, _PREFIX = "transformer.", "model."
 
 
 class TensorSource(Protocol):
@@ -132,17 +132,17 @@ def match_state(expected: Mapping[str, tuple[tuple[int, ...], Any]], reader: Ten
     if file is None and getattr(reader, "directory", None) is not None:
         file = str(reader.directory)
     report = LoadReport(file=file)
-    use_legacy = not any(k.startswith(_LEGACY_PREFIX) for k in expected)
+    use_legacy = not any(is_legacy_name(k) for k in expected)
     keys = reader.keys()
     present = set(keys)
     by_model_name: dict[str, str] = {}
     for key in keys:
-        if key.endswith(".inv_freq"):
+        if is_rotary_buffer(key):
             report.ignored.append(key)
             continue
         name = key
-        if use_legacy and key.startswith(_LEGACY_PREFIX):
-            name = _PREFIX + key[len(_LEGACY_PREFIX):]
+        if use_legacy and is_legacy_name(key):
+            name = legacy_name(key)
             if name in present:
                 report.unexpected.append(key)  # the same parameter twice: keep the modern name
                 continue

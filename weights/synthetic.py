@@ -16,48 +16,10 @@ import numpy as np
 from .checkpoint import ShardedWriter
 from .config import ModelConfig
 from .dtypes import FLOAT_DTYPES, dtype_name
+from .names import HEADS, hf_shapes
 from .safetensors_io import TensorSpec
 
-__all__ = ["HEADS", "hf_shapes", "synthetic_tensor", "write_synthetic_checkpoint"]
-
-# Head name -> its HF class name and its extra tensors beyond the decoder.
-HEADS = {"causal_lm": "LlamaForCausalLM", "sequence_classification": "LlamaForSequenceClassification",
-         "question_answering": "LlamaForQuestionAnswering"}
-
-
-def hf_shapes(config: ModelConfig, head: str = "causal_lm", *,
-              tied_head_saved: bool = False) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for a LLaMA-family model of `config` with `head`, in model order.
-
-    A tied `lm_head.weight` is left out, as transformers saves it, unless `tied_head_saved`.
-    """
-    e, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    h, k, d = config.num_attention_heads, config.resolved_num_key_value_heads, config.resolved_head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, e)}
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        for proj, (out, inp) in (("q", (h * d, e)), ("k", (k * d, e)), ("v", (k * d, e)), ("o", (e, h * d))):
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (out, inp)
-            if config.attention_bias:
-                shapes[f"{p}self_attn.{proj}_proj.bias"] = (out,)
-        for proj, (out, inp) in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i))):
-            shapes[f"{p}mlp.{proj}_proj.weight"] = (out, inp)
-            if config.mlp_bias:
-                shapes[f"{p}mlp.{proj}_proj.bias"] = (out,)
-        shapes[f"{p}input_layernorm.weight"] = (e,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (e,)
-    shapes["model.norm.weight"] = (e,)
-    if head == "causal_lm":
-        if not config.tie_word_embeddings or tied_head_saved:
-            shapes["lm_head.weight"] = (v, e)
-    elif head == "sequence_classification":
-        shapes["score.weight"] = (config.num_labels, e)
-    elif head == "question_answering":
-        shapes["qa_outputs.weight"] = (2, e)
-        shapes["qa_outputs.bias"] = (2,)
-    else:
-        raise ValueError(f"unknown head {head!r}; one of {', '.join(HEADS)}")
-    return shapes
+__all__ = ["synthetic_tensor", "write_synthetic_checkpoint"]
 
 
 def synthetic_tensor(name: str, shape: tuple[int, ...], dtype: Any, seed: int = 0) -> np.ndarray:
@@ -76,7 +38,7 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: ModelConfig
     """
     dt = np.dtype(dtype)
     shapes = hf_shapes(config, head, tied_head_saved=tied_head_saved)
-    config = config.replace(architectures=(HEADS[head],), torch_dtype=_torch_name(dt))
+    config = config.replace(architectures=(config.hf_class_prefix + HEADS[head],), torch_dtype=_torch_name(dt))
     specs = [TensorSpec(name, shape, dt) for name, shape in shapes.items()]
     with ShardedWriter(directory, specs, max_shard_size=max_shard_size, force=force, fsync=fsync) as w:
         config.save_pretrained(w.staging)

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from weights.names import flax_path, is_transposed
 from weights.vq.checkpoint import (import_reference_params, load_vq_checkpoint, save_vq_checkpoint,
-                                   validate_tensors, vq_flax_path, vq_is_transposed, vq_param_shapes)
+                                   validate_tensors, vq_param_shapes)
 from weights.vq.config import TransformerVQConfig
+
 from .model import Transformer
 
 __all__ = ["abstract_model", "to_numpy", "load_numpy", "save_pretrained", "from_pretrained",
@@ -27,7 +29,7 @@ def abstract_model(config: TransformerVQConfig) -> Transformer:
 
 def _variable(model: Transformer, name: str) -> nnx.Variable:
     obj: Any = model
-    for part in vq_flax_path(name):
+    for part in flax_path(name):
         obj = obj[part] if isinstance(part, int) else getattr(obj, part)
     return obj
 
@@ -37,7 +39,7 @@ def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
     out = {}
     for name in vq_param_shapes(model.config):
         a = np.asarray(_variable(model, name)[...])
-        out[name] = np.array(a.T, order="C") if vq_is_transposed(name) else a.copy()
+        out[name] = np.array(a.T, order="C") if is_transposed(name) else a.copy()
     return out
 
 
@@ -48,7 +50,7 @@ def load_numpy(model: Transformer, tensors: Mapping[str, np.ndarray]) -> Transfo
         var = _variable(model, name)
         a = np.asarray(value)
         # get_raw_value: on an `abstract_model` the value is a ShapeDtypeStruct, not an array
-        var.set_value(jnp.asarray(a.T if vq_is_transposed(name) else a, dtype=var.get_raw_value().dtype))
+        var.set_value(jnp.asarray(a.T if is_transposed(name) else a, dtype=var.get_raw_value().dtype))
     return model
 
 

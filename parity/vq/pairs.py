@@ -102,12 +102,14 @@ def flax_forward(model: fvq.Transformer, inputs, state, vq_spec, block_len: int,
 
 def flax_grads_to_numpy(grads: Any, config: TransformerVQConfig) -> dict[str, np.ndarray]:
     """An `nnx.grad` state of the Flax twin -> torch-named numpy arrays in torch layout."""
-    from weights.vq.checkpoint import vq_flax_path, vq_is_transposed, vq_param_shapes
+    from weights.names import flax_path, is_transposed
+    from weights.vq.checkpoint import vq_param_shapes
+
     out = {}
     for name in vq_param_shapes(config):
         node = grads
-        for part in vq_flax_path(name):
+        for part in flax_path(name):
             node = node[part]
         a = np.asarray(node[...] if hasattr(node, "get_value") or hasattr(node, "value") else node)
-        out[name] = a.T if vq_is_transposed(name) else a
+        out[name] = a.T if is_transposed(name) else a
     return out

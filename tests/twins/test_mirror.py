@@ -1,6 +1,7 @@
 """The twins mirror each other: same module files, public classes and functions, call
 signatures, and parameter names (the torch state-dict key maps onto the Flax path by the
-`weights.names` table and nothing else)."""
+`weights.names` table and nothing else), and each twin's parameters are exactly the ones
+`weights.names.hf_shapes` says a config implies."""
 
 import ast
 from pathlib import Path
@@ -9,11 +10,12 @@ import pytest
 
 import flax_impl
 import torch_impl
+from parity import strategies as tst
 from parity.inputs import HEADS
 from parity.loading import twins_from_config
 from tests.helpers.configs import REPO_ROOT
 from weights.config import ModelConfig
-from weights.names import flax_path, hf_name
+from weights.names import flax_path, hf_name, hf_shapes, is_transposed
 
 # Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`; Flax constructors
 # take `param_dtype` and `rngs` besides `dtype`; torch allocations take a `device`.
@@ -90,3 +92,28 @@ def test_parameter_names_map_by_the_table(config, head):
     assert {hf_name(p) for p in f_paths} == t_names
     if config.tie_word_embeddings and head == "causal_lm":
         assert "lm_head.weight" not in t_names  # tied: stored once, as HF saves it
+
+
+TABLE_CONFIGS = {**tst.family_examples(), "biases": CONFIGS[0], "tied": CONFIGS[1]}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_CONFIGS))
+def test_each_twin_has_exactly_the_parameters_of_the_table(name):
+    """`weights.names.hf_shapes` is the one table of every parameter a config implies: each twin's
+    parameters (names and HF shapes) equal it, for every family and head. Built without
+    allocating (torch on the meta device, Flax under `nnx.eval_shape`)."""
+    import torch
+    from flax import nnx
+
+    config = TABLE_CONFIGS[name]
+    for head, cls in [*HEADS.items(), ("decoder", "DecoderModel")]:
+        want = hf_shapes(config, head)
+        with torch.device("meta"):
+            t_model = getattr(torch_impl, cls)(config)
+        assert {k: tuple(v.shape) for k, v in t_model.state_dict().items()} == want, (name, head)
+        f_model = nnx.eval_shape(lambda: getattr(flax_impl, cls)(config, rngs=nnx.Rngs(0)))
+        f_shapes = {}
+        for path, var in nnx.to_flat_state(nnx.state(f_model, nnx.Param)):
+            key, shape = hf_name(path), tuple(var.get_value().shape)
+            f_shapes[key] = shape[::-1] if is_transposed(key) else shape
+        assert f_shapes == want, (name, head)

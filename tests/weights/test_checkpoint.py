@@ -15,9 +15,10 @@ from weights.checkpoint import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Chec
 from weights.config import ConfigError, ModelConfig
 from weights.errors import (CheckpointNotFoundError, DestinationExistsError, PickleRefusedError,
                             SafetensorsFormatError, ShardIndexError)
+from weights.names import hf_shapes
 from weights.safetensors_io import TensorSpec, load_file
 from weights.safetensors_writer import save_file
-from weights.synthetic import hf_shapes, write_synthetic_checkpoint
+from weights.synthetic import write_synthetic_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

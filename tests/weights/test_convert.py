@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 import weights.safetensors_writer as sio
 from parity.cli import main as cli
 from tests.helpers.configs import REPO_ROOT, TINY
-from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader, flax_key
+from weights.checkpoint import FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CheckpointReader
 from weights.config import ConfigError, ModelConfig
 from weights.convert import convert
 from weights.errors import (LOAD_ERRORS, CheckpointError, DestinationExistsError, MissingDependencyError,
                             PickleRefusedError)
-from weights.names import is_transposed
+from weights.names import flax_key, hf_shapes, is_transposed
 from weights.safetensors_io import load_file
-from weights.synthetic import hf_shapes, write_synthetic_checkpoint
+from weights.synthetic import write_synthetic_checkpoint
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), BF16, np.dtype(np.float16)]

@@ -11,9 +11,10 @@ from tests.helpers.configs import TINY
 from weights.checkpoint import CheckpointReader
 from weights.errors import (MissingKeysError, ShapeMismatchError, StateMismatchError, TiedWeightsMismatchError,
                             UnexpectedKeysError)
+from weights.names import hf_shapes
 from weights.report import iter_tensors, match_state
 from weights.safetensors_writer import save_file
-from weights.synthetic import hf_shapes, synthetic_tensor
+from weights.synthetic import synthetic_tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

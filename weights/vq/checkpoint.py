@@ -1,8 +1,9 @@
 """Transformer-VQ checkpoints: the name table, safetensors save/load and the reference importer.
 
 Tensor names are the torch twin's `state_dict()` keys. The Flax twin uses the same attribute
-names; its parameter path is the name split at dots (list indices as ints) with `weight` renamed
-`kernel` and transposed (`nnx.Linear` kernels are `[in, out]`). Those are the only layout rules.
+names, and the layout rule is the LLaMA family's, `weights.names` (`flax_path`, `is_transposed`):
+the name split at dots (list indices as ints), a linear `weight` renamed `kernel` and transposed
+(`nnx.Linear` kernels are `[in, out]`).
 
 | torch name (per sublayer `transformer_layers.{i}.scanned_attn{1,2}.`) | shape           |
 |-----------------------------------------------------------------------|-----------------|
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -40,13 +41,12 @@ from weights.safetensors_writer import save_file
 from weights.vq.config import TransformerVQConfig
 
 __all__ = [
-    "VQ_WEIGHTS_NAME", "CheckpointError", "vq_param_shapes", "vq_flax_path", "vq_is_transposed",
+    "VQ_WEIGHTS_NAME", "CheckpointError", "vq_param_shapes",
     "save_vq_checkpoint", "load_vq_checkpoint", "import_reference_params",
     "validate_tensors",
 ]
 
 VQ_WEIGHTS_NAME = "model.safetensors"
-FlaxPath = tuple[Union[str, int], ...]
 
 
 def _sublayer_shapes(c: TransformerVQConfig) -> dict[str, tuple[int, ...]]:
@@ -85,19 +85,6 @@ def vq_param_shapes(config: TransformerVQConfig) -> dict[str, tuple[int, ...]]:
         shapes["out_proj.weight"] = (c.n_vocab, c.d_model)
         shapes["out_proj.bias"] = (c.n_vocab,)
     return shapes
-
-
-def vq_is_transposed(name: str) -> bool:
-    """True when the Flax array is the transpose of the torch tensor (linear weights)."""
-    return name.endswith(".weight")
-
-
-def vq_flax_path(name: str) -> FlaxPath:
-    """Torch name -> Flax NNX parameter path (`weight` becomes `kernel`)."""
-    parts: list[Union[str, int]] = [int(p) if p.isdigit() else p for p in name.split(".")]
-    if parts[-1] == "weight":
-        parts[-1] = "kernel"
-    return tuple(parts)
 
 
 def _check(config: TransformerVQConfig, tensors: Mapping[str, np.ndarray], source: str) -> None:
