@@ -14,6 +14,7 @@ import numpy as np
 
 from weights.config import ModelConfig
 from weights.names import HEADS, IGNORE_INDEX  # head key -> class name in each twin; the ignored label
+from weights.shared.generation import position_ids_from_mask  # the rule of the twins' generate()
 
 __all__ = ["Batch", "HEADS", "PADDINGS", "head_labels", "position_ids_from_mask", "seeded_batch",
            "sequence_labels", "span_positions"]
@@ -55,13 +56,6 @@ class Batch:
         return Batch(self.input_ids[rows], self.attention_mask[rows], take(self.position_ids),
                      self.labels[rows], take(self.class_labels), take(self.start_positions),
                      take(self.end_positions), pad)
-
-
-def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """HF `generate`'s positions for padded rows: real tokens count 0, 1, 2, ... from the first
-    real token; padding slots get 1 (any value works, they are masked)."""
-    pos = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
 
 
 def problem_type(config: ModelConfig) -> str:

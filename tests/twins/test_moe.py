@@ -27,6 +27,7 @@ from parity.loading import copy_weights
 from tests.helpers.numpy_reference import act, softmax
 from tests.helpers.twins import assert_close, batch, decode_matches_full_pass, randomized_pair, run_flax, run_torch
 from weights.config import ModelConfig
+from weights.shared.generation import position_ids_from_mask
 
 
 def moe_config(experts: int, top_k: int, hidden: int = 8, inter: int = 6, norm_topk_prob: bool = True,
@@ -248,7 +249,7 @@ def test_greedy_generation_with_every_switch():
     f_seq = to_numpy(f_model.generate(jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new))
     np.testing.assert_array_equal(t_seq, f_seq)
     full_mask = np.concatenate([mask, np.ones((mask.shape[0], new), np.int64)], axis=1)
-    positions = np.clip(np.cumsum(full_mask, axis=1) - 1, 0, None)  # generation's left-padding positions
+    positions = position_ids_from_mask(full_mask)  # generation's left-padding positions
     logits = to_numpy(t_model(torch.from_numpy(t_seq), attention_mask=torch.from_numpy(full_mask),
                               position_ids=torch.from_numpy(positions)).logits)
     np.testing.assert_array_equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), t_seq[:, ids.shape[1]:])

@@ -53,7 +53,10 @@ def sampling_noise(seed: int, steps: int, batch_size: int) -> np.ndarray:
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """Position ids for left-padded rows: `cumsum(mask) - 1`, clipped at 0 (pads get 0)."""
+    """Position ids of padded rows: real tokens count 0, 1, 2, ... from the first real token
+    (`cumsum(mask) - 1`, clipped at 0): left padding gets 0, right padding repeats the last
+    position (any value works there, padded slots are masked). The one rule of the twins'
+    `generate()` and of the parity inputs."""
     return np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None).astype(np.int64)
 
 
