@@ -6,11 +6,11 @@ legend in `common.py`. The state of a sublayer (doc_ids are omitted: the referen
 but never reads them, so they cannot change any output):
 
     pos_offset               []            int32   tokens already seen
-    xlcache.z                [B,H,M]       int32   codes of the last M keys (S = empty slot)
+    xlcache.z                [B,H,M]       int32   codes of the last M keys (C = empty slot)
     xlcache.k_hat            [B,H,M,d_k]   param_dtype
     xlcache.v                [B,H,M,d_v]   dtype
-    aggcache.upper_div_lower [B,H,S,d_v]   dtype   per-code mean of evicted values
-    aggcache.lower           [B,H,S]       dtype   per-code count of evicted keys
+    aggcache.upper_div_lower [B,H,C,d_v]   dtype   per-code mean of evicted values
+    aggcache.lower           [B,H,C]       dtype   per-code count of evicted keys
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class VQAttention(nnx.Module):
 
     @staticmethod
     def initial_state(config: TransformerVQConfig, batch_size: int) -> dict:
-        """Empty caches: every xlcache code is S (invalid), counts and means zero."""
+        """Empty caches: every xlcache code is C (invalid), counts and means zero."""
         c = config
         prefix = (batch_size, c.n_head)
         pdt, dt = to_dtype(c.param_dtype), to_dtype(c.dtype)
@@ -98,7 +98,7 @@ class VQAttention(nnx.Module):
         )
 
     def get_q(self, x_tilde: jax.Array) -> jax.Array:
-        """[B,L,D] -> q [B,H,L,d_k] in param_dtype, RMS-normalised and scaled by d_k^-1/4."""
+        """[B,L,E] -> q [B,H,L,d_k] in param_dtype, RMS-normalised and scaled by d_k^-1/4."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
         q = linear(x_tilde, self.q_proj.kernel[...], None, self.dtype)
@@ -107,8 +107,8 @@ class VQAttention(nnx.Module):
         return q.transpose(0, 2, 1, 3).astype(self.param_dtype)
 
     def get_kvg(self, x_tilde: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[B,L,D] -> k [B,H,L,d_k] (param_dtype), v [B,H,L,d_v], g [B,L,H*d_v] (dtype).
-        The fused projection is cut k | v | g, head-major inside each chunk (pitfall P17)."""
+        """[B,L,E] -> k [B,H,L,d_k] (param_dtype), v [B,H,L,d_v], g [B,L,H*d_v] (dtype).
+        The fused projection is cut k | v | g, head-major inside each chunk, as the reference's fused kernel is laid out."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
         kvg = linear(x_tilde, self.kvg_proj.kernel[...], None, self.dtype)
@@ -122,7 +122,7 @@ class VQAttention(nnx.Module):
 
     def get_xl_helpers(self, block_len: int, dropsin: jax.Array | None):
         """Relative features xl_r [H,W,d_k] (row w = distance W-1-w) and u', v' [1,H,1,d_k],
-        each scaled by d_k^-1/4 (pitfall P9)."""
+        each scaled by d_k^-1/4 (so q.k carries 1/sqrt(d_k), split evenly between the sides)."""
         c = self.config
         w = c.mem_len + block_len
         xl_r = get_sinusoid_embs(w, c.d_model, c.pe_lam, flip=True, dtype=at_least_float32(self.dtype))
@@ -137,7 +137,7 @@ class VQAttention(nnx.Module):
 
     def attn(self, q, k, v, state: dict, vq_spec: VQSpec | None, is_train: bool,
              dropsin: jax.Array | None = None) -> dict:
-        """Softmax attention over the recent window (xlcache + block) and the S aggcache codes."""
+        """Softmax attention over the recent window (xlcache + block) and the C aggcache codes."""
         c = self.config
         bsz, _, block_len, _ = q.shape
         vq = self.quantizer(k, vq_spec, is_train)
@@ -153,7 +153,7 @@ class VQAttention(nnx.Module):
         cache_scores = cache_scores + get_agg_biases(aggcache["lower"])[..., None, :]
 
         # Scores against the recent window; the relative bias only within distance <= M.
-        invalid_len = jax.nn.relu(c.mem_len - state["pos_offset"])  # traced, so jit-safe (P13)
+        invalid_len = jax.nn.relu(c.mem_len - state["pos_offset"])  # traced, so jit-safe
         ac = jnp.einsum("bhlk,bhwk->bhlw", q + xl_u, recent_k_hat)
         bd = rel_shift(jnp.einsum("bhlk,hwk->bhlw", q + xl_v, xl_r))
         bd = bd * get_causal_mask(block_len, c.mem_len, invalid_len, True)[None, None].astype(bd.dtype)
@@ -162,7 +162,7 @@ class VQAttention(nnx.Module):
         keep = keep.astype(recent_scores.dtype)
         recent_scores = recent_scores * keep - MASK_INFTY_APPROX * (1 - keep)
 
-        # One joint max over both score sets, stop-gradient'ed, even without the aggcache (P5).
+        # One joint max over both score sets, stop-gradient'ed, even without the aggcache, as the reference does.
         max_scores = sg(jnp.maximum(jnp.max(cache_scores, axis=-1), jnp.max(recent_scores, axis=-1)))
         cache_a = jnp.exp(cache_scores - max_scores[..., None]).astype(self.dtype)
         recent_a = jnp.exp(recent_scores - max_scores[..., None]).astype(self.dtype)
@@ -179,13 +179,13 @@ class VQAttention(nnx.Module):
                     l_commit=vq["l_commit"], l_codebook=vq["l_codebook"], metrics=vq["metrics"])
 
     def update_state(self, recent_z, recent_k_hat, recent_v, state: dict) -> dict:
-        """Evict the oldest L window entries into the aggcache (running per-code mean, P6) and
+        """Evict the oldest L window entries into the aggcache (a running per-code mean, not a sum, for stability) and
         keep the newest M as the xlcache."""
         c = self.config
         m = c.mem_len
         block_len = recent_z.shape[-1] - m
         aggcache = state["aggcache"]
-        delta = one_hot(recent_z[..., :-m], c.n_code, self.dtype)  # [B,H,L,S]; empty slots -> 0
+        delta = one_hot(recent_z[..., :-m], c.n_code, self.dtype)  # [B,H,L,C]; empty slots -> 0
         new_lower = aggcache["lower"] + jnp.sum(delta, axis=-2)
         f1 = aggcache["lower"] / jnp.clip(new_lower, min=1.0)
         f2 = delta / jnp.clip(new_lower, min=1.0)[..., None, :]
@@ -203,8 +203,8 @@ class VQAttention(nnx.Module):
     def __call__(self, state: dict, x: jax.Array, vq_spec: VQSpec | None = None, *,
                  is_train: bool = False, dropsin: jax.Array | None = None,
                  rng: jax.Array | None = None) -> tuple[dict, dict]:
-        """One block x [B,L,D] -> (new_state, {res, l_commit, l_codebook, metrics}).
-        `dropsin` is the [W, D] sinusoid dropout mask shared by all blocks of a call."""
+        """One block x [B,L,E] -> (new_state, {res, l_commit, l_codebook, metrics}).
+        `dropsin` is the [W, E] sinusoid dropout mask shared by all blocks of a call."""
         x_tilde = self.input_ln(x)
         q = self.get_q(x_tilde)
         k, v, g = self.get_kvg(x_tilde)

@@ -1,8 +1,9 @@
 """Shared helpers of the Transformer-VQ Flax twin: dtypes, stop-gradient forms, dropout masks.
 
-Axis legend for the whole `vq` package: `B` batch, `P` tokens in a call, `K` blocks in a call,
-`L` block length, `M` mem_len, `W = M + L` recent window, `H` heads, `S` codes per head,
-`d_k` / `d_v` key / value width per head, `D` model width, `V` vocabulary.
+Axis legend for the whole `vq` package, the project's letters where they exist: `B` batch,
+`H` heads, `E` model width, `V` vocabulary; and its own: `P` tokens in a call, `N` blocks in a
+call, `L` block length, `M` mem_len, `W = M + L` recent window, `C` codes per head (the
+codebook, also the compressed cache), `d_k` / `d_v` key / value width per head.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from ..layers.precision import to_dtype  # config dtype string -> jax dtype
 
 __all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
 
-# Finite stand-in for infinity in masks (pitfall P4): -inf would give inf - inf = NaN in the shift.
+# Finite stand-in for infinity in masks: -inf would give inf - inf = NaN in the max-shift.
 MASK_INFTY_APPROX = 1e30
 
 
 def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:
     """The reference hard-codes float32 in three places (norm, tied logits, ScaledSin scale).
-    We promote to max(float32, dtype) instead, so float64 runs stay float64 (pitfall P10): the one
+    We promote to max(float32, dtype) instead, so float64 runs stay float64 (the reference's casts would downcast them): the one
     deliberate deviation from the reference, identical in both twins."""
     return jnp.promote_types(dtype, jnp.float32)
 

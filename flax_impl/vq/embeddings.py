@@ -1,4 +1,4 @@
-"""Token embeddings with tied logits and an output bias (no sqrt(D) scaling)."""
+"""Token embeddings with tied logits and an output bias (no sqrt(E) scaling)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ __all__ = ["Embeddings"]
 
 
 class Embeddings(nnx.Module):
-    """`embs` [V, D] ~ N(0, 1) and `bias_out` [V] (zeros; a dead parameter when untied)."""
+    """`embs` [V, E] ~ N(0, 1) and `bias_out` [V] (zeros; a dead parameter when untied)."""
 
     def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
         pdt = to_dtype(config.param_dtype)
@@ -22,7 +22,7 @@ class Embeddings(nnx.Module):
         self.bias_out = nnx.Param(jnp.zeros(config.n_vocab, dtype=pdt))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, P] token ids -> [B, P, D] in dtype."""
+        """[B, P] token ids -> [B, P, E] in dtype."""
         return jnp.take(self.embs[...], x.astype(jnp.int32), axis=0).astype(self.dtype)
 
     def logits(self, x: jax.Array) -> jax.Array:

@@ -48,8 +48,8 @@ class TransformerLayer(nnx.Module):
 
     def _sublayer(self, attn: VQAttention, x: jax.Array, state: dict, vq_specs: VQSpec | None,
                   is_train: bool, rng: jax.Array | None):
-        """Scan one sublayer over the K blocks of x [K,B,L,D]; returns ([K,B,L,D], state, aux).
-        `vq_specs` holds a [K,B,L] loss mask (blocks first)."""
+        """Scan one sublayer over the N blocks of x [N,B,L,E]; returns ([N,B,L,E], state, aux).
+        `vq_specs` holds a [N,B,L] loss mask (blocks first)."""
         c = self.config
         n_block, bsz, block_len, _ = x.shape
         # "timeless" masks: drawn once per call, shared by every block; "ephemeral" per block.
@@ -89,7 +89,7 @@ class TransformerLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, state: list[dict], vq_specs: VQSpec | None = None, *,
                  is_train: bool = False, rng: jax.Array | None = None) -> dict:
-        """x [K,B,L,D] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
+        """x [N,B,L,E] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
         state1, state2 = state
         x, state1, aux1 = self._sublayer(self.scanned_attn1, x, state1, vq_specs, is_train,
                                          _key(rng, 1))

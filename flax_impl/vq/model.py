@@ -19,20 +19,20 @@ __all__ = ["Transformer", "get_blocks_from_sequence", "get_sequence_from_blocks"
 
 
 def get_blocks_from_sequence(x: jax.Array, block_len: int) -> jax.Array:
-    """[B, P, ...] -> [K, B, L, ...] with K = P / L."""
+    """[B, P, ...] -> [N, B, L, ...] with N = P / L."""
     bsz, present_len, *suffix = x.shape
     x = x.reshape(bsz, present_len // block_len, block_len, *suffix)
     return jnp.swapaxes(x, 0, 1)
 
 
 def get_sequence_from_blocks(x: jax.Array) -> jax.Array:
-    """[K, B, L, ...] -> [B, K * L, ...]."""
+    """[N, B, L, ...] -> [B, N * L, ...]."""
     n_block, bsz, block_len, *suffix = x.shape
     return jnp.swapaxes(x, 0, 1).reshape(bsz, n_block * block_len, *suffix)
 
 
 def get_blocks_of_vq_spec(vq_spec: VQSpec | None, block_len: int) -> VQSpec | None:
-    """The loss mask cut into blocks, [K, B, L]; the scalars shared by all blocks."""
+    """The loss mask cut into blocks, [N, B, L]; the scalars shared by all blocks."""
     if vq_spec is None:
         return None
     masks = get_blocks_from_sequence(vq_spec.loss_mask, block_len)
@@ -66,7 +66,7 @@ class Transformer(nnx.Module):
     def __call__(self, inputs: jax.Array, state: list, vq_spec: VQSpec | None = None, *,
                  block_len: int | None = None, is_train: bool | None = None,
                  rng: jax.Array | None = None) -> dict:
-        """inputs [B, P] token ids ([B, P, D] features when `no_emb`), state from `initial_state`
+        """inputs [B, P] token ids ([B, P, E] features when `no_emb`), state from `initial_state`
         or a previous call -> {logprobs [B,P,V], attn_state, l_commit, l_codebook, metrics}.
 
         `block_len` (default `config.block_len`) must divide P; the output does not depend on it.

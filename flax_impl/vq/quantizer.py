@@ -31,9 +31,9 @@ class VQSpec(NamedTuple):
 
 
 def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """vecs [B,H,L,d], codebook [H,S,d] -> (z [B,H,L] int32, errs2 [B,H,L]).
+    """vecs [B,H,L,d], codebook [H,C,d] -> (z [B,H,L] int32, errs2 [B,H,L]).
 
-    Expanded |k|^2 - 2 k.c + |c|^2 (the reference's form, pitfall P1); argmin takes the first index
+    Expanded |k|^2 - 2 k.c + |c|^2 (the reference's form: near-ties then break the same way); argmin takes the first index
     on ties; relu clips the cancellation negatives of the minimum."""
     diffs2 = (jnp.sum(jnp.square(vecs), axis=-1)[..., None]
               - 2.0 * jnp.einsum("bhlk,hsk->bhls", vecs, codebook)
@@ -44,7 +44,7 @@ def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax
 
 
 def get_codewords(shortcodes: jax.Array, codebook: jax.Array) -> jax.Array:
-    """z [B,H,L], codebook [H,S,d] -> codewords [B,H,L,d] (a gather along S)."""
+    """z [B,H,L], codebook [H,C,d] -> codewords [B,H,L,d] (a gather along C)."""
     return jnp.take_along_axis(codebook[None], shortcodes[..., None], axis=2)
 
 
@@ -54,8 +54,8 @@ def get_codebook(c_sum: jax.Array, c_count: jax.Array) -> jax.Array:
 
 
 def one_hot(z: jax.Array, num_classes: int, dtype: jnp.dtype) -> jax.Array:
-    """An out-of-range code (z == S, an empty cache slot) encodes to a zero row (pitfall P3);
-    jax's one_hot does that already, torch's needs S + 1 classes."""
+    """An out-of-range code (z == C, an empty cache slot) encodes to a zero row, so it is never counted;
+    jax's one_hot does that already, torch's needs C + 1 classes."""
     return jax.nn.one_hot(z, num_classes, dtype=dtype)
 
 
@@ -129,7 +129,7 @@ def get_quantization_metrics(vecs, vecs_hat, errs2, c_sum, c_count, dtype: jnp.d
 
 
 class LearnableVQ(nnx.Module):
-    """Per-head codebook `c_sum` [H,S,d_k] / `c_count` [H,S] (both parameters, trained only by
+    """Per-head codebook `c_sum` [H,C,d_k] / `c_count` [H,C] (both parameters, trained only by
     the surrogate loss under SGD(lr=1))."""
 
     def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
@@ -137,13 +137,13 @@ class LearnableVQ(nnx.Module):
         pdt = to_dtype(config.param_dtype)
         self.param_dtype, self.dtype = pdt, to_dtype(config.dtype)
         h, s = config.n_head, config.n_code
-        # variance_scaling(1, fan_in) of a [H, S, d_k] array: fan_in = S * H.
+        # variance_scaling(1, fan_in) of a [H, C, d_k] array: fan_in = C * H.
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
         self.c_sum = nnx.Param(init(rngs.params(), (h, s, config.d_k), pdt))
         self.c_count = nnx.Param(jnp.ones((h, s), dtype=pdt))
 
     def get_codebook(self) -> jax.Array:
-        """The stop-gradient'ed codebook [H, S, d_k]."""
+        """The stop-gradient'ed codebook [H, C, d_k]."""
         return get_codebook(self.c_sum[...], self.c_count[...])
 
     def __call__(self, vecs: jax.Array, vq_spec: VQSpec | None, is_train: bool) -> dict:
@@ -154,7 +154,7 @@ class LearnableVQ(nnx.Module):
         z, errs2 = get_shortcodes(vecs_hp, c)
         errs2 = errs2.astype(self.dtype)
         cz = get_codewords(z, c).astype(orig_dtype)
-        # sg(cz) + st(k): forward value bit-exactly cz, gradient exactly the identity (P2).
+        # sg(cz) + st(k): forward value bit-exactly cz, gradient exactly the identity (k - k is an exact zero).
         vecs_hat = sg(cz) + st(vecs)
         zero = jnp.zeros((), dtype=self.dtype)
         l_commit, l_codebook, metrics = zero, zero, {}

@@ -1,6 +1,6 @@
 """Sampling: block length 1 with the carried state, temperature and nucleus (top-p) sampling.
 
-The draw is the project's generation sampler (`generation.py`, issue 6): the uniform noise comes
+The draw is the project's generation sampler (`generation.py`): the uniform noise comes
 from `weights.shared.generation.sampling_noise(seed)` (numpy), and each twin filters with
 `sampling_weights` and picks by inverse CDF with `sample_from_weights`. Both twins therefore draw
 identical tokens for a seed whenever their probabilities agree to rounding.

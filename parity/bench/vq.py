@@ -2,7 +2,7 @@
 the LLaMA core's full attention at the same width; the growth ratios are the point.
 
 Transformer-VQ is linear in the sequence length: each block of L queries attends to a window of
-M + L keys and S compressed codes, so the cost per token should not grow with the length (goal:
+M + L keys and C compressed codes, so the cost per token should not grow with the length (goal:
 16k within 1.3x of 1k). Full attention's per-token cost grows linearly with the length.
 
 The `vq` section of `make bench` (`python -m parity.bench vq`). Never imported by the tests.

@@ -21,7 +21,7 @@ __all__ = ["random_params", "build_vq_pair", "flatten_tree", "max_abs_diff", "to
 def random_params(config: TransformerVQConfig, seed: int) -> dict[str, np.ndarray]:
     """Torch-named numpy weights with every parameter non-trivial: the init has zeros for u, v,
     the biases and the ScaledSin scale, and ones for gains and counts, which would hide bugs.
-    Codebook rows are drawn continuous, so they are distinct (pitfall P1); counts in [0.5, 3]."""
+    Codebook rows are drawn continuous, so they are distinct (no argmin near-ties); counts in [0.5, 3]."""
     torch.manual_seed(seed)
     names = tckpt.to_numpy(tvq.Transformer(config))
     rng = np.random.default_rng(seed)

@@ -36,7 +36,7 @@ def sinusoids(positions: np.ndarray, width: int, lam: float) -> np.ndarray:
 
 
 def quantize(k: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """k [B,H,T,d], codebook [H,S,d] -> (codes [B,H,T], squared distance to the codeword)."""
+    """k [B,H,T,d], codebook [H,C,d] -> (codes [B,H,T], squared distance to the codeword)."""
     dist2 = np.sum((k[:, :, :, None, :] - codebook[None, :, None, :, :]) ** 2, axis=-1)
     z = np.argmin(dist2, axis=-1)
     return z, np.min(dist2, axis=-1)
@@ -48,7 +48,7 @@ def _silu(x: np.ndarray) -> np.ndarray:
 
 def dense_sublayer(p: Mapping[str, np.ndarray], prefix: str, x: np.ndarray, c: TransformerVQConfig,
                    loss_mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """One VQ-GAU over the whole sequence x [B,T,D] -> (residual branch [B,T,D], l_commit)."""
+    """One VQ-GAU over the whole sequence x [B,T,E] -> (residual branch [B,T,E], l_commit)."""
     b, t, _ = x.shape
     h, dk, dv, m = c.n_head, c.d_k, c.d_v, c.mem_len
     scale = dk ** -0.25
@@ -84,7 +84,7 @@ def dense_sublayer(p: Mapping[str, np.ndarray], prefix: str, x: np.ndarray, c: T
 
 def dense_forward(p: Mapping[str, np.ndarray], c: TransformerVQConfig, inputs: np.ndarray,
                   loss_mask: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Whole model from the first token: inputs [B,T] ids ([B,T,D] when no_emb) ->
+    """Whole model from the first token: inputs [B,T] ids ([B,T,E] when no_emb) ->
     (log-probabilities [B,T,V], l_commit summed over sublayers)."""
     x = np.asarray(inputs, np.float64) if c.no_emb else p["token_embedder.embs"][inputs]
     b, t = x.shape[:2]

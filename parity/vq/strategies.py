@@ -1,7 +1,7 @@
 """Hypothesis strategies for Transformer-VQ configs and inputs (public, for users' own CI).
 
 They respect the model's constraints: the block length divides the sequence, mem_len >= 1, the
-width is even, and codebooks are continuous random draws (distinct rows, pitfall P1)."""
+width is even, and codebooks are continuous random draws (distinct rows, so no argmin near-tie flips a code between the twins)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["fixture_config", "divisors", "vq_configs"]
 
 def fixture_config(**changes: Any) -> TransformerVQConfig:
     """The official test fixture's shape (tests/common.py there) at w = 2, in float64:
-    D = d_k = 8, d_v = 16, H = 2, S = 8, two layers, V = 10, abs PE, lambda = 1e4, no dropout,
+    E = d_k = 8, d_v = 16, H = 2, C = 8, two layers, V = 10, abs PE, lambda = 1e4, no dropout,
     beta = 0.02, gamma = 0.99, tied, pre-LN logits, gradients through the cache."""
     base: dict[str, Any] = dict(
         param_dtype="float64", dtype="float64", d_model=8, d_k=8, d_v=16, n_head=2, n_code=8,

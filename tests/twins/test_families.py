@@ -1,4 +1,4 @@
-"""Model families (issue 7: llama 2/3, mistral, qwen2, gemma; issue 8: gemma2, mixtral) are
+"""Model families (llama 2/3, mistral, qwen2, gemma, gemma2, mixtral) are
 switches of one architecture, set from `config.json`'s `model_type`, in both twins.
 
 Per family: forward parity of the three heads (float64 <= 1e-10, float32 per the table),

@@ -1,4 +1,4 @@
-"""Mixture of experts, soft-capping and sandwich norms (issue 8), in both twins.
+"""Mixture of experts, soft-capping and sandwich norms (Mixtral, Gemma 2, Grok-1 switches), in both twins.
 
 The MoE block, its router gradients and the load-balancing loss agree between the twins on
 hypothesis-drawn expert counts, top-k and shapes (float64 <= 1e-10), and with a plain numpy

@@ -76,7 +76,7 @@ def test_save_load_round_trip_is_bit_exact_across_twins(tmp_path, dtype):
     assert sorted(got) == sorted(want) == sorted(back)
     for name in want:
         assert want[name].dtype == got[name].dtype == back[name].dtype
-        if dtype == "bfloat16":  # the ScaledSin scale is at least float32 (P10)
+        if dtype == "bfloat16":  # the ScaledSin scale is at least float32 (the reference's float32, never a downcast)
             assert want[name].dtype == (np.float32 if name.endswith("scale") else ml_dtypes.bfloat16)
         assert want[name].shape == got[name].shape
         np.testing.assert_array_equal(_bits(got[name]), _bits(want[name]), err_msg=name)
@@ -133,7 +133,7 @@ def test_reference_tree_imports_into_both_twins():
     for got in (tckpt.to_numpy(t_model), fckpt.to_numpy(f_model)):
         for name in params:
             np.testing.assert_array_equal(got[name], params[name], err_msg=name)
-    # kvg is cut k | v | g at H*d_k and H*(d_k + d_v), head-major (P17): the torch twin's keys
+    # kvg is cut k | v | g at H*d_k and H*(d_k + d_v), head-major (the reference's layout): the torch twin's keys
     # are the first H*d_k output channels of the reference kernel.
     kernel = tree["params"]["transformer_layers_0"]["scanned_attn1"]["kvg_proj"]["kernel"]
     x = torch.tensor(np.random.default_rng(0).standard_normal((1, 2, config.d_model)))

@@ -13,7 +13,7 @@ from parity.vq.strategies import fixture_config
 
 
 def _check_layerdrop(diff):
-    """diff [K, B, L, D] = sublayer output - input: per row, all zero (dropped) or none zero."""
+    """diff [N, B, L, E] = sublayer output - input: per row, all zero (dropped) or none zero."""
     per_row = np.abs(diff).reshape(diff.shape[0], diff.shape[1], -1)
     dropped = np.all(per_row == 0, axis=(0, 2))
     kept = np.all(per_row != 0, axis=(0, 2))
@@ -23,7 +23,7 @@ def _check_layerdrop(diff):
 
 def test_layerdrop_is_one_draw_per_row_shared_by_blocks():
     config = fixture_config(p_droplyr=0.5, n_layer=1)
-    x = np.random.default_rng(0).standard_normal((3, 8, 2, config.d_model))  # [K, B, L, D]
+    x = np.random.default_rng(0).standard_normal((3, 8, 2, config.d_model))  # [N, B, L, E]
     mask = np.ones((8, 6))
     torch.manual_seed(0)
     t_layer = T.TransformerLayer(config)

@@ -102,7 +102,7 @@ def test_torch_causality_jacobian(config, seed):
     def f(x):
         return model(x, T.Transformer.initial_state(config, 1), None, is_train=False)["logprobs"]
 
-    jac = torch.autograd.functional.jacobian(f, x, vectorize=True)[0, :, :, 0]  # [t, V, s, D]
+    jac = torch.autograd.functional.jacobian(f, x, vectorize=True)[0, :, :, 0]  # [t, V, s, E]
     norms = jac.abs().sum(dim=(1, 3)).numpy()  # [t, s]
     t_idx, s_idx = np.indices(norms.shape)
     assert np.all(norms[s_idx > t_idx] == 0.0)  # exactly zero from the future
@@ -136,7 +136,8 @@ def test_flax_causality_jacobian():
 @settings(max_examples=8)
 @given(mem_len=st.integers(1, 4), half=st.integers(1, 4), agg_cache=st.booleans(), seed=st.integers(0, 99))
 def test_torch_jacobian_wrt_q_blockwise_equals_monoblock(mem_len, half, agg_cache, seed):
-    """P15: block-size invariance holds for the backward pass in q (not in k)."""
+    """Block-size invariance holds for the backward pass in q (not in k: window keys get
+    straight-through gradients, aggcache keys none)."""
     config = fixture_config(mem_len=mem_len, agg_cache=agg_cache)
     torch.manual_seed(seed)
     attn = T.VQAttention(config)

@@ -144,7 +144,7 @@ def _quantizer_case(seed, b, h, l, s, d):
             (r.random((b, l)) < 0.7).astype(np.float64))
 
 
-# (B, H, L, S, d_k)
+# (B, H, L, C, d_k)
 QSHAPES = st.sampled_from([(1, 1, 1, 2, 2), (2, 2, 5, 6, 3)])
 
 
@@ -172,7 +172,7 @@ def test_quantizer_forward(shape, seed):
         codewords = np.take_along_axis(cb[None], z[..., None], axis=2)
         np.testing.assert_array_equal(npy(T.get_codewords(tt(z), tt(cb))), codewords)
         np.testing.assert_array_equal(npy(F.get_codewords(fj(z), fj(cb))), codewords)
-        # quantized is the codeword bit for bit: sg(cz) + (k - sg(k)) adds an exact zero (P2)
+        # quantized is the codeword bit for bit: sg(cz) + (k - sg(k)) adds an exact zero
         np.testing.assert_array_equal(npy(out["quantized"]), npy(own)[np.arange(h)[None, :, None], z])
         np.testing.assert_allclose(npy(out["errs2"]), dist2.min(-1), atol=TOL)
         l_commit = np.mean(np.sum(mask[:, None, :] * dist2.min(-1), axis=1))
@@ -269,7 +269,7 @@ def test_ema_surrogate_is_one_ema_step(n_block, n_device, l, seed, twin):
     stat_sum, stat_count = np.zeros_like(c_sum), np.zeros_like(c_count)
     for k, m in zip(keys.reshape(-1, b, h, l, d), masks.reshape(-1, b, l)):
         z = ((k[:, :, :, None] - cb[None, :, None]) ** 2).sum(-1).argmin(-1)
-        r_ = np.eye(s)[z] * m[:, None, :, None]  # [B,H,L,S]
+        r_ = np.eye(s)[z] * m[:, None, :, None]  # [B,H,L,C]
         stat_sum += np.einsum("bhls,bhld->hsd", r_, k)
         stat_count += r_.sum(axis=(0, 2))
     np.testing.assert_allclose(c_sum - g_sum, gamma * c_sum + (1 - gamma) * stat_sum, atol=1e-12)
@@ -310,7 +310,7 @@ def test_update_state_invariants(shape, seed, twin):
     else:
         state, z, v = _flax_blocks(F.VQAttention(c, rngs=nnx.Rngs(seed)), fj(x), block_len)
     z, v = npy(z), npy(v)
-    # the window history: M initial empty slots (code S, value 0), then every token
+    # the window history: M initial empty slots (code C, value 0), then every token
     z_all = np.concatenate([np.full((2, c.n_head, mem_len), c.n_code), z], axis=-1)
     v_all = np.concatenate([np.zeros((2, c.n_head, mem_len, c.d_v)), v], axis=-2)
     evicted_z, evicted_v = z_all[..., :-mem_len], v_all[..., :-mem_len, :]

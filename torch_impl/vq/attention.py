@@ -6,11 +6,11 @@ legend in `common.py`. The state of a sublayer (doc_ids are omitted: the referen
 but never reads them, so they cannot change any output):
 
     pos_offset               []            int32   tokens already seen
-    xlcache.z                [B,H,M]       int32   codes of the last M keys (S = empty slot)
+    xlcache.z                [B,H,M]       int32   codes of the last M keys (C = empty slot)
     xlcache.k_hat            [B,H,M,d_k]   param_dtype
     xlcache.v                [B,H,M,d_v]   dtype
-    aggcache.upper_div_lower [B,H,S,d_v]   dtype   per-code mean of evicted values
-    aggcache.lower           [B,H,S]       dtype   per-code count of evicted keys
+    aggcache.upper_div_lower [B,H,C,d_v]   dtype   per-code mean of evicted values
+    aggcache.lower           [B,H,C]       dtype   per-code count of evicted keys
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class VQAttention(nn.Module):
 
     @staticmethod
     def initial_state(config: TransformerVQConfig, batch_size: int) -> dict:
-        """Empty caches: every xlcache code is S (invalid), counts and means zero."""
+        """Empty caches: every xlcache code is C (invalid), counts and means zero."""
         c = config
         prefix = (batch_size, c.n_head)
         pdt, dt = to_dtype(c.param_dtype), to_dtype(c.dtype)
@@ -101,7 +101,7 @@ class VQAttention(nn.Module):
         )
 
     def get_q(self, x_tilde: torch.Tensor) -> torch.Tensor:
-        """[B,L,D] -> q [B,H,L,d_k] in param_dtype, RMS-normalised and scaled by d_k^-1/4."""
+        """[B,L,E] -> q [B,H,L,d_k] in param_dtype, RMS-normalised and scaled by d_k^-1/4."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
         q = linear(x_tilde, self.q_proj.weight, None, self.dtype)
@@ -110,8 +110,8 @@ class VQAttention(nn.Module):
         return q.transpose(1, 2).to(self.param_dtype)
 
     def get_kvg(self, x_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B,L,D] -> k [B,H,L,d_k] (param_dtype), v [B,H,L,d_v], g [B,L,H*d_v] (dtype).
-        The fused projection is cut k | v | g, head-major inside each chunk (pitfall P17)."""
+        """[B,L,E] -> k [B,H,L,d_k] (param_dtype), v [B,H,L,d_v], g [B,L,H*d_v] (dtype).
+        The fused projection is cut k | v | g, head-major inside each chunk, as the reference's fused kernel is laid out."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
         kvg = linear(x_tilde, self.kvg_proj.weight, None, self.dtype)
@@ -125,7 +125,7 @@ class VQAttention(nn.Module):
 
     def get_xl_helpers(self, block_len: int, dropsin: torch.Tensor | None):
         """Relative features xl_r [H,W,d_k] (row w = distance W-1-w) and u', v' [1,H,1,d_k],
-        each scaled by d_k^-1/4 (pitfall P9)."""
+        each scaled by d_k^-1/4 (so q.k carries 1/sqrt(d_k), split evenly between the sides)."""
         c = self.config
         w = c.mem_len + block_len
         xl_r = get_sinusoid_embs(w, c.d_model, c.pe_lam, flip=True, dtype=at_least_float32(self.dtype))
@@ -140,7 +140,7 @@ class VQAttention(nn.Module):
 
     def attn(self, q, k, v, state: dict, vq_spec: VQSpec | None, is_train: bool,
              dropsin: torch.Tensor | None = None) -> dict:
-        """Softmax attention over the recent window (xlcache + block) and the S aggcache codes."""
+        """Softmax attention over the recent window (xlcache + block) and the C aggcache codes."""
         c = self.config
         bsz, _, block_len, _ = q.shape
         vq = self.quantizer(k, vq_spec, is_train)
@@ -156,7 +156,7 @@ class VQAttention(nn.Module):
         cache_scores = cache_scores + get_agg_biases(aggcache["lower"])[..., None, :]
 
         # Scores against the recent window; the relative bias only within distance <= M.
-        invalid_len = torch.relu(c.mem_len - state["pos_offset"])  # a tensor: no .item() (P13)
+        invalid_len = torch.relu(c.mem_len - state["pos_offset"])  # a tensor: .item() would break compile
         ac = torch.einsum("bhlk,bhwk->bhlw", q + xl_u, recent_k_hat)
         bd = rel_shift(torch.einsum("bhlk,hwk->bhlw", q + xl_v, xl_r))
         bd = bd * get_causal_mask(block_len, c.mem_len, invalid_len, True)[None, None].to(bd.dtype)
@@ -165,7 +165,7 @@ class VQAttention(nn.Module):
         keep = keep.to(recent_scores.dtype)
         recent_scores = recent_scores * keep - MASK_INFTY_APPROX * (1 - keep)
 
-        # One joint max over both score sets, stop-gradient'ed, even without the aggcache (P5).
+        # One joint max over both score sets, stop-gradient'ed, even without the aggcache, as the reference does.
         max_scores = sg(torch.maximum(torch.amax(cache_scores, dim=-1), torch.amax(recent_scores, dim=-1)))
         cache_a = torch.exp(cache_scores - max_scores[..., None]).to(self.dtype)
         recent_a = torch.exp(recent_scores - max_scores[..., None]).to(self.dtype)
@@ -182,13 +182,13 @@ class VQAttention(nn.Module):
                     l_commit=vq["l_commit"], l_codebook=vq["l_codebook"], metrics=vq["metrics"])
 
     def update_state(self, recent_z, recent_k_hat, recent_v, state: dict) -> dict:
-        """Evict the oldest L window entries into the aggcache (running per-code mean, P6) and
+        """Evict the oldest L window entries into the aggcache (a running per-code mean, not a sum, for stability) and
         keep the newest M as the xlcache."""
         c = self.config
         m = c.mem_len
         block_len = recent_z.shape[-1] - m
         aggcache = state["aggcache"]
-        delta = one_hot(recent_z[..., :-m], c.n_code, self.dtype)  # [B,H,L,S]; empty slots -> 0
+        delta = one_hot(recent_z[..., :-m], c.n_code, self.dtype)  # [B,H,L,C]; empty slots -> 0
         new_lower = aggcache["lower"] + torch.sum(delta, dim=-2)
         f1 = aggcache["lower"] / torch.clamp(new_lower, min=1.0)
         f2 = delta / torch.clamp(new_lower, min=1.0)[..., None, :]
@@ -206,8 +206,8 @@ class VQAttention(nn.Module):
     def forward(self, state: dict, x: torch.Tensor, vq_spec: VQSpec | None = None, *,
                 is_train: bool = False, dropsin: torch.Tensor | None = None,
                 rng: torch.Generator | None = None) -> tuple[dict, dict]:
-        """One block x [B,L,D] -> (new_state, {res, l_commit, l_codebook, metrics}).
-        `dropsin` is the [W, D] sinusoid dropout mask shared by all blocks of a call."""
+        """One block x [B,L,E] -> (new_state, {res, l_commit, l_codebook, metrics}).
+        `dropsin` is the [W, E] sinusoid dropout mask shared by all blocks of a call."""
         x_tilde = self.input_ln(x)
         q = self.get_q(x_tilde)
         k, v, g = self.get_kvg(x_tilde)

@@ -1,4 +1,4 @@
-"""Token embeddings with tied logits and an output bias (no sqrt(D) scaling)."""
+"""Token embeddings with tied logits and an output bias (no sqrt(E) scaling)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["Embeddings"]
 
 
 class Embeddings(nn.Module):
-    """`embs` [V, D] ~ N(0, 1) and `bias_out` [V] (zeros; a dead parameter when untied)."""
+    """`embs` [V, E] ~ N(0, 1) and `bias_out` [V] (zeros; a dead parameter when untied)."""
 
     def __init__(self, config: TransformerVQConfig):
         super().__init__()
@@ -22,7 +22,7 @@ class Embeddings(nn.Module):
         self.bias_out = nn.Parameter(torch.zeros(config.n_vocab, dtype=pdt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, P] token ids -> [B, P, D] in dtype."""
+        """[B, P] token ids -> [B, P, E] in dtype."""
         return self.embs[x.long()].to(self.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class TransformerLayer(nn.Module):
 
     def _sublayer(self, attn: VQAttention, x: torch.Tensor, state: dict, vq_specs: list[VQSpec] | None,
                   is_train: bool, rng: torch.Generator | None):
-        """Scan one sublayer over the K blocks of x [K,B,L,D]; returns ([K,B,L,D], state, aux)."""
+        """Scan one sublayer over the N blocks of x [N,B,L,E]; returns ([N,B,L,E], state, aux)."""
         c = self.config
         n_block, bsz, block_len, _ = x.shape
         # "timeless" masks: drawn once per call, shared by every block.
@@ -60,7 +60,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: list[dict], vq_specs: list[VQSpec] | None = None, *,
                 is_train: bool = False, rng: torch.Generator | None = None) -> dict:
-        """x [K,B,L,D] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
+        """x [N,B,L,E] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
         state1, state2 = state
         x, state1, aux1 = self._sublayer(self.scanned_attn1, x, state1, vq_specs, is_train, rng)
         x, state2, aux2 = self._sublayer(self.scanned_attn2, x, state2, vq_specs, is_train, rng)

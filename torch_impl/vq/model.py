@@ -21,14 +21,14 @@ __all__ = ["Transformer", "get_blocks_from_sequence", "get_sequence_from_blocks"
 
 
 def get_blocks_from_sequence(x: torch.Tensor, block_len: int) -> torch.Tensor:
-    """[B, P, ...] -> [K, B, L, ...] with K = P / L."""
+    """[B, P, ...] -> [N, B, L, ...] with N = P / L."""
     bsz, present_len, *suffix = x.shape
     x = x.reshape(bsz, present_len // block_len, block_len, *suffix)
     return x.transpose(0, 1)
 
 
 def get_sequence_from_blocks(x: torch.Tensor) -> torch.Tensor:
-    """[K, B, L, ...] -> [B, K * L, ...]."""
+    """[N, B, L, ...] -> [B, N * L, ...]."""
     n_block, bsz, block_len, *suffix = x.shape
     return x.transpose(0, 1).reshape(bsz, n_block * block_len, *suffix)
 
@@ -68,7 +68,7 @@ class Transformer(nn.Module):
     def forward(self, inputs: torch.Tensor, state: list, vq_spec: VQSpec | None = None, *,
                 block_len: int | None = None, is_train: bool | None = None,
                 rng: torch.Generator | None = None) -> dict:
-        """inputs [B, P] token ids ([B, P, D] features when `no_emb`), state from `initial_state`
+        """inputs [B, P] token ids ([B, P, E] features when `no_emb`), state from `initial_state`
         or a previous call -> {logprobs [B,P,V], attn_state, l_commit, l_codebook, metrics}.
 
         `block_len` (default `config.block_len`) must divide P; the output does not depend on it.

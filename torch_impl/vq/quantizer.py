@@ -31,9 +31,9 @@ class VQSpec(NamedTuple):
 
 
 def get_shortcodes(vecs: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vecs [B,H,L,d], codebook [H,S,d] -> (z [B,H,L] int32, errs2 [B,H,L]).
+    """vecs [B,H,L,d], codebook [H,C,d] -> (z [B,H,L] int32, errs2 [B,H,L]).
 
-    Expanded |k|^2 - 2 k.c + |c|^2 (the reference's form, pitfall P1); argmin takes the first index
+    Expanded |k|^2 - 2 k.c + |c|^2 (the reference's form: near-ties then break the same way); argmin takes the first index
     on ties; relu clips the cancellation negatives of the minimum."""
     diffs2 = (torch.sum(torch.square(vecs), dim=-1)[..., None]
               - 2.0 * torch.einsum("bhlk,hsk->bhls", vecs, codebook)
@@ -44,7 +44,7 @@ def get_shortcodes(vecs: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Te
 
 
 def get_codewords(shortcodes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """z [B,H,L], codebook [H,S,d] -> codewords [B,H,L,d] (a gather along S)."""
+    """z [B,H,L], codebook [H,C,d] -> codewords [B,H,L,d] (a gather along C)."""
     b, h, l = shortcodes.shape
     cb = codebook[None].expand(b, -1, -1, -1)
     idx = shortcodes.long()[..., None].expand(b, h, l, codebook.shape[-1])
@@ -57,8 +57,8 @@ def get_codebook(c_sum: torch.Tensor, c_count: torch.Tensor) -> torch.Tensor:
 
 
 def one_hot(z: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """JAX semantics: an out-of-range code (z == S, an empty cache slot) encodes to a zero row.
-    torch's one_hot raises on it, so encode S + 1 classes and drop the last (pitfall P3)."""
+    """JAX semantics: an out-of-range code (z == C, an empty cache slot) encodes to a zero row.
+    torch's one_hot raises on it, so encode C + 1 classes and drop the last (never clamp: that would count a real code)."""
     return F.one_hot(z.long(), num_classes + 1)[..., :num_classes].to(dtype)
 
 
@@ -132,7 +132,7 @@ def get_quantization_metrics(vecs, vecs_hat, errs2, c_sum, c_count, dtype: torch
 
 
 class LearnableVQ(nn.Module):
-    """Per-head codebook `c_sum` [H,S,d_k] / `c_count` [H,S] (both parameters, trained only by
+    """Per-head codebook `c_sum` [H,C,d_k] / `c_count` [H,C] (both parameters, trained only by
     the surrogate loss under SGD(lr=1))."""
 
     def __init__(self, config: TransformerVQConfig):
@@ -141,12 +141,12 @@ class LearnableVQ(nn.Module):
         pdt = to_dtype(config.param_dtype)
         self.param_dtype, self.dtype = pdt, to_dtype(config.dtype)
         h, s = config.n_head, config.n_code
-        # variance_scaling(1, fan_in) of a [H, S, d_k] array: fan_in = S * H.
+        # variance_scaling(1, fan_in) of a [H, C, d_k] array: fan_in = C * H.
         self.c_sum = nn.Parameter(torch.randn(h, s, config.d_k, dtype=pdt) / math.sqrt(h * s))
         self.c_count = nn.Parameter(torch.ones(h, s, dtype=pdt))
 
     def get_codebook(self) -> torch.Tensor:
-        """The stop-gradient'ed codebook [H, S, d_k]."""
+        """The stop-gradient'ed codebook [H, C, d_k]."""
         return get_codebook(self.c_sum, self.c_count)
 
     def forward(self, vecs: torch.Tensor, vq_spec: VQSpec | None, is_train: bool) -> dict:
@@ -157,7 +157,7 @@ class LearnableVQ(nn.Module):
         z, errs2 = get_shortcodes(vecs_hp, c)
         errs2 = errs2.to(self.dtype)
         cz = get_codewords(z, c).to(orig_dtype)
-        # sg(cz) + st(k): forward value bit-exactly cz, gradient exactly the identity (P2).
+        # sg(cz) + st(k): forward value bit-exactly cz, gradient exactly the identity (k - k is an exact zero).
         vecs_hat = sg(cz) + st(vecs)
         zero = torch.zeros((), dtype=self.dtype)
         l_commit, l_codebook, metrics = zero, zero, {}

@@ -1,9 +1,10 @@
 """Training: the composite loss, the two optimizer groups and a truncated-BPTT train step.
 
-The codebook (`c_sum`, `c_count`) is trained only by the gradient of the surrogate loss under
-plain SGD at learning rate 1, which makes each optimizer update one EMA k-means step (pitfall
-P12). Every other parameter goes to the main optimizer (Adam here; the reference offers
-adamw/lion/adafactor with clipping and a schedule, which a user can swap in for the main group).
+The codebook (`c_sum`, `c_count`) is trained only by the gradient of the surrogate loss under plain
+SGD at learning rate 1, which makes each optimizer update one EMA k-means step (any other optimizer
+would break the EMA). Every other parameter goes to the main optimizer (Adam here; the reference
+offers adamw/lion/adafactor with clipping and a schedule, which a user can swap in for the main
+group).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def loss_fn(model: Transformer, batch: Mapping[str, torch.Tensor], state: list, 
     """Composite loss l_lm + c_beta * l_commit + l_codebook, and the model outputs with metrics.
 
     batch: `inputs` [B,P], `targets` [B,P], `loss_mask` [B,P]. l_lm is the mean over all B*P
-    positions of mask * nll: the denominator is B*P, not the mask's sum (pitfall P11)."""
+    positions of mask * nll: the denominator is B*P, not the mask's sum, as in the reference."""
     out = model(batch["inputs"], state, vq_spec, block_len=block_len, is_train=True, rng=rng)
     logprobs = out["logprobs"]
     nll = -torch.take_along_dim(logprobs, batch["targets"].long()[..., None], dim=-1)[..., 0]

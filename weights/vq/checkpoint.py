@@ -7,15 +7,15 @@ the name split at dots (list indices as ints), a linear `weight` renamed `kernel
 
 | torch name (per sublayer `transformer_layers.{i}.scanned_attn{1,2}.`) | shape           |
 |-----------------------------------------------------------------------|-----------------|
-| `input_ln.g`, `input_ln.b`                                            | [D]             |
-| `q_proj.weight`, `r_proj.weight`                                      | [H*d_k, D]      |
-| `kvg_proj.weight` (rows: k then v then g, head-major inside each)     | [H*(d_k+2d_v), D] |
-| `res_proj.weight`                                                     | [D, H*d_v]      |
+| `input_ln.g`, `input_ln.b`                                            | [E]             |
+| `q_proj.weight`, `r_proj.weight`                                      | [H*d_k, E]      |
+| `kvg_proj.weight` (rows: k then v then g, head-major inside each)     | [H*(d_k+2d_v), E] |
+| `res_proj.weight`                                                     | [E, H*d_v]      |
 | `u`, `v`                                                              | [H*d_k]         |
-| `quantizer.c_sum`, `quantizer.c_count`                                | [H,S,d_k], [H,S]|
+| `quantizer.c_sum`, `quantizer.c_count`                                | [H,C,d_k], [H,C]|
 
-plus `token_embedder.embs` [V,D], `token_embedder.bias_out` [V], `position_embedder.scale` []
-(when `pe_abs`), `out_ln.g/.b` [D] (when `e_preln`), `out_proj.weight` [V,D] and
+plus `token_embedder.embs` [V,E], `token_embedder.bias_out` [V], `position_embedder.scale` []
+(when `pe_abs`), `out_ln.g/.b` [E] (when `e_preln`), `out_proj.weight` [V,E] and
 `out_proj.bias` [V] (when untied).
 
 `import_reference_params` maps the official Flax parameter tree (the nested dict under

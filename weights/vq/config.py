@@ -48,12 +48,12 @@ class TransformerVQConfig:
     mem_len: int = 128  # M: length of the uncompressed sliding cache (xlcache); >= 1
     grad_thru_cache: bool = True  # let gradients flow through the carried state within an update
     agg_cache: bool = True  # attend to the compressed (aggregated) cache of evicted keys
-    d_model: int = 256  # D: residual width; even (sinusoid width)
+    d_model: int = 256  # E: residual width; even (sinusoid width)
     d_k: int = 64  # key/query width per head
     d_v: int = 512  # value/gate width per head (2 * d_model in the paper)
     d_ff: int = 0  # unused by the reference's main branch (no MLP); kept for config round trips
     n_head: int = 1  # H: heads, each with its own codebook (1 in every reference script)
-    n_code: int = 512  # S: codebook size per head, also the size of the compressed cache
+    n_code: int = 512  # C: codebook size per head, also the size of the compressed cache
     n_layer: int = 4  # layers, each with two VQ-attention (GAU) sublayers
     n_vocab: int = 256  # V: vocabulary size
     pe_abs: bool = False  # add ScaledSin absolute position embeddings to the token embeddings
@@ -69,7 +69,7 @@ class TransformerVQConfig:
     e_preln: bool = True  # RMS-LayerNorm before the logits
     e_scale: float = 1.0  # multiplier on the logits, after the output bias, before log_softmax
     is_train: bool = True  # train mode: dropout on, commit/codebook losses and metrics computed
-    no_emb: bool = False  # inputs are float features [B, P, D] instead of token ids
+    no_emb: bool = False  # inputs are float features [B, P, E] instead of token ids
     model_type: str = VQ_MODEL_TYPE  # written to config.json; must be "transformer_vq"
 
     def __post_init__(self) -> None:
@@ -95,7 +95,7 @@ class TransformerVQConfig:
                      "d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "n_vocab"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                # mem_len = 0 would make the state update's `[..., :-M]` slice empty (pitfall P14)
+                # mem_len = 0 would make the state update's `[..., :-M]` slice empty
                 fail(name, f"must be a positive integer, got {v!r}")
         if isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int) or self.d_ff < 0:
             fail("d_ff", f"must be a non-negative integer, got {self.d_ff!r}")
