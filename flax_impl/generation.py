@@ -7,14 +7,9 @@ left-padded further to a length bucket (`weights.shared.generation.bucket_length
 two, at least 16), so a new prompt length in the same bucket reuses the compiled loop; batch
 size, `max_new_tokens` and the branch-deciding options each select a compilation.
 
-Prompts are left-padded; position ids come from the attention mask (`cumsum - 1`, clipped at 0).
-A row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
-when every row is finished or after `max_new_tokens`.
-
-Sampling draws no random numbers here: `weights.shared.generation.sampling_noise(seed)` gives one
-uniform `u` per (step, row), and the token is the first one, in vocabulary order, at which the
-cumulative filtered probability exceeds `u` times its total (inverse CDF). Both twins do this
-with the same `u`, so the same seed gives the same tokens in both.
+What both twins share (argument checks, left padding and position ids, eos handling, and the
+sampling noise with its inverse-CDF rule, so that a seed gives the same tokens in both) is
+numpy, written once in `weights.shared.generation`.
 """
 
 from __future__ import annotations
@@ -28,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, bucket_length, position_ids_from_mask,
-                                prepare_generation, sampling_noise)
+from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, bucket_length,
+                                       position_ids_from_mask, prepare_generation, sampling_noise)
 
 from .layers.attention import KVCache
 from .layers.precision import compute_dtype

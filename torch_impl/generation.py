@@ -3,14 +3,9 @@
 Mirrors `flax_impl/generation.py` function for function. The loop runs under
 `torch.inference_mode()` on a KV cache preallocated to prompt + `max_new_tokens`.
 
-Prompts are left-padded; position ids come from the attention mask (`cumsum - 1`, clipped at 0).
-A row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
-when every row is finished or after `max_new_tokens`.
-
-Sampling draws no random numbers here: `weights.shared.generation.sampling_noise(seed)` gives one
-uniform `u` per (step, row), and the token is the first one, in vocabulary order, at which the
-cumulative filtered probability exceeds `u` times its total (inverse CDF). Both twins do this
-with the same `u`, so the same seed gives the same tokens in both.
+What both twins share (argument checks, left padding and position ids, eos handling, and the
+sampling noise with its inverse-CDF rule, so that a seed gives the same tokens in both) is
+numpy, written once in `weights.shared.generation`.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import numpy as np
 import torch
 
 from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, position_ids_from_mask,
-                                prepare_generation, sampling_noise)
+                                       prepare_generation, sampling_noise)
 
 from .layers.attention import KVCache
 from .layers.precision import compute_dtype

@@ -1,9 +1,6 @@
 """Shared helpers of the Transformer-VQ Flax twin: dtypes, stop-gradient forms, dropout masks.
 
-Axis legend for the whole `vq` package, the project's letters where they exist: `B` batch,
-`H` heads, `E` model width, `V` vocabulary; and its own: `P` tokens in a call, `N` blocks in a
-call, `L` block length, `M` mem_len, `W = M + L` recent window, `C` codes per head (the
-codebook, also the compressed cache), `d_k` / `d_v` key / value width per head.
+Axis letters of the whole `vq` package (`N` blocks, `C` codes, `E` width, ...): `docs/transformer_vq.md`.
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ MASK_INFTY_APPROX = 1e30
 
 def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:
     """The reference hard-codes float32 in three places (norm, tied logits, ScaledSin scale).
-    We promote to max(float32, dtype) instead, so float64 runs stay float64 (the reference's casts would downcast them): the one
-    deliberate deviation from the reference, identical in both twins."""
+    We promote to max(float32, dtype) instead, so float64 runs stay float64 (the reference's casts
+    would downcast them): the one numerical deviation from the reference."""
     return jnp.promote_types(dtype, jnp.float32)
 
 

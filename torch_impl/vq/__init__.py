@@ -3,7 +3,7 @@
 Ported from the reference implementation, transformer-vq/transformer_vq `main@21943e4`. What the
 code relies on (the model, one sublayer, the caches, the dense formula the tests compare with,
 training, the numerical notes) and its deliberate differences from the reference, identical in
-both twins, are in `docs/transformer_vq.md`. Axis letters: `common.py`.
+both twins, are in `docs/transformer_vq.md`, with the axis letters.
 """
 
 from .attention import VQAttention, get_agg_biases, get_causal_mask, rel_shift

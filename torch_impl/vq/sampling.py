@@ -1,9 +1,7 @@
 """Sampling: block length 1 with the carried state, temperature and nucleus (top-p) sampling.
 
-The draw is the project's generation sampler (`generation.py`): the uniform noise comes
-from `weights.shared.generation.sampling_noise(seed)` (numpy), and each twin filters with
-`sampling_weights` and picks by inverse CDF with `sample_from_weights`. Both twins therefore draw
-identical tokens for a seed whenever their probabilities agree to rounding.
+The draw is the project's generation sampler (`weights.shared.generation`): `sampling_weights`
+filters, `sample_from_weights` picks by inverse CDF with the numpy noise of the seed.
 """
 
 from __future__ import annotations

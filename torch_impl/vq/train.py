@@ -1,10 +1,8 @@
 """Training: the composite loss, the two optimizer groups and a truncated-BPTT train step.
 
-The codebook (`c_sum`, `c_count`) is trained only by the gradient of the surrogate loss under plain
-SGD at learning rate 1, which makes each optimizer update one EMA k-means step (any other optimizer
-would break the EMA). Every other parameter goes to the main optimizer (Adam here; the reference
-offers adamw/lion/adafactor with clipping and a schedule, which a user can swap in for the main
-group).
+The codebook is trained only by its surrogate loss under SGD at learning rate 1 (one EMA k-means
+step per update: `docs/transformer_vq.md`, Training); every other parameter goes to the main
+optimizer (Adam here; the reference's adamw / lion / adafactor chains can replace it).
 """
 
 from __future__ import annotations

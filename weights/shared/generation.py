@@ -1,9 +1,16 @@
 """What both twins' `generate` share, in numpy: argument checks, the options, and the noise.
 
 Like `rope.py`, this is framework-neutral math that must be identical in the two twins, so it
-lives once, here. In particular all randomness of sampling is drawn here: `sampling_noise` turns
-`seed` into uniform numbers with numpy, and each twin samples by inverse CDF with them. The same
-seed therefore gives the same tokens in both twins, whatever their own random generators do.
+lives once, here:
+
+- prompts are left-padded, and position ids come from the attention mask
+  (`position_ids_from_mask`: `cumsum - 1`, clipped at 0);
+- a row that emits an eos token is finished and gets `pad_token_id` from then on; the loop stops
+  when every row is finished or after `max_new_tokens`;
+- all randomness of sampling is drawn here: `sampling_noise(seed)` gives one uniform `u` per
+  (step, row) with numpy, and each twin takes the first token, in vocabulary order, at which the
+  cumulative filtered probability exceeds `u` times its total (inverse CDF). The same seed
+  therefore gives the same tokens in both twins, whatever their own random generators do.
 """
 
 from __future__ import annotations
