@@ -6,29 +6,17 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from weights.vq.checkpoint import (import_reference_params, load_vq_checkpoint, save_vq_checkpoint,
                                    validate_tensors)
 from weights.vq.config import TransformerVQConfig
+
+from ..checkpoint import numpy_to_tensor, tensor_to_numpy  # the bit-exact bfloat16 bridge
 from .model import Transformer
 
 __all__ = ["abstract_model", "to_numpy", "load_numpy", "save_pretrained", "from_pretrained", "from_reference_params"]
-
-
-def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits (bit-exact)
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy().copy()
-
-
-def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.array(a, order="C").view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a, order="C"))
 
 
 def abstract_model(config: TransformerVQConfig) -> Transformer:
@@ -39,14 +27,15 @@ def abstract_model(config: TransformerVQConfig) -> Transformer:
 
 def to_numpy(model: Transformer) -> dict[str, np.ndarray]:
     """Every parameter, named by the state dict, as numpy arrays (torch layout)."""
-    return {k: _tensor_to_numpy(v) for k, v in model.state_dict().items()}
+    return {k: tensor_to_numpy(v) for k, v in model.state_dict().items()}
 
 
 def load_numpy(model: Transformer, tensors: Mapping[str, np.ndarray]) -> Transformer:
     """Copy torch-named numpy tensors into the model (names and shapes checked first)."""
     validate_tensors(model.config, tensors)
     current = model.state_dict()
-    state = {k: _numpy_to_tensor(np.asarray(v)).to(current[k].dtype) for k, v in tensors.items()}
+    # np.array copies: the model must not share memory with the caller's arrays.
+    state = {k: numpy_to_tensor(np.array(v)).to(current[k].dtype) for k, v in tensors.items()}
     # assign=True adopts the tensors, so a meta-device `abstract_model` becomes a real one.
     model.load_state_dict(state, strict=True, assign=True)
     return model
