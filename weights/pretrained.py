@@ -21,7 +21,7 @@ from .hf_config import CONFIG_NAME
 from .report import LoadReport, match_state
 from .safetensors_io import TensorSpec
 
-__all__ = ["checkpoint_dtype", "load_into", "natural_key", "save_checkpoint"]
+__all__ = ["checkpoint_dtype", "keep_on_resave", "load_into", "natural_key", "save_checkpoint"]
 
 _FLOATS = tuple(FLOAT_DTYPES.values())
 
@@ -65,7 +65,7 @@ def load_into(reader: CheckpointReader, expected: Mapping[str, tuple[tuple[int, 
     return report
 
 
-def _keep(name: str) -> bool:
+def keep_on_resave(name: str) -> bool:
     # Files of an existing checkpoint directory worth keeping when it is re-saved: tokenizer,
     # generation config, README... everything but weights and the config we rewrite.
     return name != CONFIG_NAME and not WEIGHT_FILE_RE.match(name)
@@ -91,7 +91,7 @@ def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, head_clas
     if family is not None:
         changes["architectures"] = (family.class_prefix + head_class,)
     config = config.replace(**changes)
-    with ShardedWriter(directory, specs, max_shard_size=max_shard_size, force=True, keep=_keep,
+    with ShardedWriter(directory, specs, max_shard_size=max_shard_size, force=True, keep=keep_on_resave,
                        fsync=fsync) as writer:
         config.save_pretrained(writer.staging)
         for spec in specs:

@@ -22,8 +22,11 @@ plus `token_embedder.embs` [V,E], `token_embedder.bias_out` [V], `position_embed
 `params`, e.g. restored from the reference's msgpack checkpoint with `flax.serialization`) onto
 these names, so a model trained with the reference code runs in either twin.
 
-Files go through the project's safetensors layer: an atomic writer (temporary file, fsync,
-rename) and a validating reader; errors are `weights.errors.CheckpointError`s.
+Files go through the LLaMA family's checkpoint layer: `ShardedWriter` (staged, then renamed onto
+the directory, so a crash never leaves a half-written checkpoint; other files are kept),
+`CheckpointReader` (validated headers, memory-mapped tensors) and `match_state` (every missing,
+unexpected or mis-shaped tensor in one `StateMismatchError`); errors are
+`weights.errors.CheckpointError`s.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from weights.config import ConfigError
-from weights.errors import CheckpointError
-from weights.safetensors_io import load_file
-from weights.safetensors_writer import save_file
+from weights.checkpoint import CheckpointReader, ShardedWriter
+from weights.errors import CheckpointError, ConfigError
+from weights.pretrained import keep_on_resave
+from weights.report import iter_tensors, match_state
+from weights.safetensors_io import TensorSpec
 from weights.vq.config import TransformerVQConfig
 
 __all__ = [
@@ -103,26 +107,28 @@ def _check(config: TransformerVQConfig, tensors: Mapping[str, np.ndarray], sourc
 
 def save_vq_checkpoint(directory: str | os.PathLike, config: TransformerVQConfig,
                        tensors: Mapping[str, np.ndarray]) -> Path:
-    """Write `config.json` and `model.safetensors` (temp file + rename, so never half-written)."""
+    """Write `config.json` and `model.safetensors` through `ShardedWriter` (one file, staged and
+    renamed into place, so never half-written); returns the weights file."""
     _check(config, tensors, "save_vq_checkpoint")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / VQ_WEIGHTS_NAME
-    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, path,
-              metadata={"format": "np", "model_type": config.model_type})
-    config.save_pretrained(directory)
-    return path
+    shapes = vq_param_shapes(config)
+    specs = [TensorSpec(k, shapes[k], np.asarray(tensors[k]).dtype) for k in shapes]
+    with ShardedWriter(directory, specs, max_shard_size=None, weights_name=VQ_WEIGHTS_NAME, force=True,
+                       keep=keep_on_resave, metadata={"format": "np", "model_type": config.model_type}) as writer:
+        config.save_pretrained(writer.staging)
+        for name in writer.order:
+            writer.write(name, np.asarray(tensors[name], order="C"))  # (ascontiguousarray makes 0-d 1-d)
+    return Path(directory) / VQ_WEIGHTS_NAME
 
 
 def load_vq_checkpoint(directory: str | os.PathLike) -> tuple[TransformerVQConfig, dict[str, np.ndarray]]:
-    """Read a directory written by `save_vq_checkpoint`; tensors are checked against the config."""
-    directory = Path(directory)
+    """Read a directory written by `save_vq_checkpoint`: the config, and every tensor (a copy),
+    matched against the names and shapes the config implies (`match_state`, strict)."""
     config = TransformerVQConfig.from_pretrained(directory)
-    path = directory / VQ_WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError("weights file not found", file=path)
-    tensors = load_file(path)  # raises a specific CheckpointError on a malformed file
-    _check(config, tensors, str(path))
+    # Only the dtype's kind is matched (a float tensor for a float parameter): the model casts.
+    expected = {k: (shape, np.dtype(np.float32)) for k, shape in vq_param_shapes(config).items()}
+    with CheckpointReader(directory) as reader:
+        report = match_state(expected, reader, strict=True)
+        tensors = {name: np.array(array) for name, array in iter_tensors(reader, report.sources)}
     return config, tensors
 
 
