@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_record(sub)
     _add_compare(sub)
+    _add_explain(sub)
     return parser
 
 
@@ -231,6 +232,33 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(f"figures: {report.write_json(args.json)}")
     return 0 if report.passed else 1
+
+
+# ---- explain ----------------------------------------------------------------------------------
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain", help="write the two twins side by side, statement by statement, as a static site",
+        description="Write a static site (HTML, CSS, inline SVG; no script, no network) to OUT: one page per "
+        "component in the order data flows, with the torch and Flax source aligned statement by statement, "
+        "the shapes, the parameter table, and with --report the measured error of each component.")
+    p.add_argument("--out", default="reports/explain", help="directory to write (default reports/explain)")
+    p.add_argument("--report", metavar="JSON", help="figures to show: `twinlm check --json` output or the "
+                   "parity.json `twinlm demo` writes")
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from parity.explain.measured import load_reports
+    from parity.explain.site import write_site
+
+    reports = None
+    if args.report:
+        try:
+            reports = load_reports(args.report)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return _bad_input("explain", e)
+    print(f"explain: {write_site(args.out, reports).resolve()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
