@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parity.report import Report
 
 from weights.dtypes import FLOAT_DTYPES
 
@@ -106,6 +110,8 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     _inputs_args(p)
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with a per-layer plot")
+    p.add_argument("--explain", metavar="DIR", help="with --html: also write the `twinlm explain` site, with "
+                   "this check's figures, to DIR and link each row of the report to its component's page")
     p.add_argument("--skip", action="append", default=[], choices=list(_SKIPPABLE),
                    help="leave out a part of the check (repeatable)")
     p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
@@ -147,6 +153,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtol", type=float, help="relative tolerance (elementwise)")
     p.add_argument("--atol", type=float, help="absolute tolerance (elementwise)")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     p.set_defaults(func=_run_compare)
 
 
@@ -179,7 +186,7 @@ def _run_check(args: argparse.Namespace) -> int:
         return _bad_input("check", ValueError("missing DIR (or pass --tolerances)"))
     _setup_jax()
     from parity.check import check_checkpoint
-    from parity.report import SECTIONS, write_html
+    from parity.report import SECTIONS
 
     sections = [s for s in SECTIONS if s not in {_SKIPPABLE[k] for k in args.skip}]
     try:
@@ -191,8 +198,19 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(f"figures: {report.write_json(args.json)}")
     if args.html:
-        print(f"report: {write_html([report], args.html)}")
+        _write_html_report(report, args.html, args.explain)
     return 0 if report.passed else 1
+
+
+def _write_html_report(report: Report, html: str, explain: str | None = None) -> None:
+    """The HTML report; with `explain`, the explain site too, the report's rows linked to it."""
+    from parity.explain.report_html import write_html
+
+    if explain:
+        from parity.explain.site import write_site
+
+        print(f"explain: {write_site(explain, [report]).resolve()}")
+    print(f"report: {write_html([report], html, explain=explain)}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -231,6 +249,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     print(report.format_table())
     if args.json:
         print(f"figures: {report.write_json(args.json)}")
+    if args.html:
+        _write_html_report(report, args.html)
     return 0 if report.passed else 1
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 from weights.config import ModelConfig, RopeScaling
 
 from .inputs import HEADS
-from .report import Report, write_html
+from .explain.report_html import write_html
+from .report import Report
 from .strategies import family_examples
 
 __all__ = ["DEMO_DTYPES", "DEMO_MODELS", "DemoModel", "build_checkpoint", "run_demo", "tiny_config"]

@@ -1,4 +1,5 @@
-"""The parity report: every measured difference, and its text, JSON and HTML renderings.
+"""The parity report: every measured difference, and its text and JSON renderings (the HTML one
+is `parity.explain.report_html.write_html`).
 
 A `Report` is a list of `Row`s in reading order: per layer (embeddings, then each layer's
 attention weights and output), then the head's outputs and loss, then gradients (one row per
@@ -8,9 +9,6 @@ The first failing row in that order is where the twins first part ways.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import os
@@ -194,85 +192,3 @@ def _ratio(c: Comparison) -> float:
     if c.tolerance > 0:
         return c.rel / c.tolerance
     return 0.0 if c.rel == 0 else math.inf
-
-
-_DTYPE_COLORS = {"float64": "tab:blue", "float32": "tab:orange", "bfloat16": "tab:green", "float16": "tab:red"}
-_FLOOR = 1e-18  # an exact zero has no place on a log axis; it is drawn here
-
-
-def _layer_plot_png(reports: list[Report]) -> str | None:
-    """A base64 PNG of relative error per layer (log scale): one line per report, coloured by
-    dtype, with each dtype's activation tolerance dashed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    markers, tols, n_layers = "osD^vx+*", {}, 0
-    for i, rep in enumerate(reports):
-        pts = [(-1 if r.layer is None else r.layer, r.comparison.rel) for r in rep.rows
-               if r.section == "forward" and r.name.endswith(("(output)", "(embeddings)"))]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        n_layers = max(n_layers, max(xs) + 1)
-        color = _DTYPE_COLORS.get(rep.dtype, "black")
-        ax.plot(xs, [max(y, _FLOOR) for y in ys], marker=markers[i % len(markers)], color=color,
-                alpha=0.8, label=rep.title)
-        tols[rep.dtype] = next(r.comparison.tolerance for r in rep.rows if r.section == "forward")
-    if not tols:
-        plt.close(fig)
-        return None
-    for dtype, tol in tols.items():
-        ax.axhline(tol, color=_DTYPE_COLORS.get(dtype, "black"), linestyle="--", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(-1, n_layers), ["embed"] + [str(i) for i in range(n_layers)])
-    ax.set_xlabel("decoder layer (output; the last one after the final norm)")
-    ax.set_ylabel("max |flax - torch| / max(1, |torch|)")
-    ax.set_title(f"hidden-state error per layer (dashed: tolerance; zeros drawn at {_FLOOR:.0e})", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def write_html(reports: list[Report], path: str | os.PathLike, title: str = "twinlm parity report") -> Path:
-    """A self-contained page: each report's table, and one plot of error per layer."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left;font-family:monospace}"
-             ".fail{background:#fdd}.na{color:#888}.sec{background:#eef;font-weight:bold}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    verdicts = ", ".join(f"{r.title}: {'PASS' if r.passed else 'FAIL'}" for r in reports)
-    parts.append(f"<p>{html.escape(verdicts)}</p>")
-    png = _layer_plot_png(reports)
-    if png:
-        parts.append(f"<img alt='error per layer' src='data:image/png;base64,{png}'>")
-    for rep in reports:
-        parts.append(f"<h2>{html.escape(rep.title)}</h2><p>dtype {rep.dtype}, head {rep.head}</p>")
-        for k, v in rep.meta.get("describe", {}).items():
-            parts.append(f"<p>{html.escape(str(k))}: {html.escape(str(v))}</p>")
-        parts.append("<table><tr><th>tensor</th><th>shape</th><th>max abs</th><th>rel err</th>"
-                     "<th>worst at</th><th>tol</th><th>status</th><th>note</th></tr>")
-        section = None
-        for r in rep.summary_rows():
-            if r.section != section:
-                section = r.section
-                parts.append(f"<tr class='sec'><td colspan='8'>{html.escape(section)}</td></tr>")
-            c = r.comparison
-            cls = {"fail": "fail", "n/a": "na"}.get(r.status, "")
-            cells = [c.name, "x".join(map(str, c.shape)), format_figure(c.max_abs), format_figure(c.rel),
-                     ",".join(map(str, c.worst_index)), f"{c.tolerance:.0e}", r.status, r.note]
-            parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
-        parts.append("</table>")
-    parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path

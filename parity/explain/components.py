@@ -190,7 +190,7 @@ _HEAD_PAGES = {"causal_lm": "causal-lm", "sequence_classification": "sequence-cl
 def component_of_row(section: str, name: str, head: str) -> str:
     """The page a report row belongs to (the first divergent component of a failing check)."""
     if section == "forward":
-        if name.endswith("(embeddings)"):
+        if name.endswith("(embeddings)") or name == "hidden_states.0":  # check / compare spellings
             return "embedding"
         if name.endswith("(attention weights)"):
             return "attention"

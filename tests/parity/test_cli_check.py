@@ -27,10 +27,10 @@ def test_check_passes_and_writes_json_and_html(checkpoint, tmp_path, capsys):
     # Every gradient is in the JSON, one row per parameter (the table folds them per layer).
     assert sum(r["section"] == "gradients" for r in data["rows"]) == 2 + 9 * TINY_DEMO.num_hidden_layers + 1
     page = (tmp_path / "r.html").read_text()
-    assert "data:image/png;base64," in page and "model.layers.2 + model.norm (output)" in page
+    assert "<svg" in page and "model.layers.2 + model.norm (output)" in page
 
 
-def test_check_exits_1_and_names_the_broken_layer(checkpoint, monkeypatch, capsys):
+def test_check_exits_1_and_names_the_broken_layer(checkpoint, monkeypatch, capsys, tmp_path):
     real = parity.check.pair.load_twins
 
     def broken(*args, **kwargs):
@@ -39,11 +39,18 @@ def test_check_exits_1_and_names_the_broken_layer(checkpoint, monkeypatch, capsy
         return twins
 
     monkeypatch.setattr(parity.check.pair, "load_twins", broken)
-    code = main(["check", str(checkpoint), "--dtype", "float32", "--skip", "generation"])
+    code = main(["check", str(checkpoint), "--dtype", "float32", "--skip", "generation",
+                 "--html", str(tmp_path / "r.html"), "--explain", str(tmp_path / "explain")])
     out = capsys.readouterr().out
     assert code == 1
     assert "first divergence: model.layers.1 (output)" in out
     assert "model.layers.0 (output)" in out.split("FAIL")[0]  # layer 0 printed, and before any FAIL
+    # The HTML report sends the first divergence to the decoder layer's explain page, written beside it.
+    page = (tmp_path / "r.html").read_text()
+    failures = page[page.index("id='failures'"):]
+    assert "model.layers.1 (output) → <a href='explain/decoder-layer.html#measured'>" in page
+    assert failures.index("model.layers.1 (output)") < failures.index("logits")
+    assert "id='measured'" in (tmp_path / "explain" / "decoder-layer.html").read_text()
 
 
 def test_tolerance_table(capsys):

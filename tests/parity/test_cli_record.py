@@ -50,10 +50,12 @@ def test_compare_catches_a_changed_checkpoint(checkpoint, reference, tmp_path, c
     tensors = {k: np.array(v) for k, v in load_file(checkpoint / "model.safetensors").items()}
     tensors["model.layers.1.mlp.down_proj.weight"] *= np.float32(1.001)
     save_file(tensors, changed / "model.safetensors", {"format": "pt"})
-    assert main(["compare", str(changed), str(reference), "--json", str(tmp_path / "c.json")]) == 1
+    assert main(["compare", str(changed), str(reference), "--json", str(tmp_path / "c.json"),
+                 "--html", str(tmp_path / "c.html")]) == 1
     out = capsys.readouterr().out
     # hidden_states.2 is layer 1's output: the first recorded tensor the change reaches.
     assert "first divergence: hidden_states.2" in out
+    assert "hidden_states.2 → <span" in (tmp_path / "c.html").read_text()  # the HTML report says so too
     data = json.loads((tmp_path / "c.json").read_text())
     assert [r["name"] for r in data["rows"] if r["status"] == "pass"][:2] == ["hidden_states.0", "hidden_states.1"]
     # A loose elementwise bound accepts the same change.

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from parity.compare import Comparison, compare, compare_allclose
-from parity.report import Report, Row, parameter_group, write_html
+from parity.explain.report_html import write_html
+from parity.report import Report, Row, parameter_group
 
 
 def _row(section, name, rel, tol=1e-5, layer=None, quantity="activations"):
@@ -82,10 +83,10 @@ def test_html_is_self_contained_with_table_and_plot(tmp_path):
                  [_row("forward", "model.embed_tokens (embeddings)", 0.0)]
                  + [_row("forward", f"model.layers.{i} (output)", 10.0 ** (-8 + i), layer=i) for i in range(3)])
     page = write_html([rep], tmp_path / "r.html").read_text()
-    assert "<table>" in page and "model.layers.2 (output)" in page
-    assert re.search(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)
+    assert "<table class='data rows'>" in page and "model.layers.2 (output)" in page
+    assert re.search(r"<svg [^>]*>.*<path d='M[^']+'", page, re.S)  # the per-layer plot, inline
     # Nothing is fetched from elsewhere: no external src or href.
-    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+    assert not re.search(r"(src|href)=['\"](?!data:|#)", page)
 
 
 @given(hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(-1e3, 1e3)),
