@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/twinlm demo
+	$(VENV)/bin/twinlm demo --out reports/demo --explain reports/explain
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -122,11 +122,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="build small checkpoints for every head, convert them, check both twins",
         description="Build seeded checkpoints (HF layout) with the torch twin, convert them to the Flax "
-        "layout, load each into its twin and run `check` in each dtype. No network needed.")
+        "layout, load each into its twin and run `check` in each dtype; write the HTML report and the "
+        "`twinlm explain` site with the figures. No network needed.")
     p.add_argument("--out", default="reports/demo", help="where checkpoints and reports go (default reports/demo)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated dtypes for every model (default: float64 for each, and float32 "
-                   "for the LLaMA causal LM)")
+                   "and bfloat16 for the LLaMA causal LM)")
+    p.add_argument("--explain", metavar="DIR", help="where the `twinlm explain` site with the demo's figures "
+                   "goes (default: OUT/explain)")
     p.set_defaults(func=_run_demo)
 
 
@@ -221,7 +224,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     bad = [d for d in dtypes or () if d not in _DTYPES]
     if bad:
         return _bad_input("demo", ValueError(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(_DTYPES)}"))
-    reports, _ = run_demo(args.out, dtypes)
+    reports, _ = run_demo(args.out, dtypes, explain=args.explain)
     return 0 if all(r.passed for r in reports) else 1
 
 

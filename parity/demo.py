@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 from weights.config import ModelConfig, RopeScaling
 
-from .inputs import HEADS
 from .explain.report_html import write_html
+from .inputs import HEADS
 from .report import Report
 from .strategies import family_examples
 
@@ -52,7 +52,8 @@ class DemoModel:
 
 _FAMILY = family_examples()  # one tiny config per family, its switches on (parity.strategies)
 # Every model runs the semantic check (float64); the first also float32, the dtype models run
-# in. Each dtype is one more compilation per model and the demo must stay near a minute on 2
+# in, and bfloat16, the dtype they are served in (so the explain pages show both measured).
+# Each dtype is one more compilation per model and the demo must stay near a minute on 2
 # cores; `twinlm demo --dtypes float64,float32,bfloat16,float16` runs every model in each.
 _SEMANTIC = ("float64",)
 
@@ -60,7 +61,7 @@ DEMO_MODELS: list[DemoModel] = [
     DemoModel("llama-causal-lm", "causal_lm",
               tiny_config(rope_theta=500000.0, rope_scaling=RopeScaling(
                   "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                  original_max_position_embeddings=64))),
+                  original_max_position_embeddings=64)), DEMO_DTYPES + ("bfloat16",)),
     DemoModel("llama-tied-causal-lm", "causal_lm", tiny_config(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
               _SEMANTIC),
     DemoModel("llama-sequence-classification", "sequence_classification", tiny_config(num_labels=3), _SEMANTIC),
@@ -97,8 +98,11 @@ def build_checkpoint(model: DemoModel, directory: str | os.PathLike, seed: int =
 
 def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] | None = None,
              models: Sequence[DemoModel] | None = None, *, seq_len: int = 16, batch_size: int = 3,
-             echo: Callable[[str], None] = print) -> tuple[list[Report], Path]:
-    """Build, save, convert, load and check every demo model in its dtypes.
+             echo: Callable[[str], None] = print, explain: str | os.PathLike | None = None
+             ) -> tuple[list[Report], Path]:
+    """Build, save, convert, load and check every demo model in its dtypes, then write the
+    report and the `twinlm explain` site with these figures (`explain`, default `<out_dir>/explain`),
+    the report's rows linked to the site's pages.
 
     `models` defaults to `DEMO_MODELS`; `dtypes`, when given, replaces every model's own.
     Returns the reports and the HTML path (JSON next to it). Checkpoints are rebuilt each run:
@@ -107,6 +111,7 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
     from weights.convert import convert
 
     from .check import check_checkpoint
+    from .explain.site import write_site
 
     out = Path(out_dir)
     reports: list[Report] = []
@@ -126,7 +131,10 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
             echo("")
             echo(report.format_table())
         echo(f"({time.perf_counter() - start:.1f} s)")
-    html_path = write_html(reports, out / "parity.html", title="twinlm demo: parity of the two twins")
+    explain_dir = Path(explain) if explain is not None else out / "explain"
+    site = write_site(explain_dir, reports)
+    html_path = write_html(reports, out / "parity.html", title="twinlm demo: parity of the two twins",
+                           explain=explain_dir)
     json_path = out / "parity.json"
 
     json_path.write_text(json.dumps([r.as_dict() for r in reports], indent=1, default=str) + "\n", encoding="utf-8")
@@ -134,6 +142,7 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
     echo("")
     echo(summary_table(reports))
     echo(f"\nreport: {html_path.resolve()}  (every figure: {json_path.resolve()})")
+    echo(f"explain: {site.resolve()}  (the two twins side by side, with these figures)")
     echo("all checks PASS" if not failed else f"FAILED: {', '.join(failed)}")
     return reports, html_path
 

@@ -27,6 +27,10 @@ def test_demo_round_trip_on_a_small_model(tmp_path, monkeypatch, capsys):
     (report,) = json.loads((tmp_path / "parity.json").read_text())
     assert report["passed"] and report["meta"]["flax_checkpoint"].endswith("tiny-causal-lm-flax")
     assert str((tmp_path / "parity.html").resolve()) in out
+    # The explain site, with the demo's figures, next to the report; the report links into it.
+    assert str((tmp_path / "explain" / "index.html").resolve()) in out
+    assert "tiny-causal-lm (float64)" in (tmp_path / "explain" / "attention.html").read_text()
+    assert "href='explain/index.html'" in (tmp_path / "parity.html").read_text()
 
 
 def test_embedded_demo_covers_every_head_and_family():
