@@ -14,7 +14,7 @@ import math
 import re
 from typing import Iterable, Sequence
 
-__all__ = ["CSS", "esc", "highlight", "diff_marks", "page", "log_plot_svg", "ratio_class"]
+__all__ = ["CSS", "diff_marks", "esc", "highlight", "log_plot_svg", "page", "ratio_class", "share"]
 
 
 def esc(x: object) -> str:
@@ -52,7 +52,7 @@ nav.toc{font-size:13.5px;margin:8px 0 14px;color:var(--muted)}nav.toc a{margin-r
 table.data{border-collapse:collapse;font-size:13px;background:var(--panel);margin:6px 0 10px}
 table.data th,table.data td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
 table.data th{background:#f1f4f8;font-weight:600}
-table.data td.num{text-align:right;font-variant-numeric:tabular-nums;font-family:ui-monospace,Menlo,Consolas,monospace}
+table.data td.num{white-space:nowrap;text-align:right;font-variant-numeric:tabular-nums;font-family:ui-monospace,Menlo,Consolas,monospace}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
 .pass{color:var(--pass);font-weight:600}.fail{color:var(--fail);font-weight:700}.na{color:var(--na)}
 tr.failrow td{background:#fdecea}
@@ -154,6 +154,15 @@ def highlight(text: str, marks: Iterable[int] = ()) -> str:
             piece = f"<mark>{piece}</mark>"
         out.append(piece)
     return "".join(out)
+
+
+def share(ratio: float) -> str:
+    """An error as a share of its tolerance: `<0.01%`, `12%`, or `540×` once far past it."""
+    if not math.isfinite(ratio):
+        return "∞"
+    if ratio < 1e-4:
+        return "<0.01%" if ratio > 0 else "0%"
+    return f"{100 * ratio:.2g}%" if ratio < 10 else f"{ratio:.3g}×"
 
 
 # ---- figures -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .components import component_of_row
-from .html import esc, ratio_class
+from .html import esc, ratio_class, share
 
 __all__ = ["load_reports", "measured_html", "worst_by_dtype"]
 
@@ -48,9 +48,19 @@ def _fig(x: float) -> str:
 
 
 def _rows_of(reports: Sequence[Any], slug: str) -> list[tuple[Any, Any]]:
-    return [(rep, row) for rep in reports for row in rep.rows
-            if row.status != "n/a" and row.quantity != "tokens"
-            and component_of_row(row.section, row.name, rep.head) == slug]
+    """The rows of `slug`'s component; the model page also gets every hidden state (the whole
+    stack, layer by layer)."""
+    out = []
+    for rep in reports:
+        for row in rep.rows:
+            if row.status == "n/a":
+                continue
+            mine = component_of_row(row.section, row.name, rep.head) == slug
+            if slug == "model" and row.section == "forward" and not row.name.endswith("(attention weights)"):
+                mine = True
+            if mine:
+                out.append((rep, row))
+    return out
 
 
 def worst_by_dtype(reports: Sequence[Any], slug: str) -> dict[str, tuple[Any, Any]]:
@@ -58,7 +68,7 @@ def worst_by_dtype(reports: Sequence[Any], slug: str) -> dict[str, tuple[Any, An
     rows, whole-model logits, are left out: they say how the cache behaves, not the layer)."""
     out: dict[str, tuple[Any, Any]] = {}
     for rep, row in _rows_of(reports, slug):
-        if row.section == "kv cache":
+        if row.section == "kv cache" or row.quantity == "tokens":
             continue
         best = out.get(rep.dtype)
         if best is None or _ratio(row.comparison) > _ratio(best[1].comparison):
@@ -71,8 +81,11 @@ def _model(rep: Any) -> str:
 
 
 def _cell(c: Any, who: str, isolated: Any = None) -> str:
+    if c.tolerance == 0:  # counted, not measured: generated tokens
+        text = "identical" if c.max_abs == 0 else f"{c.max_abs:g} differ"
+        return f"<td class='num {'r0' if c.passed else 'r4'}' title='{esc(who)}'>{text}</td>"
     r = _ratio(c)
-    title = f"{who}: {c.rel:.3e} relative, {100 * r:.3g}% of the tolerance {c.tolerance:.0e}"
+    title = f"{who}: {c.rel:.3e} relative, {share(r)} of the tolerance {c.tolerance:.0e}"
     text = _fig(c.rel)
     if isolated is not None:
         title += f"; isolated {isolated.rel:.3e}"
@@ -105,7 +118,7 @@ def measured_html(reports: Sequence[Any], slug: str) -> str:
     for dtype, (rep, row) in worst.items():
         r = _ratio(row.comparison)
         parts.append(f"<div class='card {ratio_class(r)}'>{esc(dtype)}: worst <b>{_fig(row.comparison.rel)}</b> "
-                     f"= {100 * r:.2g}% of the tolerance {row.comparison.tolerance:.0e}<br>"
+                     f"= {share(r)} of the tolerance {row.comparison.tolerance:.0e}<br>"
                      f"<span class='small'>{esc(row.name)} in {esc(_model(rep))}</span></div>")
     parts.append("</div>")
     has_isolated = any(getattr(row, "isolated", None) is not None for _, row in rows)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .components import BY_SLUG, component_of_row
-from .html import esc, log_plot_svg, page, ratio_class
+from .html import esc, log_plot_svg, page, ratio_class, share
 
 __all__ = ["render_report", "write_html"]
 
@@ -33,15 +33,6 @@ def _fig(x: float) -> str:
     if x == 0:
         return "0"
     return f"{x:.1e}" if math.isfinite(x) else str(x)
-
-
-def _pct(r: float) -> str:
-    """A share of the tolerance: `12%`, or `540x` once far past it."""
-    if not math.isfinite(r):
-        return "∞"
-    if r < 1e-4:
-        return "<0.01%" if r > 0 else "0%"
-    return f"{100 * r:.2g}%" if r < 10 else f"{r:.3g}×"
 
 
 def _model_of(rep: Any) -> str:
@@ -113,7 +104,7 @@ def _row_cells(rep: Any, r: Any, explain: str | None) -> str:
         figs = (f"<td class='num'>{_fig(c.max_abs)}</td><td class='num {ratio_class(ratio)}'>{rel}</td>"
                 f"<td class='num'>{c.tolerance:.0e}</td>"
                 f"<td class='{'fail' if r.status == 'fail' else 'pass'}'>{'✗ fail' if r.status == 'fail' else '✓ pass'}"
-                f" <span class='small muted'>{_pct(ratio)}</span></td>")
+                f" <span class='small muted'>{share(ratio)}</span></td>")
     return (f"<td class='mono'>{esc(c.name)}</td><td class='mono small'>{esc(shape)}</td>{figs}"
             f"<td class='small'>{_explain_link(explain, rep, r)}</td><td class='small'>{esc(r.note)}</td>")
 
@@ -182,7 +173,7 @@ def render_report(reports: Sequence[Any], title: str = "twinlm parity report", e
         w = rep.worst()
         ratio = _ratio(w.comparison) if w else 0.0
         first = rep.first_failure()
-        worst = (f"<td class='num {ratio_class(ratio)}'>{_pct(ratio)} <span class='small muted'>"
+        worst = (f"<td class='num {ratio_class(ratio)}'>{share(ratio)} <span class='small muted'>"
                  f"{_fig(w.comparison.rel)} · {esc(w.name)}</span></td>" if w else "<td>-</td>")
         diverge = (f"<td class='small'>{esc(first.name)} → {_explain_link(explain, rep, first)}</td>"
                    if first else "<td class='muted small'>none</td>")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from . import align as alignment
 from .allowances import ALLOWANCES
 from .components import BY_SLUG, COMPONENTS, Code, Component
-from .html import CSS, diff_marks, esc, highlight, page
+from .html import CSS, diff_marks, esc, highlight, page, share
 from .idioms import IDIOMS
 from .measured import measured_html, worst_by_dtype
 
@@ -311,7 +311,7 @@ def _component_page(component: Component, reports: Sequence[Any], param_rows: Se
             c = row.comparison
             ratio = c.rel / c.tolerance if c.tolerance else 0.0
             summary += (f"<div class='card'><a href='#measured'>{esc(dtype)}</a>: worst <b>{c.rel:.1e}</b>, "
-                        f"{100 * ratio:.2g}% of its tolerance</div>")
+                        f"{share(ratio)} of its tolerance</div>")
     summary += "</div>"
     legend = ("<p class='legend'><span><i style='background:#fff'></i>alike (words that differ by a known idiom "
               "<mark style='background:#dbe8ff'>marked</mark>)</span><span><i style='background:#eaf2ff'></i>"
@@ -446,7 +446,7 @@ def _index_page(reports: Sequence[Any], stats: dict[str, tuple[int, int, int, in
             for dtype, (rep, row) in worst_by_dtype(reports, c.slug).items():
                 cmp = row.comparison
                 ratio = cmp.rel / cmp.tolerance if cmp.tolerance else 0.0
-                cells.append(f"{esc(dtype)} {cmp.rel:.1e} ({100 * ratio:.2g}%)")
+                cells.append(f"{esc(dtype)} {cmp.rel:.1e} ({share(ratio)})")
             measured = f"<td class='small'>{'<br>'.join(cells) or '—'}</td>"
         rows.append(f"<tr><td class='num'>{n}</td><td><a href='{c.slug}.html'>{esc(c.title)}</a></td>"
                     f"<td class='small'>{_md(c.lead.split('. ')[0].rstrip('.'))}.</td>"
