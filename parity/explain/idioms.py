@@ -102,6 +102,9 @@ IDIOMS: dict[str, Idiom] = {i.id: i for i in [
           "value is concrete, or writes the loop as a traced `while_loop` / `scan`"),
     Idiom("train-mode", "model.eval()", "(nothing)",
           "torch modules carry a train/eval flag; the twins pass `is_train` / deterministic flags explicitly"),
+    Idiom("dtype-object", "dtype == torch.float64", "jnp.dtype(dtype) == jnp.float64",
+          "torch dtypes are objects that compare directly; `jnp.float32` is a scalar type, so JAX code makes a "
+          "dtype with `jnp.dtype(x)` before comparing or storing it"),
     Idiom("types", "torch.Tensor, torch.dtype", "jax.Array, jnp.dtype",
           "type annotations name each framework's array and dtype types", notable=False),
     Idiom("namespace", "torch.cat / F.silu / torch.rsqrt", "jnp.concatenate / jax.nn.silu / jax.lax.rsqrt",
@@ -235,6 +238,10 @@ class Normaliser(ast.NodeTransformer):
             self.used.add("no-grad")
             return self.visit(node.args[0])
         node = self.generic_visit(node)
+        if self.side == "flax" and isinstance(node.func, ast.Name) and node.func.id == "DType" \
+                and len(node.args) == 1 and not node.keywords:
+            self.used.add("dtype-object")
+            return node.args[0]
         # keyword spellings
         for k in node.keywords:
             if k.arg == "diagonal" and isinstance(node.func, ast.Attribute) and node.func.attr in ("tril", "triu"):

@@ -71,7 +71,8 @@ def _short(idiom: Any) -> str:
             "values-indices": ".values / .indices", "gather": "gather / take_along_axis",
             "clamp": "clamp / clip", "chunk-split": "chunk / split", "int-dtype": "int64 / int32", "pad": "F.pad / jnp.pad",
             "split-sizes": "split sizes / indices", "rng": "generator / key", "autograd": "backward / grad",
-            "traced": "traced under jit", "train-mode": "train / eval flag", "one-hot": "one_hot dtype", "tensor-array": "tensor / asarray",
+            "traced": "traced under jit", "train-mode": "train / eval flag",
+            "dtype-object": "jnp.dtype(x)", "one-hot": "one_hot dtype", "tensor-array": "tensor / asarray",
             "dataclass": "dataclass / struct", "dynamic-slice": "slice / dynamic_slice"}.get(idiom.id, idiom.id)
 
 
