@@ -80,8 +80,6 @@ ALLOWANCES: dict[str, Allowance] = {
     "layers/moe.py:SparseMoeBlock.__call__": Allowance(10, "jit needs static shapes: the Flax twin runs every expert "
                                                            "densely; torch dispatches tokens per expert (" + PENDING +
                                                            ")"),
-    "layers/precision.py:compute_dtype": Allowance(1, "a jnp dtype argument may be a scalar type; torch dtypes compare "
-                                                      "directly"),
     "layers/rope.py:RotaryEmbedding.inv_freq": Allowance(11, "dynamic NTK under jit: the length is traced, so the "
                                                              "numpy frequencies run as a pure_callback"),
     "model.py:make_attention_mask": Allowance(4, TRACED),
@@ -98,7 +96,6 @@ ALLOWANCES: dict[str, Allowance] = {
     "vq/checkpoint.py:abstract_model": Allowance(1, "torch's meta device against nnx.eval_shape"),
     "vq/checkpoint.py:to_numpy": Allowance(6, STATE),
     "vq/checkpoint.py:load_numpy": Allowance(7, STATE),
-    "vq/common.py:to_dtype": Allowance(1, "jnp dtypes are numpy dtype objects, torch's are their own"),
     "vq/common.py:linear": Allowance(2, "F.linear takes [out, in] weights; JAX multiplies by the [in, out] kernel"),
     "vq/common.py:dropout_mask": Allowance(2, VQ_RNG),
     "vq/embeddings.py:Embeddings.__call__": Allowance(1, "torch indexes with int64, jnp.take with int32"),
