@@ -159,7 +159,8 @@ COMPONENTS: tuple[Component, ...] = (
         "becomes `kernel [in, out]` (transposed), an embedding's `weight` becomes `embedding`, a norm's "
         "`weight` stays. There are no per-model special cases; each twin's loader applies it.",
         code=(Code("checkpoint.py"),),
-        shared=("weights.names.flax_path", "weights.names.hf_name", "weights.names.is_transposed")),
+        shared=("weights.names.flax_path", "weights.names.hf_name", "weights.names.is_transposed"),
+        figure="converter"),
     Component(
         "vq-attention", "Transformer-VQ attention",
         "Keys are vector-quantized to a learned codebook, so attention over the whole past is a sum "

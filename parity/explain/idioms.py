@@ -208,8 +208,6 @@ class Normaliser(ast.NodeTransformer):
                     self.used.add("namespace")
                 return _xp(_RENAMES.get(leaf, leaf))
             if head in _MODULE_NS and leaf in _LAYER_CLASSES:
-                if _LAYER_CLASSES[leaf] == "Param":
-                    self.used.add("param")
                 return ast.Name(_LAYER_CLASSES[leaf], ast.Load())
         node = self.generic_visit(node)
         # torch reductions and sorts return (values, indices)
@@ -238,6 +236,8 @@ class Normaliser(ast.NodeTransformer):
             self.used.add("no-grad")
             return self.visit(node.args[0])
         node = self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "Param":  # nn.Parameter(...) / nnx.Param(...)
+            self.used.add("param")
         if self.side == "flax" and isinstance(node.func, ast.Name) and node.func.id == "DType" \
                 and len(node.args) == 1 and not node.keywords:
             self.used.add("dtype-object")

@@ -139,7 +139,11 @@ def pair_html(pair: alignment.Pair, focus: str | None = None, elsewhere: str | N
 
 
 def _skip_row(n: int, elsewhere: str | None) -> str:
-    where = f", all of them on the <a href='{elsewhere}'>{esc(elsewhere[:-5])}</a> page" if elsewhere else ""
+    """A fold: `n` statements not shown here; `elsewhere` is `page.html#anchor` of the full pair."""
+    where = ""
+    if elsewhere:
+        slug = elsewhere.split(".html", 1)[0]
+        where = f", all of them on the <a href='{esc(elsewhere)}'>{esc(BY_SLUG[slug].title)}</a> page"
     return f"<tr class='skip'><td colspan='5'>⋯ {n} more statement{'s' if n > 1 else ''}{where}</td></tr>"
 
 
@@ -256,7 +260,28 @@ def _rope_figure() -> str:
             "sequence outgrows the context; llama3 slows only the long wavelengths and keeps the short ones.</p>")
 
 
-_FIGURES = {"rope": _rope_figure}
+def _converter_figure() -> str:
+    """The rule, one example per kind of parameter, computed by `weights.names` itself."""
+    from weights.names import flax_path, is_transposed
+
+    examples = [("a linear layer's weight", "model.layers.0.self_attn.q_proj.weight"),
+                ("a linear layer's bias", "model.layers.0.self_attn.q_proj.bias"),
+                ("the embedding table", "model.embed_tokens.weight"),
+                ("a norm's weight", "model.layers.0.input_layernorm.weight"),
+                ("an expert's weight", "model.layers.0.block_sparse_moe.experts.3.w1.weight")]
+    rows = "".join(
+        f"<tr><td>{esc(what)}</td><td class='mono'>{esc(name)}</td><td class='mono'>{esc(flax_path(name))}</td>"
+        f"<td>{'transposed: [out, in] → [in, out]' if is_transposed(name) else 'as is'}</td></tr>"
+        for what, name in examples)
+    return ("<h2 id='figure'>The rule</h2><table class='data'><tr><th>kind</th><th>HF name (torch state_dict key)</th>"
+            f"<th>NNX path</th><th>array</th></tr>{rows}</table><p class='small muted'>Computed by "
+            "<code>weights.names.flax_path</code> and <code>is_transposed</code> (their source is at the end of this "
+            "page); every page's parameter table applies the same functions. Each twin's <code>checkpoint.py</code> "
+            "below is where the rule meets the framework's parameter container.</p>")
+
+
+_FIGURES = {"rope": _rope_figure, "converter": _converter_figure}
+_FIGURE_TITLES = {"rope": "Each scaling", "converter": "The rule"}
 
 
 # ---- a component page ------------------------------------------------------------------------------
@@ -298,6 +323,8 @@ def _component_page(component: Component, reports: Sequence[Any], param_rows: Se
     n_drift = sum(p.drift for p in pairs)
     measured = measured_html(reports, component.slug) if reports else ""
     toc = ["<a href='#code'>Code side by side</a>"]
+    if component.figure:
+        toc.insert(0, f"<a href='#figure'>{_FIGURE_TITLES[component.figure]}</a>")
     if component.shapes:
         toc.insert(0, "<a href='#shapes'>Shapes</a>")
     if component.params:
