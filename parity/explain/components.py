@@ -125,7 +125,7 @@ COMPONENTS: tuple[Component, ...] = (
         "Logits = hidden states x lm_head (or the embedding table, tied), soft-capped for Gemma 2; the "
         "loss is next-token cross-entropy in float32, ignoring label -100.",
         code=(Code("heads.py", ("ForCausalLM.__init__", "ForCausalLM.logits", "ForCausalLM.__call__",
-                                "cross_entropy", "causal_lm_loss")),),
+                                "cross_entropy", "causal_lm_loss", "ForCausalLM.generate")),),
         params=r"^lm_head\.",
         shapes=(("last_hidden_state", "[B, T, E]"), ("lm_head.weight", "[V, E]"), ("logits", "[B, T, V]"),
                 ("loss", "[] float32"))),

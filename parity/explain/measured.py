@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,13 +167,26 @@ def measured_html(reports: Sequence[Any], slug: str) -> str:
                     if i in cells else "<td></td>" for i in range(n)) + "</tr>")
         parts.append("</table>")
     if flat:
-        parts.append("<h3 class='plain'>whole-model figures</h3><table class='data'><tr><th>measured</th>"
-                     "<th>model (dtype)</th><th>relative error</th><th>note</th></tr>")
+        # one row per report, one column per measured quantity (`... (logits)` and `... (last hidden
+        # state)` share a column: the note under the table says which the heads use)
+        columns = list(dict.fromkeys(re.sub(r" \([^)]*\)$", "", w) for w in flat))
+        cells: dict[str, dict[str, Any]] = {}
+        notes: dict[str, str] = {}
         for what, rs in flat.items():
+            column = re.sub(r" \([^)]*\)$", "", what)
             for rep, r in rs:
-                parts.append(f"<tr><td>{esc(what)}</td><td>{esc(rep.title)}</td>{_cell(r.comparison, rep.title)}"
-                             f"<td class='small'>{esc(r.note)}</td></tr>")
+                cells.setdefault(rep.title, {})[column] = r
+                if r.note:
+                    notes.setdefault(r.note, rep.title)
+        parts.append("<h3 class='plain'>whole-model figures</h3><table class='data'><tr><th>model (dtype)</th>"
+                     + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+        for title, row in cells.items():
+            parts.append(f"<tr><td>{esc(title)}</td>" + "".join(
+                _cell(row[c].comparison, f"{title}, {row[c].name}") if c in row else "<td></td>" for c in columns)
+                + "</tr>")
         parts.append("</table>")
+        if notes:
+            parts.append("<p class='small muted'>" + "; ".join(esc(n) for n in list(notes)[:4]) + ".</p>")
     dtypes = list(dict.fromkeys(rep.dtype for rep, _ in rows))
     parts.append("<table class='data'><tr><th>dtype</th><th>tolerance (activations / logits / loss / gradients)</th>"
                  "<th>why it is what it is</th></tr>")
