@@ -95,18 +95,28 @@ def _plot(reps: Sequence[Any]) -> str:
 def _row_cells(rep: Any, r: Any, explain: str | None) -> str:
     c = r.comparison
     shape = "x".join(map(str, c.shape)) if c.shape else ""
+    status = "<td class='fail'>✗ fail" if r.status == "fail" else "<td class='pass'>✓ pass"
     if r.status == "n/a":
         figs = "<td class='num na'>-</td><td class='num na'>-</td><td class='num na'>-</td><td class='na'>n/a</td>"
+    elif r.quantity == "tokens":  # counted, not measured: how many generated tokens differ
+        what = "exact" if c.max_abs == 0 else f"{100 * c.rel:.3g}% differ" if math.isfinite(c.rel) else "-"
+        figs = (f"<td class='num'>{_fig(c.max_abs)}</td><td class='num {'r0' if c.max_abs == 0 else 'r2'}'>{what}</td>"
+                f"<td class='num'>-</td>{status}</td>")
     else:
         ratio = _ratio(c)
         iso = getattr(r, "isolated", None)
         rel = _fig(c.rel) + (f" <span class='muted'>/ {_fig(iso.rel)}</span>" if iso is not None else "")
         figs = (f"<td class='num'>{_fig(c.max_abs)}</td><td class='num {ratio_class(ratio)}'>{rel}</td>"
-                f"<td class='num'>{c.tolerance:.0e}</td>"
-                f"<td class='{'fail' if r.status == 'fail' else 'pass'}'>{'✗ fail' if r.status == 'fail' else '✓ pass'}"
-                f" <span class='small muted'>{share(ratio)}</span></td>")
+                f"<td class='num'>{c.tolerance:.0e}</td>{status} <span class='small muted'>{share(ratio)}</span></td>")
+    note = getattr(r, "full_note", r.note)  # with the non-finite note, where the report has one
     return (f"<td class='mono'>{esc(c.name)}</td><td class='mono small'>{esc(shape)}</td>{figs}"
-            f"<td class='small'>{_explain_link(explain, rep, r)}</td><td class='small'>{esc(r.note)}</td>")
+            f"<td class='small'>{_explain_link(explain, rep, r)}</td><td class='small'>{esc(note)}</td>")
+
+
+def _skipped(rep: Any) -> dict:
+    """Sections the check did not run, and why (`Report.skipped`, where the report has it)."""
+    skipped = getattr(rep, "skipped", None)
+    return dict(skipped) if isinstance(skipped, dict) else {}
 
 
 _ROW_HEAD = ("<colgroup><col style='width:27%'><col style='width:8%'><col style='width:7%'><col style='width:9%'>"
@@ -178,6 +188,8 @@ def render_report(reports: Sequence[Any], title: str = "twinlm parity report", e
         diverge = (f"<td class='small'>{esc(first.name)} → {_explain_link(explain, rep, first)}</td>"
                    if first else "<td class='muted small'>none</td>")
         status = "<td class='fail'>✗ FAIL</td>" if not rep.passed else "<td class='pass'>✓ pass</td>"
+        if _skipped(rep):
+            status = status[:-5] + f" <span class='small muted'>(incomplete)</span></td>"
         n_fail = len(rep.failures())
         parts.append(f"<tr{' class=failrow' if not rep.passed else ''}><td><a href='#{ids[id(rep)]}'>"
                      f"{esc(_model_of(rep))}</a></td><td>{esc(rep.dtype)}</td><td>{esc(rep.head)}</td>{status}"
@@ -208,6 +220,9 @@ def render_report(reports: Sequence[Any], title: str = "twinlm parity report", e
             parts.append(f"<h3 id='{ids[id(rep)]}'>{esc(rep.title)} "
                          f"{'<span class=fail>✗ FAIL</span>' if not rep.passed else '<span class=pass>✓ pass</span>'}"
                          "</h3>")
+            if _skipped(rep):
+                parts.append("<p class='note'>incomplete: not checked: " + "; ".join(
+                    f"{esc(k)} ({esc(v)})" for k, v in _skipped(rep).items()) + "</p>")
             describe = rep.meta.get("describe", {})
             if describe:
                 parts.append("<p class='small'>" + "<br>".join(f"<b>{esc(k)}</b>: {esc(v)}" for k, v in describe.items())

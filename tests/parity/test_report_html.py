@@ -42,3 +42,12 @@ def test_isolated_figures_are_drawn_when_rows_carry_them(tmp_path):
             r.isolated = Comparison(r.name, 1.5e-7, 1.5e-7, (0,), r.comparison.tolerance, True, (2, 3))
     page = write_html([rep], tmp_path / "r.html").read_text()
     assert "float32 isolated" in page and "1.5e-07" in page
+
+
+def test_skipped_sections_and_full_notes_are_shown_when_the_report_has_them(tmp_path):
+    rep = tiny_report()
+    rep.skipped = {"generation": "streamed: generate() needs every layer per token"}
+    rep.rows[1].full_note = "both twins produced non-finite values at (0, 1)"
+    page = write_html([rep], tmp_path / "r.html").read_text()
+    assert "incomplete: not checked: generation (streamed: generate() needs every layer per token)" in page
+    assert "both twins produced non-finite values at (0, 1)" in page and "(incomplete)" in page
