@@ -540,7 +540,7 @@ def _alignment_page(pairs: Sequence[alignment.Pair], where: dict[str, str]) -> s
             f"both twins. Aligned statement by statement they make {total} rows, {drift} of them unexplained. Each "
             "pair's unexplained rows are bounded by an allowance with a one-line framework reason "
             "(<code>parity/explain/allowances.py</code>); the test suite fails when a pair drifts past it.</p>"
-            "<table class='data'><tr><th>pair</th><th>rows</th><th>identical</th><th>idiom</th><th>unexplained</th>"
+            "<table class='data'><tr><th>pair</th><th>rows</th><th>alike</th><th>by an idiom</th><th>unexplained</th>"
             f"<th>allowance</th><th></th><th>reason</th></tr>{''.join(rows)}</table>" + _footer())
     return page("Alignment — twinlm explain", body, _nav("alignment"), "style.css")
 
