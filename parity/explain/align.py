@@ -380,7 +380,11 @@ def align_pair(module: str, qualname: str) -> Pair:
 
 @lru_cache(maxsize=None)
 def _module_pairs(module: str) -> tuple[Pair, ...]:
-    t_src, f_src = module_sources(TWINS[0])[module], module_sources(TWINS[1])[module]
+    sources = module_sources(TWINS[0]), module_sources(TWINS[1])
+    if module not in sources[0] or module not in sources[1]:
+        raise KeyError(f"{module} is not a module of both torch_impl and flax_impl (renamed? "
+                       "parity/explain/components.py names the modules each page shows)")
+    t_src, f_src = sources[0][module], sources[1][module]
     t_defs, f_defs = _definitions(ast.parse(t_src)), _definitions(ast.parse(f_src))
     t_lines, f_lines = t_src.splitlines(), f_src.splitlines()
     pairs = []
