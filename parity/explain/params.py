@@ -1,7 +1,8 @@
 """Parameter tables: for each parameter any family and head can have, its HF name, torch
 attribute, NNX path, shape, whether the Flax array is the transpose, and the dtype rule — every
-column derived from `weights.names` (the converter's table) and from the torch twin's own
-`state_dict`.
+column derived from `weights.names`: `hf_shapes` (every parameter name and shape a config
+implies, the table each twin's parameter set is tested against), `flax_path` and `is_transposed`
+(the converter's rule).
 
 The models are `parity.strategies.family_examples()` (one per family, its switches on) as causal
 LMs, and the first of them with each other head: every parameter name the demo models have.
@@ -16,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from weights.names import flax_path, is_transposed
+from weights.names import HEADS, flax_path, hf_shapes, is_transposed
 
 from .components import component_of_parameter
 
@@ -80,7 +81,6 @@ def _shape_symbols(shape: tuple[int, ...]) -> str:
 
 def _examples() -> list[tuple[str, str, object]]:
     """(label, head, config): each family example as a causal LM, the first with the other heads."""
-    from parity.inputs import HEADS
     from parity.strategies import family_examples
 
     examples = family_examples()
@@ -91,21 +91,16 @@ def _examples() -> list[tuple[str, str, object]]:
 
 @lru_cache(maxsize=1)
 def parameter_rows() -> tuple[ParamRow, ...]:
-    """Every parameter pattern of every family and head, in the order the torch twin registers them."""
-    import torch_impl
-    from parity.inputs import HEADS
-
+    """Every parameter pattern of every family and head, in the twins' module order."""
     rows: dict[str, dict] = {}
     for label, head, cfg in _examples():
         probe = dict(_PROBE)
         if cfg.num_local_experts:
             probe["num_local_experts"] = _EXPERTS
             probe["num_experts_per_tok"] = min(cfg.num_experts_per_tok or 1, _EXPERTS)
-        probe_cfg = dataclasses.replace(cfg, **probe)
-        t_model = getattr(torch_impl, HEADS[head])(probe_cfg)  # tiny: faster than the meta device
-        for name, tensor in t_model.state_dict().items():
+        for name, shape in hf_shapes(dataclasses.replace(cfg, **probe), head).items():
             pat = pattern_of(name)
-            row = rows.setdefault(pat, dict(shape=tuple(tensor.shape), models=[], gemma=False))
+            row = rows.setdefault(pat, dict(shape=shape, models=[], gemma=False))
             if label not in row["models"]:
                 row["models"].append(label)
             row["gemma"] |= bool(cfg.scale_embeddings)

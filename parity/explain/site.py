@@ -309,8 +309,9 @@ def _params_html(component: Component, rows: Sequence[Any]) -> str:
         for r in mine)
     return ("<h2 id='parameters'>Parameters</h2><table class='data params'><tr><th>HF name</th><th>torch attribute</th>"
             "<th>NNX path</th><th>shape (HF)</th><th>Flax array</th><th>dtype rule</th><th>families</th></tr>" + body +
-            "</table><p class='small muted'>Names and layout from <code>weights.names</code>, the converter's "
-            "table; shapes from the torch twin's <code>state_dict</code> in the axis legend; "
+            "</table><p class='small muted'>Names, shapes and layout from <code>weights.names</code> "
+            "(<code>hf_shapes</code>, the table both twins' parameters are tested against, and the converter's "
+            "rule), shapes in the axis legend; "
             "<code>{i}</code> is the layer, <code>{j}</code> the expert. Every parameter is stored in the "
             "checkpoint's dtype and loaded in the model's <code>param_dtype</code>; the dtype rule says what "
             "happens at use, in the activation <code>dtype</code>.</p>")
