@@ -105,6 +105,30 @@ def load_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, strict: 
                          strict=strict)
 
 
+
+def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -> M:
+    """Fill the parameters of `module` (any part of a model, e.g. one `DecoderLayer`) from `reader`,
+    one tensor at a time: how a model too big for memory is streamed layer by layer.
+
+    `names` maps each parameter's HF name inside `module` (`self_attn.q_proj.weight` for the path
+    `self_attn/q_proj/kernel`) to the checkpoint tensor holding it. A module built abstractly
+    (`nnx.eval_shape`) gets its arrays here; every parameter must be named. Values are cast to each
+    parameter's dtype as `load_checkpoint` casts them. Returns the filled module.
+    """
+    params = _hf_params(nnx.state(module, nnx.Param))
+    missing = sorted(set(params) - set(names))
+    if missing:
+        raise KeyError(f"no checkpoint tensor named for parameter(s) {missing}")
+    for name, (_, var) in params.items():
+        key = names[name]
+        current = var.get_value()  # an array, or a ShapeDtypeStruct when the module is abstract
+        want = tuple(current.shape)[::-1] if is_transposed(name) else tuple(current.shape)
+        if tuple(reader.shape(key)) != want:
+            raise ValueError(f"{key}: expected shape {want}, found {tuple(reader.shape(key))}")
+        var.set_value(_device_array(reader.get(key), name, np.dtype(current.dtype)))
+        reader.release(key)
+    return module
+
 def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
                     strict: bool = True) -> M | tuple[M, LoadReport]:
     """Build `cls` from `<directory>/config.json` and load its weights, never holding a second

@@ -103,6 +103,31 @@ def load_checkpoint(model: nn.Module, directory: str | os.PathLike, *, strict: b
                          strict=strict)
 
 
+
+def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -> M:
+    """Fill the parameters of `module` (any part of a model, e.g. one `DecoderLayer`) from `reader`,
+    one tensor at a time: how a model too big for memory is streamed layer by layer.
+
+    `names` maps each parameter's name inside `module` (its `state_dict` key) to the checkpoint
+    tensor holding it. A module built on the meta device is materialised on the CPU first; every
+    parameter must be named. Values are cast to each parameter's dtype as `load_checkpoint` casts
+    them. Returns the filled module.
+    """
+    if any(p.is_meta for p in module.parameters()):
+        module = module.to_empty(device="cpu")
+    state = module.state_dict(keep_vars=True)
+    missing = sorted(set(state) - set(names))
+    if missing:
+        raise KeyError(f"no checkpoint tensor named for parameter(s) {missing}")
+    for name, param in state.items():
+        key = names[name]
+        if tuple(reader.shape(key)) != tuple(param.shape):
+            raise ValueError(f"{key}: expected shape {tuple(param.shape)}, found {tuple(reader.shape(key))}")
+        with torch.no_grad():
+            copy_into(_writable_view(param.data), reader.get(key))
+        reader.release(key)
+    return module
+
 def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
                     strict: bool = True) -> M | tuple[M, LoadReport]:
     """Build `cls` from `<directory>/config.json` and load its weights.

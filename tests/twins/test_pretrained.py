@@ -18,6 +18,7 @@ from torch_impl.layers.precision import to_dtype
 from weights.checkpoint import SAFE_WEIGHTS_INDEX_NAME, CheckpointReader
 from weights.convert import convert
 from weights.errors import MissingKeysError, ShapeMismatchError, TiedWeightsMismatchError
+from weights.names import hf_name
 from weights.safetensors_writer import save_file
 
 CONFIG = TINY.replace(pad_token_id=0)  # classification pools the last non-pad token
@@ -199,3 +200,32 @@ def test_repeated_flax_loads_are_identical(tmp_path):
             name = ".".join(map(str, path)).replace(".kernel", ".weight").replace(".embedding", ".weight")
             value = np.asarray(var[...])
             assert np.ascontiguousarray(value.T if path[-1] == "kernel" else value).tobytes() == want[name]
+
+
+@pytest.mark.parametrize("layout", ["hf", "flax"])
+def test_load_module_fills_one_layer_as_from_pretrained_does(tmp_path, layout):
+    """`load_module`, the hook of the layer-streamed check: one `DecoderLayer` built without
+    memory (meta device / `nnx.eval_shape`) and filled from the checkpoint holds exactly the bits
+    `from_pretrained` gives that layer, in both twins, from either on-disk layout."""
+    torch.manual_seed(0)
+    original = torch_impl.ForCausalLM(CONFIG, dtype=torch.bfloat16)
+    original.save_pretrained(tmp_path / "hf", max_shard_size="8KB")
+    if layout == "flax":
+        convert(tmp_path / "hf", tmp_path / "flax", layout="flax", progress=False)
+    src = tmp_path / layout
+    with torch.device("meta"):
+        t_layer = torch_impl.DecoderLayer(CONFIG, 1, dtype=torch.float32)
+    f_layer = nnx.eval_shape(lambda: flax_impl.DecoderLayer(CONFIG, 1, dtype=np.float32, rngs=nnx.Rngs(0)))
+    with CheckpointReader(src) as reader:
+        t_layer = torch_impl.checkpoint.load_module(
+            t_layer, reader, {n: f"model.layers.1.{n}" for n in t_layer.state_dict()})
+        f_names = {hf_name(p): f"model.layers.1.{hf_name(p)}" for p, _ in nnx.to_flat_state(nnx.state(f_layer, nnx.Param))}
+        f_layer = flax_impl.checkpoint.load_module(f_layer, reader, f_names)
+        with pytest.raises(KeyError, match="input_layernorm"):
+            torch_impl.checkpoint.load_module(torch_impl.DecoderLayer(CONFIG, 1), reader, {})
+    t_whole = torch_impl.ForCausalLM.from_pretrained(src, dtype="float32").model.layers[1]
+    assert same(torch_bits(t_layer), torch_bits(t_whole))
+    f_whole = flax_impl.ForCausalLM.from_pretrained(src, dtype="float32").model.layers[1]
+    f_state = dict(nnx.to_flat_state(nnx.state(f_layer, nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(f_whole, nnx.Param)):
+        assert np.asarray(f_state[path].get_value()).tobytes() == np.asarray(var.get_value()).tobytes(), path
