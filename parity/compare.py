@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,6 +36,39 @@ class Comparison:
         return asdict(self)
 
 
+def native(x: Any) -> np.ndarray:
+    """A numpy view of a torch tensor, jax array or numpy array in its own dtype, copying nothing
+    that is already in host memory (torch bfloat16 through an int16 view, as `ml_dtypes.bfloat16`)."""
+    if hasattr(x, "detach"):  # torch, without importing it here
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+# Elements per float64 block in `compare`: 8 MB of temporaries, whatever the tensor's size.
+CHUNK = 1 << 20
+
+
+def _blocks(ref: np.ndarray, out: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """`(first flat index, ref block, out block)` over both arrays in C order, each block a float64
+    copy of whole leading-axis slices of about `CHUNK` elements (a strided view, such as a
+    transposed kernel, is never flattened whole)."""
+    if ref.ndim == 0:
+        yield 0, ref.reshape(1).astype(np.float64), out.reshape(1).astype(np.float64)
+        return
+    inner = int(np.prod(ref.shape[1:], dtype=np.int64))
+    step = max(1, CHUNK // max(1, inner))
+    for start in range(0, ref.shape[0], step):
+        r = np.asarray(ref[start:start + step], dtype=np.float64).reshape(-1)
+        o = np.asarray(out[start:start + step], dtype=np.float64).reshape(-1)
+        yield start * inner, r, o
+
+
 def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None) -> Comparison:
     """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
 
@@ -43,21 +76,31 @@ def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None
     (still at least 1): for a value squashed by a contraction (a soft cap), errors keep the
     scale of what went in, not of what came out. NaN anywhere in either array (where the other
     is not NaN at the same place) fails.
+
+    The arrays are read in their own dtypes and compared in float64 one block at a time, so a
+    gigabyte gradient costs a few megabytes of temporaries; the figures are those of one float64
+    pass over the whole arrays (max and first argmax do not depend on the blocking).
     """
-    ref, out = to_numpy(reference), to_numpy(got)
+    ref, out = native(reference), native(got)
     if ref.shape != out.shape:
         return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape))
     if ref.size == 0:
         return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape))
-    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-    both_nan = np.isnan(ref) & np.isnan(out)
-    diff = np.where(both_nan, 0.0, diff)
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    flat = int(np.argmax(diff))
-    max_abs = float(diff.reshape(-1)[flat])
+    max_abs, flat, ref_max = -1.0, 0, 0.0
+    for offset, r, o in _blocks(ref, out):
+        with np.errstate(invalid="ignore"):  # inf - inf is NaN, then counted as inf below
+            diff = np.abs(r - o)
+        both_nan = np.isnan(r) & np.isnan(o)
+        diff = np.where(both_nan, 0.0, diff)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        i = int(np.argmax(diff))
+        if diff[i] > max_abs:  # strictly: the first occurrence in C order wins, as one argmax
+            max_abs, flat = float(diff[i]), offset + i
+        finite = np.abs(r[np.isfinite(r)])
+        if finite.size:
+            ref_max = max(ref_max, float(finite.max()))
     if scale is None:
-        finite = np.abs(ref[np.isfinite(ref)])
-        scale = float(finite.max()) if finite.size else 1.0
+        scale = ref_max
     rel = max_abs / max(1.0, scale)
     return Comparison(name, max_abs, rel, tuple(int(i) for i in np.unravel_index(flat, ref.shape)), tol,
                       bool(rel <= tol), tuple(ref.shape))

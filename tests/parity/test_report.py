@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import parity.compare
 from parity.compare import Comparison, compare, compare_allclose
 from parity.explain.report_html import write_html
 from parity.report import Report, Row, parameter_group
@@ -106,6 +107,31 @@ def test_compare_bounds_relative_to_the_reference_scale():
     assert not c.passed and c.rel == pytest.approx(5e-4) and c.worst_index == (1,)
     assert not compare("x", small, np.array([0.5, np.nan]), 1.0).passed
     assert not compare("x", small, np.zeros(3), 1.0).passed
+
+
+
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=7),
+                  elements=st.floats(-4, 4, width=32) | st.sampled_from([np.nan, np.inf, -np.inf])),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_compare_in_blocks_gives_the_figures_of_one_float64_pass(ref, seed, transposed):
+    """`compare` reads big tensors a block at a time (no float64 copy of a whole gradient): its
+    figures equal those of a single float64 pass, NaN / inf rules and first worst index included,
+    on strided (transposed) views and torch / jax inputs alike."""
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(seed)
+    got = np.where(rng.random(ref.shape) < 0.1, 0, ref + rng.normal(0, 1e-3, ref.shape).astype(np.float32))
+    got = np.where(rng.random(ref.shape) < 0.05, np.nan, got).astype(np.float32)
+    if transposed:
+        ref, got = ref.T, got.T
+    whole = compare("x", ref, got, 1e-3)
+    chunk, parity.compare.CHUNK = parity.compare.CHUNK, 3
+    try:
+        for r, g in ((ref, got), (torch.from_numpy(np.array(ref, order="C")), jnp.asarray(got))):
+            assert compare("x", r, g, 1e-3) == whole
+    finally:
+        parity.compare.CHUNK = chunk
 
 
 def test_report_round_trips_through_json(tmp_path):
