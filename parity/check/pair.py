@@ -83,15 +83,19 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     report.meta["describe"] = {"inputs": _describe(batch)}
 
     want_grads = "gradients" in sections
-    t_out, t_grads = _torch_forward(torch_model, batch, head, want_grads)
+    # The Flax twin first: its gradients are held while torch's backward pass compares each torch
+    # gradient as soon as it is accumulated, then frees both. The two full sets never coexist.
     f_out, f_grads = _flax_forward(flax_model, batch, head, want_grads)
+    t_out, grad_rows = _torch_forward(torch_model, batch, head, f_grads if want_grads else None,
+                                      tol("gradients"))
     capped = _capped_logit_scale(torch_model, t_out, head)
     if "forward" in sections:
         report.rows += _forward_rows(t_out, f_out, tol)
+    # Every layer's attention map is compared: drop them before decoding and generation.
+    t_out.attentions, f_out = None, f_out.replace(attentions=None)
     if "head" in sections:
         report.rows += _head_rows(t_out, f_out, head, tol, capped)
-    if want_grads:
-        report.rows += _gradient_rows(t_grads, f_grads, torch_model, tol("gradients"))
+    report.rows += grad_rows
     if "kv cache" in sections:
         report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol, capped)
     if "generation" in sections:
@@ -131,45 +135,85 @@ def _describe(batch: Batch) -> str:
 
 
 # ---- running each twin -------------------------------------------------------------------
-def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, grads: bool) -> tuple[Any, dict]:
+def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: dict | None,
+                   tol: float) -> tuple[Any, list[Row]]:
+    """The torch twin's forward pass; with `flax_grads` ({HF name: Flax gradient in HF layout})
+    also its backward pass, each parameter's gradient compared with the Flax one the moment it is
+    accumulated and then dropped (both sides), so no full set of torch gradients is ever held.
+    Returns the outputs and the gradient rows in parameter order."""
     labels = {k: to_torch(v) for k, v in batch.head_labels(head).items()}
     model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(grads):
-        out = model(to_torch(batch.input_ids), to_torch(batch.attention_mask), to_torch(batch.position_ids),
-                    **labels, output_hidden_states=True, output_attentions=True)
-        if grads:
-            out.loss.backward()
-    named = {name: p.grad for name, p in model.named_parameters()} if grads else {}
-    return out, named
+    grads = flax_grads is not None
+    rows: dict[str, Row] = {}
+
+    def compare_and_free(name: str):
+        def hook(param: torch.nn.Parameter) -> None:
+            rows[name] = _gradient_row(name, param.grad, flax_grads, tol)
+            param.grad = None
+        return hook
+
+    hooks = [p.register_post_accumulate_grad_hook(compare_and_free(n)) for n, p in model.named_parameters()] \
+        if grads else []
+    try:
+        with torch.set_grad_enabled(grads):
+            out = model(to_torch(batch.input_ids), to_torch(batch.attention_mask), to_torch(batch.position_ids),
+                        **labels, output_hidden_states=True, output_attentions=True)
+            if grads:
+                out.loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not grads:
+        return out, []
+    # A parameter the loss does not reach (an expert no token was routed to) has no torch gradient.
+    ordered = [rows.pop(n) if n in rows else _gradient_row(n, torch.zeros_like(p), flax_grads, tol)
+               for n, p in model.named_parameters()]
+    for name in sorted(flax_grads):
+        extra = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(flax_grads[name].shape))
+        ordered.append(Row("gradients", "gradients", extra, _layer_of(name), note="no torch parameter"))
+    return out, ordered
+
+
+def _gradient_row(name: str, t_grad: torch.Tensor, flax_grads: dict, tol: float) -> Row:
+    """One parameter's gradient row; the Flax gradient is taken out of `flax_grads` (and freed)."""
+    if name not in flax_grads:
+        missing = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(t_grad.shape))
+        return Row("gradients", "gradients", missing, _layer_of(name), note="no Flax gradient")
+    return Row("gradients", "gradients", compare(name, t_grad, flax_grads.pop(name), tol), _layer_of(name))
 
 
 def _flax_forward(model: nnx.Module, batch: Batch, head: str, grads: bool) -> tuple[Any, dict]:
     labels = {k: to_jax(v) for k, v in batch.head_labels(head).items()}
     args = (to_jax(batch.input_ids), to_jax(batch.attention_mask), to_jax(batch.position_ids))
-    out, g = _flax_run(model, args, labels, grads)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    out, g = _flax_run(graphdef, params, rest, args, labels, grads)
     named = {}
     for path, var in nnx.to_flat_state(g) if grads else ():
         name = hf_name(path)
-        value = np.asarray(var[...])
+        value = np.asarray(var[...])  # a view of the device buffer on CPU, not a copy
         named[name] = value.T if is_transposed(name) else value
     return out, named
 
 
 def flax_forward(model: nnx.Module, args: tuple, labels: dict) -> Any:
     """The Flax twin's compiled forward pass with every hidden state and attention map."""
-    return _flax_run(model, args, labels, False)[0]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return _flax_run(graphdef, params, rest, args, labels, False)[0]
 
 
 # Compiled, as users run the Flax twin; one compilation per model structure, dtype and shape.
-@functools.partial(nnx.jit, static_argnames=("grads",))
-def _flax_run(model: nnx.Module, args: tuple, labels: dict, grads: bool) -> tuple[Any, Any]:
-    def run(m: nnx.Module) -> tuple[jax.Array, Any]:
-        out = m(*args, **labels, output_hidden_states=True, output_attentions=True)
+# `nnx.split` + `jax.jit`, not `nnx.jit`: `nnx.jit` hands the model's state back out of the
+# compiled function, a fresh copy of every parameter per call.
+@functools.partial(jax.jit, static_argnames=("graphdef", "grads"))
+def _flax_run(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, args: tuple, labels: dict,
+              grads: bool) -> tuple[Any, Any]:
+    def run(p: nnx.State) -> tuple[jax.Array, Any]:
+        out = nnx.merge(graphdef, p, rest)(*args, **labels, output_hidden_states=True, output_attentions=True)
         return out.loss, out
 
     if not grads:
-        return run(model)[1], None
-    (_, out), g = nnx.value_and_grad(run, has_aux=True)(model)
+        return run(params)[1], None
+    (_, out), g = jax.value_and_grad(run, has_aux=True)(params)
     return out, g
 
 
@@ -195,22 +239,6 @@ def _head_rows(t_out: Any, f_out: Any, head: str, tol: Any, capped: tuple[float,
     rows = [Row("head", "logits", compare(n, getattr(t_out, n), getattr(f_out, n), tol("logits"), scale), note=note)
             for n in names]
     rows.append(Row("head", "loss", compare("loss", t_out.loss, f_out.loss, tol("loss"))))
-    return rows
-
-
-def _gradient_rows(t_grads: dict, f_grads: dict, model: torch.nn.Module, tol: float) -> list[Row]:
-    rows = []
-    for name, t_grad in t_grads.items():
-        layer = _layer_of(name)
-        if name not in f_grads:
-            missing = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(t_grad.shape))
-            rows.append(Row("gradients", "gradients", missing, layer, note="no Flax gradient"))
-            continue
-        ref = t_grad if t_grad is not None else torch.zeros_like(model.get_parameter(name))
-        rows.append(Row("gradients", "gradients", compare(name, ref, f_grads[name], tol), layer))
-    for name in sorted(set(f_grads) - set(t_grads)):
-        extra = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(f_grads[name].shape))
-        rows.append(Row("gradients", "gradients", extra, _layer_of(name), note="no torch parameter"))
     return rows
 
 
@@ -261,19 +289,21 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
 
 
 class _FlaxStep:
-    """Calls a Flax model's cached forward through `nnx.jit` (one compilation per shape)."""
+    """Calls a Flax model's cached forward compiled (one compilation per shape), through
+    `nnx.split` + `jax.jit` so that no step copies the parameters (see `_flax_run`)."""
 
     def __init__(self, model: nnx.Module):
-        self.model = model
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, pos: jax.Array | None, *, past_key_values: Any,
                  use_cache: bool) -> Any:
-        return _flax_cached_step(self.model, ids, mask, pos, past_key_values)
+        return _flax_cached_step(self.graphdef, self.params, self.rest, ids, mask, pos, past_key_values)
 
 
-@nnx.jit
-def _flax_cached_step(model: nnx.Module, ids: jax.Array, mask: jax.Array, pos: jax.Array | None, cache: Any) -> Any:
-    return model(ids, mask, pos, past_key_values=cache, use_cache=True)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _flax_cached_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ids: jax.Array,
+                      mask: jax.Array, pos: jax.Array | None, cache: Any) -> Any:
+    return nnx.merge(graphdef, params, rest)(ids, mask, pos, past_key_values=cache, use_cache=True)
 
 
 def _decode(model: Any, batch: Batch, cache: Any, convert: Any, pick: Any):
