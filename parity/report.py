@@ -19,7 +19,7 @@ from typing import Any
 
 from .compare import Comparison
 
-__all__ = ["Report", "Row", "SECTIONS", "format_figure", "parameter_group"]
+__all__ = ["Report", "Row", "SECTIONS", "format_figure", "format_timings", "parameter_group"]
 
 SECTIONS = ("forward", "head", "gradients", "kv cache", "generation")
 
@@ -34,6 +34,10 @@ class Row:
     layer: int | None = None  # the decoder layer the tensor belongs to, when it has one
     note: str = ""
     status: str = ""  # "pass" / "fail" / "n/a"; derived from the comparison when empty
+    # Streamed checks: the same tensor when the Flax twin is fed the torch twin's input to this
+    # layer (or its incoming gradient), i.e. the error this layer adds. `comparison` is the chained
+    # (end-to-end) figure and alone decides `status`.
+    isolated: Comparison | None = None
 
     def __post_init__(self) -> None:
         if not self.status:
@@ -50,7 +54,15 @@ class Row:
              "status": self.status, "note": self.note, **self.comparison.as_dict()}
         d["worst_index"] = list(d["worst_index"])
         d["shape"] = list(d["shape"])
-        return {k: (_json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
+        d = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
+        d["isolated"] = None if self.isolated is None else _comparison_dict(self.isolated)
+        return d
+
+
+def _comparison_dict(c: Comparison) -> dict[str, Any]:
+    d = c.as_dict()
+    d["worst_index"], d["shape"] = list(d["worst_index"]), list(d["shape"])
+    return {k: (_json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def _json_number(x: float) -> float | str:
@@ -62,6 +74,17 @@ def format_figure(x: float) -> str:
     if x == 0:
         return "0"
     return f"{x:.1e}" if math.isfinite(x) else str(x)
+
+
+def _isolated_cell(c: Comparison | None) -> str:
+    if c is None:
+        return ""
+    return format_figure(c.rel) + ("" if c.passed else " FAIL")
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """Wall time per phase, the footer of the table: `wall time: load 1.2 s, forward 3.4 s, ...`."""
+    return "wall time: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in timings.items())
 
 
 def parameter_group(hf_name: str) -> str:
@@ -123,35 +146,49 @@ class Report:
         """The readable table `twinlm check` prints."""
         lines = [f"== {self.title} ==", f"dtype {self.dtype}, head {self.head}"]
         lines += [f"{k}: {v}" for k, v in self.meta.get("describe", {}).items()]
-        header = ("tensor", "shape", "max abs", "rel err", "worst at", "tol", "status", "")
+        isolated = any(r.isolated is not None for r in self.rows)
+        header = ("tensor", "shape", "max abs", "rel err", "worst at", "tol", "status") \
+            + (("isolated",) if isolated else ()) + ("",)
         current = None
         table: list[tuple[str, ...]] = []
         for r in self.summary_rows():
             if r.section != current:
                 current = r.section
-                table.append(("", "", "", "", "", "", "", ""))
-                table.append((f"[{r.section}]", "", "", "", "", "", "", ""))
+                table.append(("",) * len(header))
+                table.append((f"[{r.section}]",) + ("",) * (len(header) - 1))
             c = r.comparison
             shape = "x".join(map(str, c.shape)) if c.shape else "-"
             at = ",".join(map(str, c.worst_index)) if c.worst_index else "-"
             figures = (format_figure(c.max_abs), format_figure(c.rel), at, f"{c.tolerance:.0e}") \
                 if r.status != "n/a" else ("-", "-", "-", "-")
-            table.append((c.name, shape) + figures + (r.status.upper() if r.status == "fail" else r.status, r.note))
+            iso = (_isolated_cell(r.isolated),) if isolated else ()
+            table.append((c.name, shape) + figures + (r.status.upper() if r.status == "fail" else r.status,)
+                         + iso + (r.note,))
         widths = [max(len(row[i]) for row in [header] + table) for i in range(len(header))]
         fmt = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
         lines.append(fmt(header))
         lines += [fmt(row) for row in table]
+        lines.append("")
+        lines.append(self.verdict())
+        if self.meta.get("timings"):
+            lines.append(format_timings(self.meta["timings"]))
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """The one-line conclusion: PASS, or how many tensors failed and where the twins first part
+        ways; with isolated figures, also the first layer out of tolerance on its own."""
         n_fail = len(self.failures())
         n_na = sum(r.status == "n/a" for r in self.rows)
         verdict = "PASS" if self.passed else f"FAIL: {n_fail} of {len(self.rows)} tensors out of tolerance"
         first = self.first_failure()
         if first is not None:
             verdict += f"; first divergence: {first.name}"
+        first_isolated = next((r for r in self.rows if r.isolated is not None and not r.isolated.passed), None)
+        if first_isolated is not None:
+            verdict += f"; first isolated failure (the error this tensor adds on its own): {first_isolated.name}"
         if n_na:
             verdict += f" ({n_na} check(s) not available)"
-        lines.append("")
-        lines.append(verdict)
-        return "\n".join(lines)
+        return verdict
 
     # ---- JSON ---------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
@@ -165,10 +202,10 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """The inverse of `as_dict` (e.g. to re-render a report read from `--json` output)."""
         num = lambda v: float(v) if isinstance(v, str) else v  # "inf" / "nan" back to floats
-        rows = [Row(r["section"], r["quantity"],
-                    Comparison(r["name"], num(r["max_abs"]), num(r["rel"]), tuple(r["worst_index"]),
-                               num(r["tolerance"]), r["passed"], tuple(r["shape"])),
-                    r["layer"], r["note"], r["status"]) for r in d["rows"]]
+        comparison = lambda c: Comparison(c["name"], num(c["max_abs"]), num(c["rel"]), tuple(c["worst_index"]),
+                                          num(c["tolerance"]), c["passed"], tuple(c["shape"]))
+        rows = [Row(r["section"], r["quantity"], comparison(r), r["layer"], r["note"], r["status"],
+                    comparison(r["isolated"]) if r.get("isolated") else None) for r in d["rows"]]
         return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}))
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -185,7 +222,11 @@ def _group_row(group: str, members: list[Row]) -> Row:
     status = "fail" if any(m.status == "fail" for m in members) else "pass"
     summary = Comparison(group, c.max_abs, c.rel, c.worst_index, c.tolerance, status == "pass", c.shape)
     note = f"{len(members)} tensors, worst {worst.name[len(group) + 1:] or worst.name}"
-    return Row("gradients", "gradients", summary, worst.layer, note=note, status=status)
+    isolated = [m.isolated for m in members if m.isolated is not None]
+    iso = max(isolated, key=_ratio) if isolated else None
+    if iso is not None:
+        iso = Comparison(group, iso.max_abs, iso.rel, iso.worst_index, iso.tolerance, iso.passed, iso.shape)
+    return Row("gradients", "gradients", summary, worst.layer, note=note, status=status, isolated=iso)
 
 
 def _ratio(c: Comparison) -> float:

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..report import format_timings
 from .components import BY_SLUG, component_of_row
 from .html import esc, log_plot_svg, page, ratio_class, share
 
@@ -227,6 +228,8 @@ def render_report(reports: Sequence[Any], title: str = "twinlm parity report", e
             if describe:
                 parts.append("<p class='small'>" + "<br>".join(f"<b>{esc(k)}</b>: {esc(v)}" for k, v in describe.items())
                              + "</p>")
+            if rep.meta.get("timings"):  # the wall time of each phase, as the text table's footer
+                parts.append(f"<p class='small'>{esc(format_timings(rep.meta['timings']))}</p>")
             parts.append(f"<table class='data rows'>{_ROW_HEAD}")
             section = None
             for r in rep.summary_rows():

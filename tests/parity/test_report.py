@@ -142,3 +142,34 @@ def test_report_round_trips_through_json(tmp_path):
     back = Report.from_dict(json.loads(rep.write_json(tmp_path / "r.json").read_text()))
     assert back.format_table() == rep.format_table()
     assert back.first_failure().name == "start_logits" and back.rows[1].comparison.max_abs == math.inf
+
+
+def test_isolated_figures_and_phase_times_in_every_rendering(tmp_path):
+    """Streamed reports carry a second figure per row (the Flax layer fed the torch twin's input)
+    and every report the wall time of each phase: the table, JSON and HTML show them; the isolated figure
+    never changes a row's status, and gradient groups keep their worst isolated member."""
+    def iso(name, rel):
+        return Comparison(name, rel, rel, (0,), 1e-5, rel <= 1e-5, (2,))
+
+    rows = [Row("forward", "activations", Comparison("model.layers.0 (output)", 1e-6, 1e-6, (0,), 1e-5, True, (2,)),
+                layer=0, isolated=iso("model.layers.0 (output)", 1e-6)),
+            Row("forward", "activations", Comparison("model.layers.1 (output)", 2e-5, 2e-5, (0,), 1e-5, False, (2,)),
+                layer=1, isolated=iso("model.layers.1 (output)", 3e-5)),
+            Row("gradients", "gradients", Comparison("model.layers.1.mlp.up_proj.weight", 1e-6, 1e-6, (0,), 1e-4,
+                                                     True, (2,)), 1, isolated=iso("x", 2e-7)),
+            Row("gradients", "gradients", Comparison("model.layers.1.mlp.down_proj.weight", 1e-6, 1e-6, (0,), 1e-4,
+                                                     True, (2,)), 1, isolated=iso("y", 4e-7)),
+            Row("kv cache", "activations", Comparison("torch cached vs torch full (logits)", 0.0, 0.0, (0,), 1e-5, True))]
+    rep = Report("streamed", "float32", "causal_lm", rows, {"timings": {"load": 1.25, "forward": 3.0, "total": 4.25}})
+    text = rep.format_table()
+    assert "isolated" in text.splitlines()[2] and "3.0e-05 FAIL" in text
+    assert "first divergence: model.layers.1 (output)" in text
+    assert "first isolated failure (the error this tensor adds on its own): model.layers.1 (output)" in text
+    assert text.splitlines()[-1] == "wall time: load 1.2 s, forward 3.0 s, total 4.2 s"
+    group = next(r for r in rep.summary_rows() if r.section == "gradients")
+    assert group.isolated.rel == 4e-7 and group.status == "pass"
+    back = Report.from_dict(json.loads(rep.write_json(tmp_path / "r.json").read_text()))
+    assert [r.isolated for r in back.rows] == [r.isolated for r in rows]
+    assert back.meta["timings"] == rep.meta["timings"]
+    page = write_html([rep], tmp_path / "r.html").read_text()
+    assert "3.0e-05" in page and "wall time: load 1.2 s, forward 3.0 s, total 4.2 s" in page
