@@ -115,7 +115,26 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip", action="append", default=[], choices=list(_SKIPPABLE),
                    help="leave out a part of the check (repeatable)")
     p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
+    _stream_args(p)
     p.set_defaults(func=_run_check)
+
+
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    from weights.checkpoint import parse_size
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="check layer by layer from the memory-mapped checkpoint (--stream) or with both whole "
+                   "models loaded (--no-stream); default: stream when the whole-model check's estimated peak "
+                   "exceeds --memory-budget")
+    p.add_argument("--memory-budget", type=size, metavar="SIZE",
+                   help="memory the check may use, e.g. 8GB (default: 70%% of the memory available now)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars (stderr)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -194,7 +213,9 @@ def _run_check(args: argparse.Namespace) -> int:
     sections = [s for s in SECTIONS if s not in {_SKIPPABLE[k] for k in args.skip}]
     try:
         report = check_checkpoint(args.dir, args.dtype, seq_len=args.seq_len, batch_size=args.batch,
-                                  seed=args.seed, sections=sections)
+                                  seed=args.seed, sections=sections, stream=args.stream,
+                                  memory_budget=args.memory_budget, progress=False if args.no_progress else None,
+                                  announce=lambda mode: print(f"twinlm check: {mode}", file=sys.stderr, flush=True))
     except _input_errors() as e:
         return _bad_input("check", e)
     print(report.format_table())

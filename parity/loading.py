@@ -22,7 +22,7 @@ from weights.errors import LOAD_ERRORS
 
 from .inputs import HEADS
 
-__all__ = ["BadInputError", "DTYPES", "Twins", "abstract_flax_model", "copy_weights", "detect_head",
+__all__ = ["BadInputError", "checkpoint_head", "DTYPES", "Twins", "abstract_flax_model", "copy_weights", "detect_head",
            "fill_flax_model", "jax_dtype", "load_flax", "load_torch", "load_twins", "read_config", "torch_dtype",
            "twins_from_config"]
 
@@ -95,6 +95,16 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     except ConfigError as e:
         raise BadInputError(str(e)) from None
 
+
+
+def checkpoint_head(directory: str | os.PathLike, head: str | None = None) -> tuple[ModelConfig, str]:
+    """`(config, head)` of a checkpoint directory, reading no weights: `head` when given (checked),
+    else `detect_head`'s answer. Raises `BadInputError` naming what is wrong."""
+    config = read_config(directory)
+    head = head or detect_head(config, _tensor_names(directory))
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    return config, head
 
 def load_torch(directory: str | os.PathLike, dtype: str, head: str | None = None) -> Any:
     """The torch twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`."""

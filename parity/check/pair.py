@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,11 @@ from weights.names import hf_name, is_transposed
 
 from ..compare import Comparison, compare, to_numpy
 from ..inputs import HEADS, Batch, seeded_batch
-from ..loading import BadInputError, load_twins
+from ..loading import DTYPES, BadInputError, checkpoint_head, load_twins
 from ..report import SECTIONS, Report, Row
 from ..tolerances import tolerance
 from .generation import generation_rows
+from .progress import Phases
 
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
 
@@ -60,11 +61,14 @@ def _tol(dtype: str, quantity: str, overrides: Mapping[str, float] | None) -> fl
 
 def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batch, *,
                dtype: str | None = None, sections: Iterable[str] = SECTIONS, title: str = "parity",
-               tolerances: Mapping[str, float] | None = None, max_new_tokens: int = 8) -> Report:
+               tolerances: Mapping[str, float] | None = None, max_new_tokens: int = 8,
+               progress: bool | None = None, phases: Phases | None = None) -> Report:
     """Compare two twins of the same head holding the same weights, on `batch`.
 
     `dtype` (a name) selects the tolerances; by default it is the torch model's. `sections`
     restricts the work (e.g. skip "gradients"); `tolerances` overrides bounds per quantity.
+    `progress` shows a bar per phase on stderr (None: when stderr is a terminal); the wall time
+    of each phase goes to `report.meta["timings"]` (`phases` continues an earlier timer).
     """
     sections = tuple(sections)
     unknown = set(sections) - set(SECTIONS)
@@ -83,11 +87,16 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     report.meta["describe"] = {"inputs": _describe(batch)}
 
     want_grads = "gradients" in sections
-    # The Flax twin first: its gradients are held while torch's backward pass compares each torch
-    # gradient as soon as it is accumulated, then frees both. The two full sets never coexist.
-    f_out, f_grads = _flax_forward(flax_model, batch, head, want_grads)
-    t_out, grad_rows = _torch_forward(torch_model, batch, head, f_grads if want_grads else None,
-                                      tol("gradients"))
+    phases = phases or Phases(progress)
+    with phases("forward + backward" if want_grads else "forward", total=2, unit="twin") as bar:
+        # The Flax twin first: its gradients are held while torch's backward pass compares each
+        # torch gradient as soon as it is accumulated, then frees both. The two full sets never
+        # coexist.
+        f_out, f_grads = _flax_forward(flax_model, batch, head, want_grads)
+        bar.update()
+        t_out, grad_rows = _torch_forward(torch_model, batch, head, f_grads if want_grads else None,
+                                          tol("gradients"))
+        bar.update()
     capped = _capped_logit_scale(torch_model, t_out, head)
     if "forward" in sections:
         report.rows += _forward_rows(t_out, f_out, tol)
@@ -97,11 +106,14 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
         report.rows += _head_rows(t_out, f_out, head, tol, capped)
     report.rows += grad_rows
     if "kv cache" in sections:
-        report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol, capped)
+        with phases("kv cache", total=2 * batch.input_ids.shape[1], unit="token") as bar:
+            report.rows += _kv_cache_rows(torch_model, flax_model, batch, head, t_out, f_out, tol, capped, bar)
     if "generation" in sections:
-        scale = capped[0] if capped else max(1.0, float(np.abs(_logits(t_out, head)).max()))
-        report.rows += generation_rows(torch_model, flax_model, batch, head, config,
-                                       tol("logits"), max_new_tokens, scale)
+        with phases("generation"):
+            scale = capped[0] if capped else max(1.0, float(np.abs(_logits(t_out, head)).max()))
+            report.rows += generation_rows(torch_model, flax_model, batch, head, config,
+                                           tol("logits"), max_new_tokens, scale)
+    report.meta["timings"] = phases.timings()
     return report
 
 
@@ -248,11 +260,32 @@ def _layer_of(name: str) -> int | None:
 
 
 def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t_out: Any, f_out: Any,
-                   tol: Any, capped: tuple[float, str] | None) -> list[Row]:
+                   tol: Any, capped: tuple[float, str] | None, bar: Any = None) -> list[Row]:
     """Feed the sequence one token at a time into a static cache; the result must equal the full
     forward pass at every real token (prompt prefill through the cache is exercised by the
     generation check, whose `generate()` prefills then decodes). The causal LM is checked on
     logits, the other heads (which pool or score every token) on the decoder's last hidden state.
+    """
+    t = batch.input_ids.shape[1]
+    causal = head == "causal_lm"
+    t_model = torch_model if causal else torch_model.model
+    f_model = flax_model if causal else flax_model.model
+    pick = (lambda o: o.logits) if causal else (lambda o: o.last_hidden_state)
+    config = torch_model.config
+    dtype = next(torch_model.parameters()).dtype
+
+    with torch.no_grad():
+        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype)
+        t_cached = torch.cat(list(_decode(t_model, batch, cache, to_torch, pick, bar)), dim=1)
+    cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
+    f_cached = jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick, bar)), axis=1)
+    return kv_cache_rows(batch, head, t_out, f_out, t_cached, f_cached, tol, capped)
+
+
+def kv_cache_rows(batch: Batch, head: str, t_out: Any, f_out: Any, t_cached: Any, f_cached: Any, tol: Any,
+                  capped: tuple[float, str] | None) -> list[Row]:
+    """The three KV-cache rows from each twin's full pass (`*_out`) and its one-token-at-a-time
+    decoding (`*_cached`: logits for the causal LM, the last hidden state otherwise).
 
     Padding positions are left out: a padding query sees no key, so its output is an artefact
     of the mask convention (uniform weights over whatever the key axis holds), and the key
@@ -262,21 +295,11 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
     causal = head == "causal_lm"
     quantity = "logits" if causal else "activations"
     what = "logits" if causal else "last hidden state"
-    t_model = torch_model if causal else torch_model.model
-    f_model = flax_model if causal else flax_model.model
-    pick = (lambda o: o.logits) if causal else (lambda o: o.last_hidden_state)
     real = batch.attention_mask[..., None] == 1
     only_real = lambda x: np.where(real, to_numpy(x), 0.0)
     t_full = only_real(t_out.logits if causal else t_out.hidden_states[-1])
     f_full = only_real(f_out.logits if causal else f_out.hidden_states[-1])
-    config = torch_model.config
-    dtype = next(torch_model.parameters()).dtype
-
-    with torch.no_grad():
-        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype)
-        t_cached = only_real(torch.cat(list(_decode(t_model, batch, cache, to_torch, pick)), dim=1))
-    cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
-    f_cached = only_real(jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick)), axis=1))
+    t_cached, f_cached = only_real(t_cached), only_real(f_cached)
     q = tol(quantity)
     scale, cap_note = capped if causal and capped else (None, "")
     note = f"{t} one-token steps; real tokens only" + (f"; {cap_note}" if cap_note else "")
@@ -306,7 +329,7 @@ def _flax_cached_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State
     return nnx.merge(graphdef, params, rest)(ids, mask, pos, past_key_values=cache, use_cache=True)
 
 
-def _decode(model: Any, batch: Batch, cache: Any, convert: Any, pick: Any):
+def _decode(model: Any, batch: Batch, cache: Any, convert: Any, pick: Any, bar: Any = None):
     # The mask is passed at full cache width ([B, S], which both twins accept; the causal rule
     # hides the slots not written yet): every step has the same shapes, so the Flax twin
     # compiles its step once, not once per position.
@@ -315,6 +338,8 @@ def _decode(model: Any, batch: Batch, cache: Any, convert: Any, pick: Any):
         out = model(convert(ids[:, i:i + 1]), mask, None if pos is None else convert(pos[:, i:i + 1]),
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
+        if bar is not None:
+            bar.update()
         yield pick(out)
 
 
@@ -323,31 +348,62 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                      batch_size: int = 3, seed: int = 0, head: str | None = None,
                      flax_directory: str | os.PathLike | None = None,
                      sections: Iterable[str] = SECTIONS,
-                     tolerances: Mapping[str, float] | None = None) -> Report:
-    """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`.
+                     tolerances: Mapping[str, float] | None = None, stream: bool | None = None,
+                     memory_budget: int | None = None, progress: bool | None = None,
+                     announce: Callable[[str], None] | None = None) -> Report:
+    """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`, or
+    stream it layer by layer (`check_streamed`) when the whole-model check would not fit.
 
+    `stream` forces the mode (None: choose). The choice compares the whole-model check's
+    estimated peak (`memory.whole_model_bytes`) with `memory_budget` bytes (default: a fraction
+    of the memory available now); `announce`, when given, is called with the decision and its
+    reason before anything is loaded. `progress` shows a bar per phase on stderr.
     Raises `BadInputError` for a checkpoint or argument that cannot be used.
     """
+    from .memory import choose_mode, default_budget, model_sizes, whole_model_bytes
+    from .streamed import check_streamed
+
     if batch_size < 2:
         raise BadInputError(f"--batch must be >= 2 (one left-padded and one right-padded row), got {batch_size}")
     if seq_len < 2:
         raise BadInputError(f"--seq-len must be >= 2 (a padded row keeps one real token), got {seq_len}")
-    twins = load_twins(directory, dtype, head, flax_directory)
-    config = twins.config
+    if dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
+                           "jax.config.update('jax_enable_x64', True) before creating any array")
+    config, head = checkpoint_head(directory, head)
     batch = seeded_batch(config, batch_size, seq_len, seed)
     note = None
-    if twins.head == "sequence_classification" and config.pad_token_id is None:
+    if head == "sequence_classification" and config.pad_token_id is None:
         # Without a pad id the classifier cannot find each row's last token (HF allows batch 1 only).
         batch = seeded_batch(config, 1, seq_len, seed, paddings=("none",))
         note = "config has no pad_token_id: sequence classification runs one unpadded row (as HF)"
-    report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=dtype, sections=sections,
-                        title=f"{directory}", tolerances=tolerances)
+    sections = tuple(sections)
+    estimate = whole_model_bytes(config, head, dtype, gradients="gradients" in sections,
+                                 batch=batch.input_ids.shape[0], seq_len=seq_len, sizes=model_sizes(config, head))
+    budget, budget_note = (memory_budget, "--memory-budget") if memory_budget is not None else default_budget()
+    mode = choose_mode(estimate, budget, stream, budget_note)
+    if announce is not None:
+        announce(mode.describe())
+    if mode.streamed:
+        report = check_streamed(directory, dtype, batch, config=config, head=head, flax_directory=flax_directory,
+                                sections=sections, title=f"{directory}", tolerances=tolerances, progress=progress)
+    else:
+        phases = Phases(progress)
+        with phases("load", total=1, unit="checkpoint") as bar:
+            twins = load_twins(directory, dtype, head, flax_directory)
+            bar.update()
+        report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=dtype, sections=sections,
+                            title=f"{directory}", tolerances=tolerances, phases=phases)
     report.meta["checkpoint"] = str(directory)
     if flax_directory is not None:
         report.meta["flax_checkpoint"] = str(flax_directory)
-    report.meta["describe"]["model"] = _describe_config(config)
+    report.meta["describe"] = {"inputs": _describe(batch), "model": _describe_config(config),
+                               "mode": mode.describe()}
     if note:
         report.meta["describe"]["note"] = note
+    report.meta["mode"] = mode.as_dict()
     report.meta["seed"] = seed
     return report
 
