@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from weights.blockcopy import row_blocks
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -50,25 +52,6 @@ def native(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-# Elements per float64 block in `compare`: 8 MB of temporaries, whatever the tensor's size.
-CHUNK = 1 << 20
-
-
-def _blocks(ref: np.ndarray, out: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """`(first flat index, ref block, out block)` over both arrays in C order, each block a float64
-    copy of whole leading-axis slices of about `CHUNK` elements (a strided view, such as a
-    transposed kernel, is never flattened whole)."""
-    if ref.ndim == 0:
-        yield 0, ref.reshape(1).astype(np.float64), out.reshape(1).astype(np.float64)
-        return
-    inner = int(np.prod(ref.shape[1:], dtype=np.int64))
-    step = max(1, CHUNK // max(1, inner))
-    for start in range(0, ref.shape[0], step):
-        r = np.asarray(ref[start:start + step], dtype=np.float64).reshape(-1)
-        o = np.asarray(out[start:start + step], dtype=np.float64).reshape(-1)
-        yield start * inner, r, o
-
-
 def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None) -> Comparison:
     """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
 
@@ -77,28 +60,36 @@ def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None
     scale of what went in, not of what came out. NaN anywhere in either array (where the other
     is not NaN at the same place) fails.
 
-    The arrays are read in their own dtypes and compared in float64 one block at a time, so a
-    gigabyte gradient costs a few megabytes of temporaries; the figures are those of one float64
-    pass over the whole arrays (max and first argmax do not depend on the blocking).
+    The arrays are read in their own dtypes and compared in float64 one block of rows at a time
+    (`weights.blockcopy.row_blocks`, which also un-transposes a kernel's gradient tile by tile),
+    so a gigabyte gradient costs a few megabytes of temporaries; the figures are those of one
+    float64 pass over the whole arrays (max and first argmax do not depend on the blocking).
     """
     ref, out = native(reference), native(got)
     if ref.shape != out.shape:
         return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape))
     if ref.size == 0:
         return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape))
-    max_abs, flat, ref_max = -1.0, 0, 0.0
-    for offset, r, o in _blocks(ref, out):
-        with np.errstate(invalid="ignore"):  # inf - inf is NaN, then counted as inf below
-            diff = np.abs(r - o)
-        both_nan = np.isnan(r) & np.isnan(o)
-        diff = np.where(both_nan, 0.0, diff)
-        diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs, flat, ref_max, offset = -1.0, 0, 0.0, 0
+    # Both iterators cut the same rows: a block's row count depends on the shape and float64 only.
+    for r, o in zip(row_blocks(ref, np.float64), row_blocks(out, np.float64)):
+        r, o = r.reshape(-1), o.reshape(-1)
+        with np.errstate(invalid="ignore"):  # inf - inf is NaN, counted as inf below
+            diff = np.subtract(r, o)
+        np.abs(diff, out=diff)
+        nan = np.isnan(diff)
+        if nan.any():  # NaN where both are NaN is agreement; anywhere else a failure
+            diff[nan] = np.where(np.isnan(r[nan]) & np.isnan(o[nan]), 0.0, np.inf)
         i = int(np.argmax(diff))
         if diff[i] > max_abs:  # strictly: the first occurrence in C order wins, as one argmax
             max_abs, flat = float(diff[i]), offset + i
-        finite = np.abs(r[np.isfinite(r)])
-        if finite.size:
-            ref_max = max(ref_max, float(finite.max()))
+        r = np.abs(r)  # not in place: a float64 block may be a view of the caller's array
+        largest = float(r.max())
+        if not np.isfinite(largest):  # an inf or NaN in the reference: the finite values' max
+            finite = r[np.isfinite(r)]
+            largest = float(finite.max()) if finite.size else 0.0
+        ref_max = max(ref_max, largest)
+        offset += r.size
     if scale is None:
         scale = ref_max
     rel = max_abs / max(1.0, scale)

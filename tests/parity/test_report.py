@@ -9,11 +9,11 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import parity.compare
+import weights.blockcopy
 from parity.compare import Comparison, compare, compare_allclose
 from parity.explain.report_html import write_html
 from parity.report import Report, Row, parameter_group
@@ -110,9 +110,10 @@ def test_compare_bounds_relative_to_the_reference_scale():
 
 
 
-@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=7),
+@given(hnp.arrays(st.sampled_from([np.float32, np.float64]), hnp.array_shapes(min_dims=0, max_dims=3, max_side=7),
                   elements=st.floats(-4, 4, width=32) | st.sampled_from([np.nan, np.inf, -np.inf])),
        st.integers(0, 2**31 - 1), st.booleans())
+@example(np.array([[-1.0, 2.0, -3.0]] * 3), 0, False)  # float64 blocks are views of the input
 def test_compare_in_blocks_gives_the_figures_of_one_float64_pass(ref, seed, transposed):
     """`compare` reads big tensors a block at a time (no float64 copy of a whole gradient): its
     figures equal those of a single float64 pass, NaN / inf rules and first worst index included,
@@ -122,16 +123,19 @@ def test_compare_in_blocks_gives_the_figures_of_one_float64_pass(ref, seed, tran
 
     rng = np.random.default_rng(seed)
     got = np.where(rng.random(ref.shape) < 0.1, 0, ref + rng.normal(0, 1e-3, ref.shape).astype(np.float32))
-    got = np.where(rng.random(ref.shape) < 0.05, np.nan, got).astype(np.float32)
+    got = np.where(rng.random(ref.shape) < 0.05, np.nan, got).astype(ref.dtype)
     if transposed:
         ref, got = ref.T, got.T
+    before = ref.copy(), got.copy()
     whole = compare("x", ref, got, 1e-3)
-    chunk, parity.compare.CHUNK = parity.compare.CHUNK, 3
+    np.testing.assert_array_equal(ref, before[0])  # the inputs are read, never written
+    np.testing.assert_array_equal(got, before[1])
+    block, weights.blockcopy.BLOCK_BYTES = weights.blockcopy.BLOCK_BYTES, 24  # three float64 per block
     try:
         for r, g in ((ref, got), (torch.from_numpy(np.array(ref, order="C")), jnp.asarray(got))):
             assert compare("x", r, g, 1e-3) == whole
     finally:
-        parity.compare.CHUNK = chunk
+        weights.blockcopy.BLOCK_BYTES = block
 
 
 def test_report_round_trips_through_json(tmp_path):
