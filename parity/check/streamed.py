@@ -148,6 +148,7 @@ class TorchSide:
             shell = getattr(torch_impl, HEADS[head])(config, dtype=self.dtype)
         shell.model.layers = torch.nn.ModuleList([TorchStandIn(i) for i in range(config.num_hidden_layers)])
         self.shell = torch_load_module(shell, reader, {n: sources[n] for n in shell.state_dict()}).eval()
+        self.decoder = self.shell.model  # outlives the head (`drop_head`)
         self._embedded: torch.Tensor | None = None
 
     def convert(self, x: Any) -> Any:
@@ -161,7 +162,7 @@ class TorchSide:
         """The embedded input and what every layer is given, from the shell's own forward."""
         records: dict[int, tuple] = {}
         with torch.set_grad_enabled(grads), _board(_capture(records)):
-            self.shell.model(*self._args(batch))
+            self.decoder(*self._args(batch))
         embedded, inputs = _layer_inputs(records)
         self._embedded = embedded if grads else None  # with its graph: the embedding's VJP, at the end
         return embedded.detach(), inputs
@@ -175,8 +176,8 @@ class TorchSide:
             for s in range(ids.shape[1]):
                 records: dict[int, tuple] = {}
                 with _board(_capture(records)):
-                    cache = self.shell.model(ids[:, s:s + 1], mask, None if pos is None else pos[:, s:s + 1],
-                                             past_key_values=cache, use_cache=True).past_key_values
+                    cache = self.decoder(ids[:, s:s + 1], mask, None if pos is None else pos[:, s:s + 1],
+                                         past_key_values=cache, use_cache=True).past_key_values
                 steps.append(_layer_inputs(records)[1])
         return steps
 
@@ -247,15 +248,18 @@ class TorchSide:
             last = self.shell.model(*self._args(batch)).last_hidden_state
             return self.shell.logits(last) if self.head == "causal_lm" else last
 
+    def drop_head(self) -> None:
+        """Free the head (the LM head is as big as the embedding): only the decoder's embedding
+        is needed after the head's rows, for `embedding_gradient`."""
+        self.shell = None
+
     def embedding_gradient(self, ct: torch.Tensor) -> dict[str, torch.Tensor]:
         """The embedding's VJP at the embedded input (added to the head's share when tied)."""
         torch.autograd.backward(self._embedded, ct)
         self._embedded = None
-        grads = {}
-        for name, p in self.shell.named_parameters():
-            if "embed_tokens" in name:
-                grads[name], p.grad = p.grad if p.grad is not None else torch.zeros_like(p), None
-        return grads
+        p = self.decoder.embed_tokens.weight
+        grad, p.grad = p.grad if p.grad is not None else torch.zeros_like(p), None
+        return {"model.embed_tokens.weight": grad}
 
 
 def _torch_cache(config: ModelConfig, b: int, t: int, dtype: torch.dtype) -> Any:
@@ -278,6 +282,7 @@ class FlaxSide:
         shell = nnx.eval_shape(lambda: cls(config, dtype=self.dtype, param_dtype=self.dtype, rngs=nnx.Rngs(0)))
         shell.model.layers = nnx.List([FlaxStandIn(i) for i in range(config.num_hidden_layers)])
         self.shell = flax_load_module(shell, reader, {n: sources[n] for n in _param_names(shell)})
+        self.decoder = self.shell.model  # outlives the head (`drop_head`)
         self._abstract_layer: nnx.Module | None = None
 
     def _args(self, batch: Batch) -> tuple:
@@ -285,13 +290,13 @@ class FlaxSide:
 
     def inputs(self, batch: Batch, grads: bool) -> tuple[jax.Array, LayerInputs]:
         """The embedded input and what every layer is given, from the shell's own forward."""
-        embedded, rotary, masks = _flax_inputs(*nnx.split(self.shell), *self._args(batch))
+        embedded, rotary, masks = _flax_inputs(*nnx.split(self.decoder), *self._args(batch))
         return embedded, LayerInputs(rotary, masks)
 
     def step_inputs(self, batch: Batch) -> list[LayerInputs]:
         """What every layer is given at each one-token decoding step (cache index = step)."""
         ids, mask, pos = self._args(batch)
-        graphdef, state = nnx.split(self.shell)
+        graphdef, state = nnx.split(self.decoder)
         cache = _flax_cache(self.config, ids.shape[0], ids.shape[1], self.dtype)
         steps = []
         for s in range(ids.shape[1]):
@@ -352,11 +357,16 @@ class FlaxSide:
         """What the KV-cache rows compare (see `TorchSide.decoded_head`)."""
         return _flax_decoded_head(*nnx.split(self.shell), self._args(batch), hidden, self.head == "causal_lm")
 
+    def drop_head(self) -> None:
+        """Free the head (see `TorchSide.drop_head`)."""
+        self.shell = None
+
     def embedding_gradient(self, ct: jax.Array, batch: Batch, head_share: dict | None) -> dict[str, Any]:
         """The embedding's VJP at the embedded input, plus `head_share` (a tied embedding's share
         from the head, as `run_head` returned it)."""
-        graphdef, params, rest = nnx.split(self.shell, nnx.All(nnx.Param, nnx.PathContains("embed_tokens")), ...)
-        grads = _named_grads(_flax_embedding_vjp(graphdef, params, rest, self._args(batch), ct))
+        graphdef, params, rest = nnx.split(self.decoder, nnx.All(nnx.Param, nnx.PathContains("embed_tokens")), ...)
+        grads = {f"model.{name}": grad for name, grad in
+                 _named_grads(_flax_embedding_vjp(graphdef, params, rest, self._args(batch), ct)).items()}
         for name, value in (head_share or {}).items():
             grads[name] = value + grads[name]  # torch accumulates the head's share first, then this
         return grads
@@ -369,7 +379,7 @@ def _flax_inputs(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask:
                  pos: jax.Array | None) -> tuple:
     records: dict[int, tuple] = {}
     with _board(_capture(records)):
-        nnx.merge(graphdef, state).model(ids, mask, pos)
+        nnx.merge(graphdef, state)(ids, mask, pos)
     embedded, inputs = _layer_inputs(records)
     return embedded, inputs.rotary, inputs.masks
 
@@ -379,7 +389,7 @@ def _flax_step_inputs(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, 
                       pos: jax.Array | None, cache: Any) -> tuple:
     records: dict[int, tuple] = {}
     with _board(_capture(records)):
-        cache = nnx.merge(graphdef, state).model(ids, mask, pos, past_key_values=cache, use_cache=True).past_key_values
+        cache = nnx.merge(graphdef, state)(ids, mask, pos, past_key_values=cache, use_cache=True).past_key_values
     _, inputs = _layer_inputs(records)
     return inputs.rotary, inputs.masks, cache
 
@@ -413,7 +423,7 @@ def _flax_embedding_vjp(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.Sta
     def embedded(p: nnx.State) -> jax.Array:
         records: dict[int, tuple] = {}
         with _board(_capture(records)):
-            nnx.merge(graphdef, p, rest).model(*args)
+            nnx.merge(graphdef, p, rest)(*args)
         return records[0][0]
 
     return jax.vjp(embedded, params)[1](ct)[0]
@@ -524,10 +534,18 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
                 t_dec, f_dec = t_x, f_x
             t_hidden, f_hidden, t_routers, f_routers = [t_x], [f_x], [], []
             for i in range(n):
-                t_layer, f_layer = torch_side.layer(i), flax_side.layer(i)
+                # One twin's layer at a time: the torch layer is dropped before the Flax one is read.
+                t_layer = torch_side.layer(i)
                 t_out, t_attn, t_router = torch_side.forward(t_layer, t_hidden[i], t_in, i)
+                if kv:
+                    t_dec = torch_side.decode(t_layer, t_dec, t_steps, i, _NoBar)
+                del t_layer
+                f_layer = flax_side.layer(i)
                 f_out, f_attn, f_router = flax_side.forward(f_layer, f_hidden[i], f_in, i)
                 i_out, i_attn, _ = flax_side.forward(f_layer, iso(t_hidden[i]), f_in, i)
+                if kv:
+                    f_dec = flax_side.decode(f_layer, f_dec, f_steps, i, _NoBar)
+                del f_layer
                 name = f"model.layers.{i}.self_attn (attention weights)"
                 forward.append(Row("forward", "activations", compare(name, t_attn, f_attn, a), i,
                                    isolated=compare(name, t_attn, i_attn, a)))
@@ -535,14 +553,11 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
                     name = f"model.layers.{i} (output)"
                     forward.append(Row("forward", "activations", compare(name, t_out, f_out, a), i,
                                        isolated=compare(name, t_out, i_out, a)))
-                if kv:
-                    t_dec = torch_side.decode(t_layer, t_dec, t_steps, i, _NoBar)
-                    f_dec = flax_side.decode(f_layer, f_dec, f_steps, i, _NoBar)
                 t_hidden.append(t_out)
                 f_hidden.append(f_out)
                 t_routers.append(t_router)
                 f_routers.append(f_router)
-                del t_layer, f_layer, t_attn, f_attn, i_attn, i_out
+                del t_attn, f_attn, i_attn, i_out
                 bar.update()
 
             t_head, t_ct, t_ct_routers, t_grads, _ = torch_side.run_head(
@@ -559,26 +574,36 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
             forward.append(Row("forward", "activations",
                                compare(name, t_head.hidden_states[-1], f_head.hidden_states[-1], a), n - 1,
                                isolated=compare(name, t_head.hidden_states[-1], i_head.hidden_states[-1], a)))
-        capped = _capped_logit_scale(torch_side.shell, t_head, head)
-        head_rows = _head_rows(t_head, f_head, head, tol, capped)
-        for row, i_row in zip(head_rows, _head_rows(t_head, i_head, head, tol, capped)):
-            row.isolated = i_row.comparison
+            capped = _capped_logit_scale(torch_side.shell, t_head, head)
+            head_rows = _head_rows(t_head, f_head, head, tol, capped)
+            for row, i_row in zip(head_rows, _head_rows(t_head, i_head, head, tol, capped)):
+                row.isolated = i_row.comparison
+            kv_rows: list[Row] = []
+            if kv:
+                kv_rows = kv_cache_rows(batch, head, t_head, f_head, torch_side.decoded_head(batch, t_dec),
+                                        flax_side.decoded_head(batch, f_dec), tol, capped)
+            del t_head, f_head, i_head
+            # The head is done with (the backward pass needs the decoder's embedding only): free it.
+            torch_side.drop_head()
+            flax_side.drop_head()
 
         if grads:
             with phases("backward", total=n, unit="layer") as bar:
                 t_ct_in, f_ct_in = t_ct, f_ct
                 for i in reversed(range(n)):
-                    t_layer, f_layer = torch_side.layer(i), flax_side.layer(i)
                     t_r = t_ct_routers[i] if routed else None
                     f_r = f_ct_routers[i] if routed else None
+                    t_layer = torch_side.layer(i)
                     t_next, t_grads = torch_side.backward(t_layer, t_hidden[i], t_in, i, t_ct_in, t_r)
+                    del t_layer  # its gradients stay, for the comparisons below
+                    f_layer = flax_side.layer(i)
                     f_next, f_grads = flax_side.backward(f_layer, f_hidden[i], f_in, i, f_ct_in, f_r)
                     prefix = f"model.layers.{i}."
                     _gradient_rows(gradients, t_grads, f_grads, g, prefix)
                     del f_grads
                     _, i_grads = flax_side.backward(f_layer, iso(t_hidden[i]), f_in, i, iso(t_ct_in), iso(t_r))
                     _gradient_rows(gradients, t_grads, i_grads, g, prefix, isolated=True)
-                    del t_layer, f_layer, t_grads, i_grads
+                    del f_layer, t_grads, i_grads
                     t_ct_in, f_ct_in = t_next, f_next
                     bar.update()
                 t_grads = torch_side.embedding_gradient(t_ct_in)
@@ -586,12 +611,6 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
                 _gradient_rows(gradients, t_grads, flax_side.embedding_gradient(iso(t_ct_in), batch, i_tied_share),
                                g, isolated=True)
                 del t_grads
-
-        kv_rows: list[Row] = []
-        if kv:
-            with phases("kv cache"):
-                kv_rows = kv_cache_rows(batch, head, t_head, f_head, torch_side.decoded_head(batch, t_dec),
-                                        flax_side.decoded_head(batch, f_dec), tol, capped)
 
     report = Report(title, dtype, head, meta={"describe": {"inputs": _describe(batch)}})
     if "forward" in sections:
