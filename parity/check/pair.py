@@ -25,25 +25,16 @@ import torch_impl
 from torch_impl.layers.precision import dtype_name
 from weights.names import hf_name, is_transposed
 
-from ..compare import Comparison, compare, to_numpy
+from ..compare import Comparison, compare
 from ..inputs import HEADS, Batch, seeded_batch
 from ..loading import DTYPES, BadInputError, checkpoint_head, load_twins
 from ..report import SECTIONS, Report, Row
-from ..tolerances import tolerance
 from .generation import generation_rows
 from .progress import Phases
+from .rows import (capped_logit_scale, describe_batch, head_rows, kv_cache_rows, layer_of, to_jax, to_torch,
+                   tolerance_for)
 
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
-
-def to_torch(a: np.ndarray | None) -> torch.Tensor | None:
-    """numpy -> torch, bits and dtype unchanged."""
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def to_jax(a: np.ndarray | None) -> jax.Array | None:
-    """numpy -> jax, bits and dtype unchanged (int64/float64 need `jax_enable_x64`)."""
-    return None if a is None else jnp.asarray(a)
-
 
 def _head_of(model: Any) -> str:
     name = type(model).__name__
@@ -51,12 +42,6 @@ def _head_of(model: Any) -> str:
         if cls == name:
             return head
     raise TypeError(f"expected one of {', '.join(HEADS.values())}, got {name}")
-
-
-def _tol(dtype: str, quantity: str, overrides: Mapping[str, float] | None) -> float:
-    if overrides and quantity in overrides:
-        return overrides[quantity]
-    return tolerance(dtype, quantity)
 
 
 def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batch, *,
@@ -82,9 +67,9 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")
     config = torch_model.config
-    tol = lambda quantity: _tol(dtype, quantity, tolerances)
+    tol = lambda quantity: tolerance_for(dtype, quantity, tolerances)
     report = Report(title, dtype, head)
-    report.meta["describe"] = {"inputs": _describe(batch)}
+    report.meta["describe"] = {"inputs": describe_batch(batch)}
 
     want_grads = "gradients" in sections
     phases = phases or Phases(progress)
@@ -97,13 +82,13 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
         t_out, grad_rows = _torch_forward(torch_model, batch, head, f_grads if want_grads else None,
                                           tol("gradients"))
         bar.update()
-    capped = _capped_logit_scale(torch_model, t_out, head)
+    capped = capped_logit_scale(torch_model, t_out, head)
     if "forward" in sections:
         report.rows += _forward_rows(t_out, f_out, tol)
     # Every layer's attention map is compared: drop them before decoding and generation.
     t_out.attentions, f_out = None, f_out.replace(attentions=None)
     if "head" in sections:
-        report.rows += _head_rows(t_out, f_out, head, tol, capped)
+        report.rows += head_rows(t_out, f_out, head, tol, capped)
     report.rows += grad_rows
     if "kv cache" in sections:
         with phases("kv cache", total=2 * batch.input_ids.shape[1], unit="token") as bar:
@@ -120,30 +105,6 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
 def _logits(out: Any, head: str) -> np.ndarray:
     x = out.start_logits if head == "question_answering" else out.logits
     return x.detach().double().numpy()
-
-
-def _capped_logit_scale(torch_model: Any, t_out: Any, head: str) -> tuple[float, str] | None:
-    """For soft-capped logits (`final_logit_softcapping`, Gemma 2): the scale of the logits
-    before the cap, and a note saying so; None otherwise.
-
-    `cap * tanh(x / cap)` shrinks values to below `cap` but passes small errors through at
-    slope 1 (it is a contraction, never an amplifier): the twins' logit error is the error of
-    the logits that went in, so it is measured relative to their scale, not to the capped one.
-    """
-    cap = getattr(torch_model.config, "final_logit_softcapping", None)
-    if head != "causal_lm" or cap is None:
-        return None
-    # ForCausalLM.logits without its cap, on the reference's own final hidden state.
-    weight = torch_model.lm_head.weight if torch_model.lm_head is not None else torch_model.model.embed_tokens.weight
-    raw = torch.nn.functional.linear(t_out.hidden_states[-1].detach().double(), weight.detach().double())
-    scale = max(1.0, float(raw.abs().max()))
-    return scale, f"soft-capped at {cap:g}: relative to the pre-cap scale {scale:.3g}"
-
-
-def _describe(batch: Batch) -> str:
-    b, t = batch.input_ids.shape
-    pads = ", ".join(f"{p} ({int((row == 0).sum())} pad)" for p, row in zip(batch.padding, batch.attention_mask))
-    return f"batch {b} x {t} tokens; rows: {pads or 'unknown padding'}"
 
 
 # ---- running each twin -------------------------------------------------------------------
@@ -182,7 +143,7 @@ def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: 
                for n, p in model.named_parameters()]
     for name in sorted(flax_grads):
         extra = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(flax_grads[name].shape))
-        ordered.append(Row("gradients", "gradients", extra, _layer_of(name), note="no torch parameter"))
+        ordered.append(Row("gradients", "gradients", extra, layer_of(name), note="no torch parameter"))
     return out, ordered
 
 
@@ -190,8 +151,8 @@ def _gradient_row(name: str, t_grad: torch.Tensor, flax_grads: dict, tol: float)
     """One parameter's gradient row; the Flax gradient is taken out of `flax_grads` (and freed)."""
     if name not in flax_grads:
         missing = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(t_grad.shape))
-        return Row("gradients", "gradients", missing, _layer_of(name), note="no Flax gradient")
-    return Row("gradients", "gradients", compare(name, t_grad, flax_grads.pop(name), tol), _layer_of(name))
+        return Row("gradients", "gradients", missing, layer_of(name), note="no Flax gradient")
+    return Row("gradients", "gradients", compare(name, t_grad, flax_grads.pop(name), tol), layer_of(name))
 
 
 def _flax_forward(model: nnx.Module, batch: Batch, head: str, grads: bool) -> tuple[Any, dict]:
@@ -245,20 +206,6 @@ def _forward_rows(t_out: Any, f_out: Any, tol: Any) -> list[Row]:
     return rows
 
 
-def _head_rows(t_out: Any, f_out: Any, head: str, tol: Any, capped: tuple[float, str] | None) -> list[Row]:
-    names = ("start_logits", "end_logits") if head == "question_answering" else ("logits",)
-    scale, note = capped or (None, "")
-    rows = [Row("head", "logits", compare(n, getattr(t_out, n), getattr(f_out, n), tol("logits"), scale), note=note)
-            for n in names]
-    rows.append(Row("head", "loss", compare("loss", t_out.loss, f_out.loss, tol("loss"))))
-    return rows
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
-
-
 def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t_out: Any, f_out: Any,
                    tol: Any, capped: tuple[float, str] | None, bar: Any = None) -> list[Row]:
     """Feed the sequence one token at a time into a static cache; the result must equal the full
@@ -280,35 +227,6 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
     cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
     f_cached = jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick, bar)), axis=1)
     return kv_cache_rows(batch, head, t_out, f_out, t_cached, f_cached, tol, capped)
-
-
-def kv_cache_rows(batch: Batch, head: str, t_out: Any, f_out: Any, t_cached: Any, f_cached: Any, tol: Any,
-                  capped: tuple[float, str] | None) -> list[Row]:
-    """The three KV-cache rows from each twin's full pass (`*_out`) and its one-token-at-a-time
-    decoding (`*_cached`: logits for the causal LM, the last hidden state otherwise).
-
-    Padding positions are left out: a padding query sees no key, so its output is an artefact
-    of the mask convention (uniform weights over whatever the key axis holds), and the key
-    axis of a partly filled cache legitimately holds something else than the full sequence.
-    """
-    t = batch.input_ids.shape[1]
-    causal = head == "causal_lm"
-    quantity = "logits" if causal else "activations"
-    what = "logits" if causal else "last hidden state"
-    real = batch.attention_mask[..., None] == 1
-    only_real = lambda x: np.where(real, to_numpy(x), 0.0)
-    t_full = only_real(t_out.logits if causal else t_out.hidden_states[-1])
-    f_full = only_real(f_out.logits if causal else f_out.hidden_states[-1])
-    t_cached, f_cached = only_real(t_cached), only_real(f_cached)
-    q = tol(quantity)
-    scale, cap_note = capped if causal and capped else (None, "")
-    note = f"{t} one-token steps; real tokens only" + (f"; {cap_note}" if cap_note else "")
-    return [Row("kv cache", quantity, compare(f"torch cached vs torch full ({what})", t_full, t_cached, q, scale),
-                note=note),
-            Row("kv cache", quantity, compare(f"flax cached vs flax full ({what})", f_full, f_cached, q, scale),
-                note=note),
-            Row("kv cache", quantity, compare(f"flax cached vs torch cached ({what})", t_cached, f_cached, q, scale),
-                note=cap_note)]
 
 
 class _FlaxStep:
@@ -399,7 +317,7 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     report.meta["checkpoint"] = str(directory)
     if flax_directory is not None:
         report.meta["flax_checkpoint"] = str(flax_directory)
-    report.meta["describe"] = {"inputs": _describe(batch), "model": _describe_config(config),
+    report.meta["describe"] = {"inputs": describe_batch(batch), "model": _describe_config(config),
                                "mode": mode.describe()}
     if note:
         report.meta["describe"]["note"] = note

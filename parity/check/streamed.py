@@ -59,8 +59,9 @@ from ..compare import Comparison, compare
 from ..inputs import HEADS, Batch
 from ..loading import BadInputError, jax_dtype, torch_dtype
 from ..report import SECTIONS, Report, Row
-from .pair import _capped_logit_scale, _describe, _head_rows, _layer_of, _tol, kv_cache_rows, to_jax, to_torch
 from .progress import Phases
+from .rows import (capped_logit_scale, describe_batch, head_rows, kv_cache_rows, layer_of, to_jax, to_torch,
+                   tolerance_for)
 
 __all__ = ["GENERATION_SKIPPED", "check_streamed"]
 
@@ -504,7 +505,7 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
     Flax twin from `flax_directory` when given): the same rows, with an isolated figure beside the
     chained one wherever a layer is involved. See the module docstring."""
     sections = tuple(sections)
-    tol = lambda quantity: _tol(dtype, quantity, tolerances)  # noqa: E731
+    tol = lambda quantity: tolerance_for(dtype, quantity, tolerances)  # noqa: E731
     a, g = tol("activations"), tol("gradients")
     phases = Phases(progress)
     grads, kv = "gradients" in sections, "kv cache" in sections
@@ -574,9 +575,9 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
             forward.append(Row("forward", "activations",
                                compare(name, t_head.hidden_states[-1], f_head.hidden_states[-1], a), n - 1,
                                isolated=compare(name, t_head.hidden_states[-1], i_head.hidden_states[-1], a)))
-            capped = _capped_logit_scale(torch_side.shell, t_head, head)
-            head_rows = _head_rows(t_head, f_head, head, tol, capped)
-            for row, i_row in zip(head_rows, _head_rows(t_head, i_head, head, tol, capped)):
+            capped = capped_logit_scale(torch_side.shell, t_head, head)
+            head_section = head_rows(t_head, f_head, head, tol, capped)
+            for row, i_row in zip(head_section, head_rows(t_head, i_head, head, tol, capped)):
                 row.isolated = i_row.comparison
             kv_rows: list[Row] = []
             if kv:
@@ -612,11 +613,11 @@ def check_streamed(directory: str | os.PathLike, dtype: str, batch: Batch, *, co
                                g, isolated=True)
                 del t_grads
 
-    report = Report(title, dtype, head, meta={"describe": {"inputs": _describe(batch)}})
+    report = Report(title, dtype, head, meta={"describe": {"inputs": describe_batch(batch)}})
     if "forward" in sections:
         report.rows += forward
     if "head" in sections:
-        report.rows += head_rows
+        report.rows += head_section
     report.rows += [gradients[name] for name in order if name in gradients]
     report.rows += kv_rows
     if "generation" in sections and head == "causal_lm":
@@ -644,4 +645,4 @@ def _gradient_rows(rows: dict[str, Row], t_grads: Mapping[str, Any], f_grads: Ma
         if isolated:
             rows[name].isolated = c
         else:
-            rows[name] = Row("gradients", "gradients", c, _layer_of(name))
+            rows[name] = Row("gradients", "gradients", c, layer_of(name))
