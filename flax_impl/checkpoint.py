@@ -115,17 +115,17 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
     (`nnx.eval_shape`) gets its arrays here; every parameter must be named. Values are cast to each
     parameter's dtype as `load_checkpoint` casts them. Returns the filled module.
     """
-    params = _hf_params(nnx.state(module, nnx.Param))
-    missing = sorted(set(params) - set(names))
+    state = {name: var for name, (_, var) in _hf_params(nnx.state(module, nnx.Param)).items()}
+    missing = sorted(set(state) - set(names))
     if missing:
         raise KeyError(f"no checkpoint tensor named for parameter(s) {missing}")
-    for name, (_, var) in params.items():
+    for name, param in state.items():
         key = names[name]
-        current = var.get_value()  # an array, or a ShapeDtypeStruct when the module is abstract
-        want = tuple(current.shape)[::-1] if is_transposed(name) else tuple(current.shape)
+        want = tuple(param.get_value().shape)[::-1] if is_transposed(name) else tuple(param.get_value().shape)
         if tuple(reader.shape(key)) != want:
             raise ValueError(f"{key}: expected shape {want}, found {tuple(reader.shape(key))}")
-        var.set_value(_device_array(reader.get(key), name, np.dtype(current.dtype)))
+        # An array, or a ShapeDtypeStruct when the module is abstract: replaced by the loaded array.
+        param.set_value(_device_array(reader.get(key), name, np.dtype(param.get_value().dtype)))
         reader.release(key)
     return module
 

@@ -113,7 +113,7 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
     parameter must be named. Values are cast to each parameter's dtype as `load_checkpoint` casts
     them. Returns the filled module.
     """
-    if any(p.is_meta for p in module.parameters()):
+    if any(p.is_meta for p in module.parameters()):  # built on the meta device: give it memory
         module = module.to_empty(device="cpu")
     state = module.state_dict(keep_vars=True)
     missing = sorted(set(state) - set(names))
@@ -121,8 +121,9 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
         raise KeyError(f"no checkpoint tensor named for parameter(s) {missing}")
     for name, param in state.items():
         key = names[name]
-        if tuple(reader.shape(key)) != tuple(param.shape):
-            raise ValueError(f"{key}: expected shape {tuple(param.shape)}, found {tuple(reader.shape(key))}")
+        want = tuple(param.shape)
+        if tuple(reader.shape(key)) != want:
+            raise ValueError(f"{key}: expected shape {want}, found {tuple(reader.shape(key))}")
         with torch.no_grad():
             copy_into(_writable_view(param.data), reader.get(key))
         reader.release(key)

@@ -44,6 +44,9 @@ ALLOWANCES: dict[str, Allowance] = {
     "checkpoint.py:state_to_numpy": Allowance(7, STATE),
     "checkpoint.py:load_numpy_state": Allowance(11, STATE),
     "checkpoint.py:load_checkpoint": Allowance(6, STATE),
+    "checkpoint.py:load_module": Allowance(5, "torch gives a meta-built module memory (to_empty) and copies into "
+                                              "each parameter in place; NNX parameters, abstract or not, are "
+                                              "replaced by the loaded arrays, kernels transposed"),
     "checkpoint.py:from_pretrained": Allowance(27, "torch builds on the meta device then to_empty; NNX builds an "
                                                    "abstract model with nnx.eval_shape and merges the loaded state"),
     "checkpoint.py:save_pretrained": Allowance(7, STATE),
