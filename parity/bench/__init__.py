@@ -8,6 +8,8 @@ the sections share); it imports no section. Each section module registers itself
 and `parity.bench.__main__` imports them all, in the order of the table:
 
 - `checkpoints`: `convert`, `load` (the synthetic 1.1 B TinyLlama-shaped checkpoint);
+- `check`: `check` (`twinlm check` streamed on that checkpoint), and, only when named, `check-whole`
+  (the whole-model check of it) and `check7b` (a synthetic Llama-2-7B-shaped checkpoint);
 - `generation`: `decode`, `forward` (a mid-size random LLaMA, one child process per twin);
 - `vq`: `vq` (Transformer-VQ against full attention at 1k / 4k / 16k tokens).
 
@@ -31,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Row", "SECTIONS", "SECTION_MODULES", "section", "print_table", "cache_dir", "run_child", "best"]
+__all__ = ["ON_REQUEST", "Row", "SECTIONS", "SECTION_MODULES", "section", "print_table", "cache_dir", "run_child", "best"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # The section modules, in the order of the table (imported by `python -m parity.bench`).
-SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.generation", "parity.bench.vq")
+SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.check", "parity.bench.generation", "parity.bench.vq")
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,18 @@ class Row:
 
 
 SECTIONS: dict[str, Callable[[], list[Row]]] = {}
+# Sections that run only when named (`python -m parity.bench check7b`): too big for every run.
+ON_REQUEST: set[str] = set()
 
 
-def section(name: str) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:
-    """Register a benchmark section under `name` (the order of registration is the table's)."""
+def section(name: str, default: bool = True) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:
+    """Register a benchmark section under `name` (the order of registration is the table's);
+    with `default=False` it runs only when named."""
 
     def register(fn: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
         SECTIONS[name] = fn
+        if not default:
+            ON_REQUEST.add(name)
         return fn
 
     return register

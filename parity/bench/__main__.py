@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from parity.bench import SECTION_MODULES, SECTIONS, Row, print_table
+from parity.bench import ON_REQUEST, SECTION_MODULES, SECTIONS, Row, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m parity.bench",
         description="Measured figures of twinlm, printed as one aligned table. "
-                    f"Sections: {', '.join(SECTIONS)}.",
+                    f"Sections: {', '.join(s for s in SECTIONS if s not in ON_REQUEST)}; "
+                    f"only when named: {', '.join(s for s in SECTIONS if s in ON_REQUEST)}.",
         epilog="example: python -m parity.bench convert load")
     parser.add_argument("sections", nargs="*", metavar="SECTION",
-                        help="sections to run, in this order (default: all)")
-    names = parser.parse_args(argv).sections or list(SECTIONS)
+                        help="sections to run, in this order (default: all but the ones run only when named)")
+    names = parser.parse_args(argv).sections or [s for s in SECTIONS if s not in ON_REQUEST]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         print(f"unknown section(s) {', '.join(unknown)}; available: {', '.join(SECTIONS)}", file=sys.stderr)
