@@ -1,4 +1,12 @@
-"""Measuring the difference between two arrays: the unit every parity check reports."""
+"""Measuring the difference between two arrays: the unit every parity check reports.
+
+Non-finite values are failures, never agreement. A NaN or an infinity in one array where the
+other holds a finite number fails the row (`nonfinite="one"`, error `inf`). NaN or infinity in
+both arrays at the same place fails too, with its own verdict (`nonfinite="both"`): two twins
+that both produce NaN agree on nothing, and a CI gate must not pass a corrupted checkpoint
+because both frameworks propagate its NaN the same way. In that case the figures are those of
+the elements where both are finite, and `worst_index` is the first non-finite element.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +40,17 @@ class Comparison:
     tolerance: float
     passed: bool
     shape: tuple[int, ...] = ()
+    nonfinite: str = ""  # "" all finite; "one": NaN/inf in one array only; "both": in both at the same place
+
+    @property
+    def nonfinite_note(self) -> str:
+        """What the non-finite values were, for the report's note column ("" when none)."""
+        at = ",".join(map(str, self.worst_index)) or "-"
+        if self.nonfinite == "one":
+            return f"non-finite in one twin only (first at {at})"
+        if self.nonfinite == "both":
+            return f"both twins produced non-finite values (first at {at})"
+        return ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -52,13 +71,36 @@ def native(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _nonfinite(name: str, ref: np.ndarray, out: np.ndarray, tol: float) -> tuple[Comparison | None, np.ndarray]:
+    """The verdict on non-finite values, and the mask of elements finite in both arrays.
+
+    Returns a failing `Comparison` when one array is non-finite where the other is finite (the
+    error is then infinite), else None and the mask (the caller measures the finite elements and
+    marks the row "both" when the mask leaves anything out).
+    """
+    ref_bad, out_bad = ~np.isfinite(ref), ~np.isfinite(out)
+    one_sided = ref_bad != out_bad
+    if one_sided.any():
+        flat = int(np.argmax(one_sided))
+        at = tuple(int(i) for i in np.unravel_index(flat, ref.shape))
+        return Comparison(name, float("inf"), float("inf"), at, tol, False, tuple(ref.shape), "one"), ref_bad
+    return None, ref_bad
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return _unravel(int(np.argmax(mask)), mask.shape)
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape))
+
+
 def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None) -> Comparison:
     """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
 
     `scale`, when given, replaces `max|reference|` as the magnitude the error is relative to
     (still at least 1): for a value squashed by a contraction (a soft cap), errors keep the
-    scale of what went in, not of what came out. NaN anywhere in either array (where the other
-    is not NaN at the same place) fails.
+    scale of what went in, not of what came out. Non-finite values fail (see the module doc).
 
     The arrays are read in their own dtypes and compared in float64 one block of rows at a time
     (`weights.blockcopy.row_blocks`, which also un-transposes a kernel's gradient tile by tile),
@@ -70,36 +112,44 @@ def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None
         return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape))
     if ref.size == 0:
         return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape))
-    max_abs, flat, ref_max, offset = -1.0, 0, 0.0, 0
+    max_abs, flat, ref_max, offset, both_at = -1.0, 0, 0.0, 0, None
     # Both iterators cut the same rows: a block's row count depends on the shape and float64 only.
     for r, o in zip(row_blocks(ref, np.float64), row_blocks(out, np.float64)):
         r, o = r.reshape(-1), o.reshape(-1)
-        with np.errstate(invalid="ignore"):  # inf - inf is NaN, counted as inf below
+        r_bad, o_bad = ~np.isfinite(r), ~np.isfinite(o)
+        if r_bad.any() or o_bad.any():
+            one_sided = r_bad != o_bad
+            if one_sided.any():  # blocks come in C order: this is the first one-sided element
+                at = _unravel(offset + int(np.argmax(one_sided)), ref.shape)
+                return Comparison(name, float("inf"), float("inf"), at, tol, False, tuple(ref.shape), "one")
+            if both_at is None:
+                both_at = _unravel(offset + int(np.argmax(r_bad)), ref.shape)
+        with np.errstate(invalid="ignore"):  # inf - inf where both are infinite: masked out below
             diff = np.subtract(r, o)
         np.abs(diff, out=diff)
-        nan = np.isnan(diff)
-        if nan.any():  # NaN where both are NaN is agreement; anywhere else a failure
-            diff[nan] = np.where(np.isnan(r[nan]) & np.isnan(o[nan]), 0.0, np.inf)
+        if r_bad.any():  # measured on the elements finite in both; the non-finite ones fail below
+            diff[r_bad] = 0.0
         i = int(np.argmax(diff))
         if diff[i] > max_abs:  # strictly: the first occurrence in C order wins, as one argmax
             max_abs, flat = float(diff[i]), offset + i
         r = np.abs(r)  # not in place: a float64 block may be a view of the caller's array
-        largest = float(r.max())
-        if not np.isfinite(largest):  # an inf or NaN in the reference: the finite values' max
-            finite = r[np.isfinite(r)]
-            largest = float(finite.max()) if finite.size else 0.0
-        ref_max = max(ref_max, largest)
-        offset += r.size
+        if r_bad.any():
+            r = r[~r_bad]
+        if r.size:
+            ref_max = max(ref_max, float(r.max()))
+        offset += o.size
     if scale is None:
         scale = ref_max
     rel = max_abs / max(1.0, scale)
-    return Comparison(name, max_abs, rel, tuple(int(i) for i in np.unravel_index(flat, ref.shape)), tol,
-                      bool(rel <= tol), tuple(ref.shape))
+    if both_at is not None:
+        return Comparison(name, max_abs, rel, both_at, tol, False, tuple(ref.shape), "both")
+    return Comparison(name, max_abs, rel, _unravel(flat, ref.shape), tol, bool(rel <= tol), tuple(ref.shape))
 
 
 def compare_allclose(name: str, reference: Any, got: Any, rtol: float, atol: float) -> Comparison:
     """Compare elementwise as `numpy.allclose(got, reference, rtol, atol)` does:
-    `|got - reference| <= atol + rtol * |reference|` everywhere (NaN only where both are NaN).
+    `|got - reference| <= atol + rtol * |reference|` everywhere; non-finite values fail as in
+    `compare`.
 
     `max_abs` and `rel` are reported as in `compare`; `worst_index` is the element that is
     furthest beyond (or closest to) its own bound; `tolerance` holds `rtol`.
@@ -110,14 +160,18 @@ def compare_allclose(name: str, reference: Any, got: Any, rtol: float, atol: flo
     if ref.size == 0:
         return Comparison(name, 0.0, 0.0, (), rtol, True, tuple(ref.shape))
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    diff = np.abs(ref64 - out64)
-    both_nan = np.isnan(ref64) & np.isnan(out64)
-    diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
-    bound = atol + rtol * np.abs(np.where(np.isnan(ref64), 0.0, ref64))
+    failed, both_bad = _nonfinite(name, ref64, out64, rtol)
+    if failed is not None:
+        return failed
+    with np.errstate(invalid="ignore"):
+        diff = np.where(both_bad, 0.0, np.abs(ref64 - out64))
+    bound = atol + rtol * np.abs(np.where(both_bad, 0.0, ref64))
     excess = diff - bound
     flat = int(np.argmax(excess))
-    finite = np.abs(ref64[np.isfinite(ref64)])
+    finite = np.abs(ref64[~both_bad])
     scale = max(1.0, float(finite.max()) if finite.size else 1.0)
     max_abs = float(diff.max())
+    if both_bad.any():
+        return Comparison(name, max_abs, max_abs / scale, _first(both_bad), rtol, False, tuple(ref.shape), "both")
     return Comparison(name, max_abs, max_abs / scale, tuple(int(i) for i in np.unravel_index(flat, ref.shape)),
                       rtol, bool(np.all(excess <= 0)), tuple(ref.shape))

@@ -48,6 +48,11 @@ class Row:
         """The tensor's name (HF parameter name for gradients)."""
         return self.comparison.name
 
+    @property
+    def full_note(self) -> str:
+        """The note as the table shows it: what the non-finite values were, then `note`."""
+        return "; ".join(n for n in (self.comparison.nonfinite_note, self.note) if n)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (non-finite numbers as strings, since JSON has none)."""
         d = {"section": self.section, "quantity": self.quantity, "layer": self.layer,
@@ -118,6 +123,31 @@ class Report:
         fails = self.failures()
         return fails[0] if fails else None
 
+    def nonfinite(self) -> list[Row]:
+        """Rows where both twins produced NaN or infinity (each also a failure)."""
+        return [r for r in self.rows if r.comparison.nonfinite == "both"]
+
+    def verdict(self) -> str:
+        """The last line of the table: PASS, or FAIL with the count and the first divergence;
+        non-finite outputs of both twins get their own clause."""
+        n_fail = len(self.failures())
+        n_na = sum(r.status == "n/a" for r in self.rows)
+        verdict = "PASS" if self.passed else f"FAIL: {n_fail} of {len(self.rows)} tensors out of tolerance"
+        first = self.first_failure()
+        if first is not None:
+            verdict += f"; first divergence: {first.name}"
+        first_isolated = next((r for r in self.rows if r.isolated is not None and not r.isolated.passed), None)
+        if first_isolated is not None:
+            verdict += f"; first isolated failure (the error this tensor adds on its own): {first_isolated.name}"
+        both = self.nonfinite()
+        if both:
+            at = ",".join(map(str, both[0].comparison.worst_index)) or "-"
+            verdict += (f"; both twins produced non-finite values at {both[0].name} [{at}]"
+                        + (f" and {len(both) - 1} more tensor(s)" if len(both) > 1 else ""))
+        if n_na:
+            verdict += f" ({n_na} check(s) not available)"
+        return verdict
+
     def worst(self, section: str | None = None, quantity: str | None = None) -> Row | None:
         """The row with the largest error relative to its tolerance, optionally within a
         section and/or quantity (generated tokens, counted not measured, only when asked for)."""
@@ -163,7 +193,7 @@ class Report:
                 if r.status != "n/a" else ("-", "-", "-", "-")
             iso = (_isolated_cell(r.isolated),) if isolated else ()
             table.append((c.name, shape) + figures + (r.status.upper() if r.status == "fail" else r.status,)
-                         + iso + (r.note,))
+                         + iso + (r.full_note,))
         widths = [max(len(row[i]) for row in [header] + table) for i in range(len(header))]
         fmt = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
         lines.append(fmt(header))
@@ -174,28 +204,13 @@ class Report:
             lines.append(format_timings(self.meta["timings"]))
         return "\n".join(lines)
 
-    def verdict(self) -> str:
-        """The one-line conclusion: PASS, or how many tensors failed and where the twins first part
-        ways; with isolated figures, also the first layer out of tolerance on its own."""
-        n_fail = len(self.failures())
-        n_na = sum(r.status == "n/a" for r in self.rows)
-        verdict = "PASS" if self.passed else f"FAIL: {n_fail} of {len(self.rows)} tensors out of tolerance"
-        first = self.first_failure()
-        if first is not None:
-            verdict += f"; first divergence: {first.name}"
-        first_isolated = next((r for r in self.rows if r.isolated is not None and not r.isolated.passed), None)
-        if first_isolated is not None:
-            verdict += f"; first isolated failure (the error this tensor adds on its own): {first_isolated.name}"
-        if n_na:
-            verdict += f" ({n_na} check(s) not available)"
-        return verdict
-
     # ---- JSON ---------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
         """Every figure, machine-readably."""
         first = self.first_failure()
         return {"title": self.title, "dtype": self.dtype, "head": self.head, "passed": self.passed,
                 "first_failure": first.name if first else None,
+                "nonfinite": [r.name for r in self.nonfinite()],
                 "meta": self.meta, "rows": [r.as_dict() for r in self.rows]}
 
     @classmethod
@@ -203,7 +218,8 @@ class Report:
         """The inverse of `as_dict` (e.g. to re-render a report read from `--json` output)."""
         num = lambda v: float(v) if isinstance(v, str) else v  # "inf" / "nan" back to floats
         comparison = lambda c: Comparison(c["name"], num(c["max_abs"]), num(c["rel"]), tuple(c["worst_index"]),
-                                          num(c["tolerance"]), c["passed"], tuple(c["shape"]))
+                                          num(c["tolerance"]), c["passed"], tuple(c["shape"]),
+                                          c.get("nonfinite", ""))
         rows = [Row(r["section"], r["quantity"], comparison(r), r["layer"], r["note"], r["status"],
                     comparison(r["isolated"]) if r.get("isolated") else None) for r in d["rows"]]
         return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}))
@@ -217,10 +233,12 @@ class Report:
 
 
 def _group_row(group: str, members: list[Row]) -> Row:
-    worst = max(members, key=lambda m: _ratio(m.comparison))
+    # A member with non-finite values stands for the group: its NaN is the news, not a ratio.
+    worst = max(members, key=lambda m: (bool(m.comparison.nonfinite), _ratio(m.comparison)))
     c = worst.comparison
     status = "fail" if any(m.status == "fail" for m in members) else "pass"
-    summary = Comparison(group, c.max_abs, c.rel, c.worst_index, c.tolerance, status == "pass", c.shape)
+    summary = Comparison(group, c.max_abs, c.rel, c.worst_index, c.tolerance, status == "pass", c.shape,
+                         c.nonfinite)
     note = f"{len(members)} tensors, worst {worst.name[len(group) + 1:] or worst.name}"
     isolated = [m.isolated for m in members if m.isolated is not None]
     iso = max(isolated, key=_ratio) if isolated else None

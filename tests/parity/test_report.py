@@ -177,3 +177,38 @@ def test_isolated_figures_and_phase_times_in_every_rendering(tmp_path):
     assert back.meta["timings"] == rep.meta["timings"]
     page = write_html([rep], tmp_path / "r.html").read_text()
     assert "3.0e-05" in page and "wall time: load 1.2 s, forward 3.0 s, total 4.2 s" in page
+
+
+# ---- non-finite values are failures (issue 14, item 1) -------------------------------------
+@pytest.mark.parametrize("fn", [lambda r, g: compare("t", r, g, 1e-5),
+                                lambda r, g: compare_allclose("t", r, g, 1e-5, 1e-8)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_in_one_array_fails_with_an_infinite_error(fn, bad):
+    ref = np.array([[1.0, 2.0], [3.0, 4.0]])
+    got = ref.copy()
+    got[1, 0] = bad
+    for r, g in ((ref, got), (got, ref)):  # either twin
+        c = fn(r, g)
+        assert not c.passed and c.nonfinite == "one" and c.max_abs == math.inf and c.worst_index == (1, 0)
+
+
+@pytest.mark.parametrize("fn", [lambda r, g: compare("t", r, g, 1e-5),
+                                lambda r, g: compare_allclose("t", r, g, 1e-5, 1e-8)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_in_both_arrays_fails_with_its_own_verdict(fn, bad):
+    ref = np.full((3, 4), bad)  # an all-NaN (or all-inf) output in both twins: the old "pass"
+    c = fn(ref, ref.copy())
+    assert not c.passed and c.nonfinite == "both" and c.worst_index == (0, 0)
+    rep = Report("t", "float32", "causal_lm", [Row("forward", "activations", c)])
+    verdict = rep.format_table().splitlines()[-1]
+    assert verdict.startswith("FAIL") and "both twins produced non-finite values at t [0,0]" in verdict
+    assert "both twins produced non-finite values" in rep.format_table().splitlines()[-3]  # the row's note
+    data = json.loads(json.dumps(rep.as_dict()))
+    assert data["nonfinite"] == ["t"] and data["rows"][0]["nonfinite"] == "both"
+    assert Report.from_dict(data).rows[0].comparison.nonfinite == "both"
+
+
+def test_finite_figures_are_unchanged_by_the_nonfinite_rule():
+    ref = np.array([1.0, -2.0, 3.0])
+    c = compare("t", ref, ref + np.array([0.0, 1e-7, 0.0]), 1e-5)
+    assert c.passed and c.nonfinite == "" and c.worst_index == (1,) and math.isclose(c.max_abs, 1e-7)
