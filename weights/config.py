@@ -27,7 +27,7 @@ from . import hf_config
 from .errors import ConfigError
 from .families import FAMILIES, LAYER_TYPES
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "ROPE_TYPES", "ACTIVATIONS", "LAYER_TYPES"]
+__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "ROPE_TYPES", "ACTIVATIONS", "LAYER_TYPES", "SIZE_LIMITS"]
 
 # Rotary scalings the twins implement, with the keys each one needs (HF names).
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
@@ -69,6 +69,80 @@ _UNSUPPORTED_EXTRA = {
     "attention_dropout": ((0, 0.0, None), "dropout is not implemented: the twins compute eval-mode passes"),
     "use_bidirectional_attention": ((False, None), "bidirectional attention is not implemented"),
 }
+
+
+# Upper bounds of the sizes (and counts) a config may hold: far above every released model (the
+# largest known value is in each comment), low enough that a typo or a hostile config.json is
+# refused before anything is allocated. Memory is bounded separately, from the product of sizes
+# (`weights.shapes`), against what the machine has.
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 24,  # 16.8 M; released vocabularies reach 262 k (Gemma 3)
+    "hidden_size": 1 << 17,  # 131 k; Llama 3.1 405B: 16 k
+    "intermediate_size": 1 << 20,  # 1 M; Llama 3.1 405B: 53 k
+    "num_hidden_layers": 1 << 10,  # 1024; Llama 3.1 405B: 126
+    "num_attention_heads": 1 << 12,  # 4096; Llama 3.1 405B: 128
+    "num_key_value_heads": 1 << 12,
+    "head_dim": 1 << 12,  # 4096; released: up to 256
+    "max_position_embeddings": 1 << 26,  # 67 M; Llama 4 Scout: 10 M
+    "original_max_position_embeddings": 1 << 26,
+    "num_labels": 1 << 20,
+    "sliding_window": 1 << 26,
+    "sliding_window_pattern": 1 << 10,
+    "max_window_layers": 1 << 20,  # qwen2 configs carry 28..80 whatever the depth
+    "num_local_experts": 1 << 12,  # 4096; DeepSeek-V3: 256
+    "num_experts_per_tok": 1 << 12,
+}
+
+
+def _show(value: Any) -> str:
+    """A config value as an error quotes it: its repr, cut short (one line, whatever the file held)."""
+    if _is_int(value) and value.bit_length() > 64:  # repr of a huge int is slow, or refused past 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    # An int too large for a float (10**400) is not a usable number either.
+    if _is_int(v):
+        return abs(v) < 2 ** 1023
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _check_size(fail, name: str, v: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """An int (never a bool) in [1 (or 0), SIZE_LIMITS[name]], or null when allowed."""
+    if v is None and allow_none:
+        return
+    low, high = (0 if allow_zero else 1), SIZE_LIMITS[name]
+    if not _is_int(v) or not low <= v <= high:
+        kind = "a non-negative" if allow_zero else "a positive"
+        fail(name, f"must be {kind} integer <= {high}{' or null' if allow_none else ''}, got {_show(v)}")
+
+
+def _check_number(fail, name: str, v: Any, *, allow_zero: bool = False, or_null: bool = False) -> None:
+    """A finite number (int or float, never a bool), positive (or zero when allowed)."""
+    if not _is_finite_number(v) or v < 0 or (v == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        fail(name, f"must be {kind} finite number{' or null' if or_null else ''}, got {_show(v)}")
+
+
+def _check_bool(fail, name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        fail(name, f"must be true or false, got {_show(v)}")
+
+
+def _check_token_id(fail, name: str, v: Any, vocab_size: int) -> None:
+    """A token id: null, or an int (never a bool) in [0, vocab_size)."""
+    if v is None:
+        return
+    if not _is_int(v):
+        fail(name, f"must be an integer token id (or a list of them), got {_show(v)}")
+    if not 0 <= v < vocab_size:
+        fail(name, f"{_show(v)} is outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -216,20 +290,21 @@ class ModelConfig:
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, source: str | None = None) -> None:
-        """Raise `ConfigError` naming the first field that breaks a rule."""
+        """Raise `ConfigError` naming the first field that breaks a rule.
+
+        Types first (every size an int, never a bool; every number finite; token ids ints in the
+        vocabulary; `architectures` a list of strings), then bounds (`SIZE_LIMITS`), then the
+        rules between fields. Nothing here allocates: a config that passes is safe to build.
+        """
 
         def fail(name: str, msg: str) -> None:
             raise ConfigError(name, msg, source=source)
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "num_labels"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                fail(name, f"must be a positive integer, got {v!r}")
+            _check_size(fail, name, getattr(self, name))
         for name in ("num_key_value_heads", "head_dim"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                fail(name, f"must be a positive integer or null, got {v!r}")
+            _check_size(fail, name, getattr(self, name), allow_none=True)
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} heads do not divide hidden_size "
                  f"{self.hidden_size}; set head_dim explicitly")
@@ -238,16 +313,24 @@ class ModelConfig:
         kv = self.resolved_num_key_value_heads
         if self.num_attention_heads % kv:
             fail("num_key_value_heads", f"{kv} kv heads do not divide num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            fail("hidden_act", f"unknown activation {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", f"unknown activation {_show(self.hidden_act)}; supported: {', '.join(ACTIVATIONS)}")
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                fail(name, f"must be a positive finite number, got {v!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            fail("pad_token_id", f"{self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+            _check_number(fail, name, getattr(self, name))
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            _check_bool(fail, name, getattr(self, name))
+        _check_token_id(fail, "pad_token_id", self.pad_token_id, self.vocab_size)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            for token in value if isinstance(value, tuple) else (value,):
+                _check_token_id(fail, name, token, self.vocab_size)
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
-            fail("problem_type", f"unknown problem type {self.problem_type!r}")
+            fail("problem_type", f"unknown problem type {_show(self.problem_type)}")
+        if self.architectures is not None and not (
+                isinstance(self.architectures, tuple) and all(isinstance(a, str) for a in self.architectures)):
+            fail("architectures", f"must be a list of class names (strings), got {_show(self.architectures)}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            fail(self._spelling("torch_dtype"), f"must be a dtype name (a string) or null, got {_show(self.torch_dtype)}")
         self._validate_rope(fail)
         self._validate_family(fail)
 
@@ -256,79 +339,74 @@ class ModelConfig:
         if r is None:
             return
         key = self._spelling("rope_scaling")
-        if r.rope_type not in ROPE_TYPES:
-            fail(key, f"unknown rope type {r.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if not isinstance(r.rope_type, str) or r.rope_type not in ROPE_TYPES:
+            fail(key, f"unknown rope type {_show(r.rope_type)}; supported: {', '.join(ROPE_TYPES)}")
         for name in ROPE_TYPES[r.rope_type]:
             if getattr(r, name) is None:
                 fail(key, f"rope type {r.rope_type!r} needs '{name}'")
-        if r.factor is not None and (not math.isfinite(r.factor) or r.factor < 1.0) and r.rope_type != "default":
+        # Every rotary parameter is finite: one NaN here makes every inv_freq NaN.
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            v = getattr(r, name)
+            if v is not None and not _is_finite_number(v):
+                fail(key, f"'{name}' must be a finite number, got {_show(v)}")
+        if r.original_max_position_embeddings is not None:
+            _check_size(lambda _, msg: fail(key, f"'original_max_position_embeddings' {msg}"),
+                        "original_max_position_embeddings", r.original_max_position_embeddings)
+        if r.factor is not None and r.factor < 1.0 and r.rope_type != "default":
             fail(key, f"'factor' must be >= 1, got {r.factor}")
         if r.rope_type == "dynamic" and self.resolved_head_dim <= 2:
             fail(key, "dynamic NTK scaling raises theta to the power d / (d - 2): head_dim must be > 2")
-        if r.rope_type == "llama3":
-            if not r.high_freq_factor > r.low_freq_factor > 0:
-                fail(key, "llama3 needs high_freq_factor > low_freq_factor > 0, got "
-                     f"{r.high_freq_factor} and {r.low_freq_factor}")
-            if r.original_max_position_embeddings <= 0:
-                fail(key, "'original_max_position_embeddings' must be positive")
+        if r.rope_type == "llama3" and not r.high_freq_factor > r.low_freq_factor > 0:
+            fail(key, "llama3 needs high_freq_factor > low_freq_factor > 0, got "
+                 f"{r.high_freq_factor} and {r.low_freq_factor}")
         extra = dict(r.extra)
         if extra.get("partial_rotary_factor", 1.0) not in (1, 1.0):
-            fail(key, f"'partial_rotary_factor' {extra['partial_rotary_factor']} is not supported (only 1.0)")
+            fail(key, f"'partial_rotary_factor' {_show(extra['partial_rotary_factor'])} is not supported (only 1.0)")
         if "mrope_section" in extra:
             fail(key, "multimodal rotary sections ('mrope_section') are not supported")
 
     def _validate_family(self, fail) -> None:
         """The family and its switches (sliding windows, soft caps, experts, ...)."""
 
-        def positive_int(name: str, allow_none: bool = True, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer"
-                     f"{' or null' if allow_none else ''}, got {v!r}")
-
         def positive_number(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
-            if v is None:
-                return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0 or (v == 0 and not allow_zero):
-                fail(name, f"must be a {'non-negative' if allow_zero else 'positive'} finite number or null, got {v!r}")
+            if v is not None:
+                _check_number(fail, name, v, allow_zero=allow_zero, or_null=True)
 
         if not isinstance(self.model_type, str) or self.model_type not in FAMILIES:
-            fail("model_type", f"unsupported model_type {self.model_type!r}; supported: {', '.join(FAMILIES)}")
+            fail("model_type", f"unsupported model_type {_show(self.model_type)}; supported: {', '.join(FAMILIES)}")
         for name in ("hidden_activation", "activation_fallback"):
             v = getattr(self, name)
-            if v is not None and v not in ACTIVATIONS:
-                fail(name, f"unknown activation {v!r}; supported: {', '.join(ACTIVATIONS)}")
+            if v is not None and (not isinstance(v, str) or v not in ACTIVATIONS):
+                fail(name, f"unknown activation {_show(v)}; supported: {', '.join(ACTIVATIONS)}")
         for name in ("qkv_bias", "use_sliding_window", "norm_unit_offset", "scale_embeddings", "sandwich_norm",
                      "norm_topk_prob", "output_router_logits"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, f"must be true or false, got {getattr(self, name)!r}")
-        positive_int("sliding_window")
-        positive_int("sliding_window_pattern")
-        positive_int("max_window_layers", allow_none=False, allow_zero=True)
+            _check_bool(fail, name, getattr(self, name))
+        _check_size(fail, "sliding_window", self.sliding_window, allow_none=True)
+        _check_size(fail, "sliding_window_pattern", self.sliding_window_pattern, allow_none=True)
+        _check_size(fail, "max_window_layers", self.max_window_layers, allow_zero=True)
         if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple):
+                fail("layer_types", f"must be a list of layer kinds, got {_show(self.layer_types)}")
             if len(self.layer_types) != self.num_hidden_layers:
                 fail("layer_types", f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            bad = [t for t in self.layer_types if not isinstance(t, str) or t not in LAYER_TYPES]
             if bad:
-                fail("layer_types", f"unsupported layer type {bad[0]!r}; supported: {', '.join(LAYER_TYPES)}")
+                fail("layer_types", f"unsupported layer type {_show(bad[0])}; supported: {', '.join(LAYER_TYPES)}")
         for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             positive_number(name)
-        positive_int("num_local_experts")
-        positive_int("num_experts_per_tok", allow_none=False)
+        _check_size(fail, "num_local_experts", self.num_local_experts, allow_none=True)
+        _check_size(fail, "num_experts_per_tok", self.num_experts_per_tok)
         if self.is_moe and self.num_experts_per_tok > self.num_local_experts:
             fail("num_experts_per_tok", f"{self.num_experts_per_tok} experts per token but only "
                  f"{self.num_local_experts} experts (num_local_experts)")
         positive_number("router_aux_loss_coef", allow_zero=True)
-        if self.router_jitter_noise != 0:
-            fail("router_jitter_noise", f"router jitter noise is not implemented (only 0), got {self.router_jitter_noise!r}")
+        if not _is_finite_number(self.router_jitter_noise) or self.router_jitter_noise != 0:
+            fail("router_jitter_noise", f"router jitter noise is not implemented (only 0), got {_show(self.router_jitter_noise)}")
         extra = self.extra_dict
         for name, (allowed, why) in _UNSUPPORTED_EXTRA.items():
             if name in extra and extra[name] not in allowed:
-                fail(name, f"{why}; got {extra[name]!r}")
+                fail(name, f"{why}; got {_show(extra[name])}")
 
     def _spelling(self, name: str) -> str:
         """The key `name` had in the source config.json, or its canonical HF key."""
@@ -339,17 +417,19 @@ class ModelConfig:
     def from_hf_dict(cls, d: Mapping[str, Any], *, source: str | None = None) -> "ModelConfig":
         """Build from a parsed HF `config.json`; absent keys take HF's defaults."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}
-        kwargs = hf_config.fields_from_hf_dict(d, names, source)
-        rope = kwargs["rope_scaling"]
-        kwargs["rope_scaling"] = RopeScaling(**rope) if rope is not None else None
         try:
+            kwargs = hf_config.fields_from_hf_dict(d, names, source)
+            rope = kwargs["rope_scaling"]
+            kwargs["rope_scaling"] = RopeScaling(**rope) if rope is not None else None
             cfg = cls(**kwargs)
         except ConfigError as e:
             if source is None:
                 raise
             raise ConfigError(e.field, e.rule, source=source) from None
-        except TypeError as e:  # a value of the wrong JSON type reaching a comparison
-            raise ConfigError("<root>", f"invalid value type: {e}", source=source) from None
+        except RecursionError:  # a mapping nested past the interpreter's limit (read_config_json bounds files)
+            raise ConfigError("<root>", "nested too deep", source=source) from None
+        except (TypeError, ValueError, OverflowError) as e:  # a value of a type no rule foresaw
+            raise ConfigError("<root>", f"invalid value ({type(e).__name__}: {str(e)[:80]})", source=source) from None
         return cfg
 
     def to_hf_dict(self) -> dict[str, Any]:

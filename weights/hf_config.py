@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -23,7 +24,8 @@ from .errors import ConfigError
 from .families import FAMILIES
 
 __all__ = ["CONFIG_NAME", "SPELLINGS", "freeze", "thaw", "spelling", "rope_fields_from_hf", "rope_to_hf",
-           "fields_from_hf_dict", "to_hf_dict", "read_config_json", "write_config_json"]
+           "fields_from_hf_dict", "to_hf_dict", "read_config_json", "parse_config_json", "write_config_json",
+           "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH"]
 
 CONFIG_NAME = "config.json"
 
@@ -130,8 +132,9 @@ def fields_from_hf_dict(d: Mapping[str, Any], field_names: set[str], source: str
         if isinstance(kwargs.get(name), list):
             kwargs[name] = tuple(kwargs[name])
     for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-        if isinstance(kwargs.get(name), int) and not isinstance(kwargs.get(name), bool):
-            kwargs[name] = float(kwargs[name])
+        v = kwargs.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 1023:  # larger: refused as not finite
+            kwargs[name] = float(v)
     if "num_labels" not in kwargs and isinstance(d.get("id2label"), Mapping):
         kwargs["num_labels"] = len(d["id2label"])
     return dict(kwargs, extra=freeze(extra), source_keys=tuple(str(k) for k in d))
@@ -165,15 +168,70 @@ def to_hf_dict(config: Any) -> dict[str, Any]:
     return d
 
 
+# config.json is read with limits, so a hostile file is refused before it costs anything: real
+# ones are a few kB (an id2label map of 20 k classes is ~1 MB) and nest 3 deep.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 32
+
+
 def read_config_json(directory: str | os.PathLike) -> tuple[Any, str]:
-    """The parsed `<directory>/config.json` and its path; `ConfigError` when absent or not JSON."""
+    """The parsed `<directory>/config.json` and its path; `ConfigError` when absent, not a regular
+    file, larger than `MAX_CONFIG_BYTES`, not JSON, or nested deeper than `MAX_CONFIG_DEPTH`."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError("<file>", "config.json not found", source=str(path))
+    source = str(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError("<file>", f"not valid JSON ({e})", source=str(path)) from None
+        # O_NONBLOCK: a FIFO named config.json must not block the open; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError("<file>", "config.json not found", source=source) from None
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot open config.json ({e.strerror or e})", source=source) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("<file>", "config.json is not a regular file", source=source)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("<file>", f"config.json is {st.st_size} bytes, above the {MAX_CONFIG_BYTES}-byte limit",
+                              source=source)
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:  # grew while being read
+        raise ConfigError("<file>", f"config.json is above the {MAX_CONFIG_BYTES}-byte limit", source=source)
+    return parse_config_json(raw, source), source
+
+
+def parse_config_json(raw: bytes, source: str | None = None) -> Any:
+    """Parse config.json bytes with the depth limit; `ConfigError` (never a traceback) otherwise.
+
+    JSON's own errors, integers past Python's digit limit (ValueError) and nesting past the
+    interpreter's recursion limit (RecursionError) all become one-line `ConfigError`s; the
+    message never quotes the file's bytes.
+    """
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", f"not UTF-8 (byte {e.start})", source=source) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError("<file>", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                          source=source) from None
+    except RecursionError:
+        raise ConfigError("<file>", f"nested deeper than {MAX_CONFIG_DEPTH} levels", source=source) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError("<file>", f"not valid JSON ({str(e).split(':')[0][:80]})", source=source) from None
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError("<file>", f"nested deeper than {MAX_CONFIG_DEPTH} levels", source=source)
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_CONFIG_DEPTH:
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def write_config_json(directory: str | os.PathLike, d: Mapping[str, Any]) -> Path:
