@@ -10,8 +10,9 @@ pickle path of the converter imports torch lazily, when explicitly asked to).
 from .checkpoint import (FLAX_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointReader,
                          ShardedWriter, atomic_directory, parse_size, plan_shards)
 from .config import ConfigError, ModelConfig, RopeScaling
-from .errors import (LOAD_ERRORS, CheckpointError, CheckpointNotFoundError, DataOffsetError,
-                     DestinationExistsError, HeaderError, MissingDependencyError, MissingKeysError,
+from .errors import (LOAD_ERRORS, CheckpointError, CheckpointNotFoundError, ConfigMismatchError, DataOffsetError,
+                     DestinationExistsError, HeaderError, MemoryLimitError, MissingDependencyError, MissingKeysError,
+                     NonFiniteWeightsError, SourceChangedError, UnsafePathError,
                      PickleRefusedError, SafetensorsFormatError, ShapeMismatchError, ShardIndexError,
                      StateMismatchError, TiedWeightsMismatchError, TruncatedFileError,
                      UnexpectedKeysError, UnknownDtypeError)
@@ -32,5 +33,6 @@ __all__ = [
     "UnknownDtypeError", "DataOffsetError", "ShardIndexError", "CheckpointNotFoundError",
     "StateMismatchError", "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError",
     "TiedWeightsMismatchError", "PickleRefusedError", "MissingDependencyError",
-    "DestinationExistsError", "LOAD_ERRORS", "TransformerVQConfig",
+    "DestinationExistsError", "LOAD_ERRORS", "ConfigMismatchError", "NonFiniteWeightsError",
+    "MemoryLimitError", "UnsafePathError", "SourceChangedError", "TransformerVQConfig",
 ]

@@ -21,6 +21,11 @@ __all__ = [
     "ShardIndexError",
     "CheckpointNotFoundError",
     "StateMismatchError",
+    "ConfigMismatchError",
+    "NonFiniteWeightsError",
+    "MemoryLimitError",
+    "UnsafePathError",
+    "SourceChangedError",
     "MissingKeysError",
     "UnexpectedKeysError",
     "ShapeMismatchError",
@@ -132,6 +137,37 @@ class ShapeMismatchError(StateMismatchError):
 
 class TiedWeightsMismatchError(StateMismatchError):
     """`tie_word_embeddings` is set, but `lm_head.weight` differs from the input embedding."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The checkpoint's header disagrees with what config.json implies (tensor count or total
+    size), found before any module is built."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The checkpoint holds NaN or infinite values; `tensors` lists (name, count) of each."""
+
+    def __init__(self, tensors: Sequence[tuple[str, int]], *, file: str | os.PathLike | None = None):
+        self.tensors = list(tensors)
+        shown = ", ".join(f"{n} ({c} value{'s' if c != 1 else ''})" for n, c in self.tensors[:8])
+        more = f" and {len(self.tensors) - 8} more" if len(self.tensors) > 8 else ""
+        super().__init__(f"{len(self.tensors)} tensor(s) hold NaN or infinite values: {shown}{more}; "
+                         "pass --allow-nonfinite-weights (allow_nonfinite=True) to compare them anyway",
+                         file=file)
+
+
+class MemoryLimitError(CheckpointError):
+    """The work needs more memory than this process can ever hold (physical memory + swap, or
+    RLIMIT_AS), found before allocating it."""
+
+
+class UnsafePathError(CheckpointError):
+    """A path leaves the directory it must stay in (a symlink out of the source), or an output
+    path is one that must not be written (inside the source, the source itself, a symlink)."""
+
+
+class SourceChangedError(CheckpointError):
+    """A source file changed (size, modification time or inode) while it was being read."""
 
 
 class PickleRefusedError(CheckpointError):

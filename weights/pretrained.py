@@ -21,7 +21,8 @@ from .hf_config import CONFIG_NAME
 from .report import LoadReport, match_state
 from .safetensors_io import TensorSpec
 
-__all__ = ["checkpoint_dtype", "keep_on_resave", "load_into", "natural_key", "save_checkpoint"]
+__all__ = ["checkpoint_dtype", "keep_on_resave", "load_into", "natural_key", "open_pretrained",
+           "save_checkpoint"]
 
 _FLOATS = tuple(FLOAT_DTYPES.values())
 
@@ -39,6 +40,27 @@ def checkpoint_dtype(reader: CheckpointReader, config: ModelConfig | None = None
     if config is not None and config.torch_dtype in FLOAT_DTYPES:
         return FLOAT_DTYPES[config.torch_dtype]
     return np.dtype(np.float32)
+
+
+def open_pretrained(directory: str | os.PathLike, class_name: str, dtype: np.dtype | None = None, *,
+                    strict: bool = True) -> tuple[ModelConfig, np.dtype]:
+    """The config and parameter dtype of `from_pretrained(directory)` for a head class, checked
+    before the twin builds anything: with `strict`, the checkpoint's header must fit the config
+    (`weights.shapes.check_fits`: tensor count and size in closed form, then every name and
+    shape), and the model must fit in memory (`weights.shapes.check_memory`). `dtype` None means
+    the checkpoint's own (`checkpoint_dtype`)."""
+    from .shapes import HEAD_CLASSES, check_fits, check_memory, parameter_totals
+
+    config = ModelConfig.from_pretrained(directory)
+    with CheckpointReader(directory) as reader:
+        np_dtype = checkpoint_dtype(reader, config) if dtype is None else np.dtype(dtype)
+        if class_name in HEAD_CLASSES:
+            if strict:
+                check_fits(reader, config, class_name)
+            elements = parameter_totals(config, class_name)[1]
+            check_memory(elements * np_dtype.itemsize, f"the {class_name} of config.json in {np_dtype.name}",
+                         source=directory)
+    return config, np_dtype
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

@@ -78,13 +78,13 @@ class LoadReport:
         lines = []
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} tensor(s) do not fit the model:")
-            lines += [f"  {m.describe()}" for m in self.mismatched]
+            lines += _first(m.describe() for m in self.mismatched)
         if self.missing:
             lines.append(f"{len(self.missing)} model parameter(s) missing from the checkpoint:")
-            lines += [f"  {n}" for n in self.missing]
+            lines += _first(self.missing)
         if self.unexpected:
             lines.append(f"{len(self.unexpected)} unexpected tensor(s) in the checkpoint:")
-            lines += [f"  {n}" for n in self.unexpected]
+            lines += _first(self.unexpected)
         return "\n".join(lines) if lines else "checkpoint matches the model"
 
     def raise_if_failed(self) -> None:
@@ -101,6 +101,19 @@ class LoadReport:
         else:
             cls = UnexpectedKeysError
         raise cls(self, file=self.file)
+
+
+# Problems listed per kind; the count says how many more there are (a config off by 10**4 layers
+# would otherwise produce a multi-megabyte "one-line" message).
+DESCRIBE_LIMIT = 20
+
+
+def _first(items: Any) -> list[str]:
+    items = list(items)
+    lines = [f"  {x}" for x in items[:DESCRIBE_LIMIT]]
+    if len(items) > DESCRIBE_LIMIT:
+        lines.append(f"  ... and {len(items) - DESCRIBE_LIMIT} more")
+    return lines
 
 
 def _kind(dt: np.dtype) -> str:
