@@ -18,10 +18,9 @@ from flax import nnx
 
 from weights.blockcopy import contiguous
 from weights.checkpoint import CheckpointReader
-from weights.config import ModelConfig
 from weights.names import hf_name, is_transposed
 from weights.dtypes import numpy_dtype
-from weights.pretrained import checkpoint_dtype, load_into, save_checkpoint
+from weights.pretrained import load_into, open_pretrained, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
@@ -140,9 +139,9 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     the checkpoint's own, so bf16 and fp16 weights stay bit-exact. With `strict=False`, loads
     what matches and returns `(model, report)`; parameters the checkpoint lacks are initialised.
     """
-    config = ModelConfig.from_pretrained(directory)
-    with CheckpointReader(directory) as reader:
-        np_dtype = checkpoint_dtype(reader, config) if dtype is None else numpy_dtype(dtype)
+    # Header against config, and memory, checked before anything of the model's size exists.
+    config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else numpy_dtype(dtype),
+                                       strict=strict)
     build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
     abstract = nnx.eval_shape(build)
     params = _hf_params(nnx.state(abstract, nnx.Param))

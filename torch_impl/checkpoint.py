@@ -18,8 +18,7 @@ from torch import nn
 from weights import dtypes
 from weights.blockcopy import copy_into
 from weights.checkpoint import CheckpointReader
-from weights.config import ModelConfig
-from weights.pretrained import checkpoint_dtype, load_into, save_checkpoint
+from weights.pretrained import load_into, open_pretrained, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
@@ -137,12 +136,9 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     bf16 and fp16 weights stay bit-exact. With `strict=False`, loads what matches and returns
     `(model, report)`; parameters the checkpoint lacks keep their initial values.
     """
-    config = ModelConfig.from_pretrained(directory)
-    if dtype is None:
-        with CheckpointReader(directory) as reader:
-            np_dtype = checkpoint_dtype(reader, config)
-    else:
-        np_dtype = _numpy_dtype(dtype)
+    # Header against config, and memory, checked before anything of the model's size exists.
+    config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else _numpy_dtype(dtype),
+                                       strict=strict)
     torch_dtype = precision.to_dtype(dtypes.dtype_name(np_dtype))
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config, dtype=torch_dtype)
