@@ -16,18 +16,17 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import (CheckpointError, CheckpointNotFoundError, DestinationExistsError,
+from .errors import (CheckpointError, CheckpointNotFoundError,
                      PickleRefusedError, ShardIndexError)
 from .names import hf_key_from_flax, is_transposed
 from .safetensors_io import SafetensorsFile, TensorSpec
 from .safetensors_writer import SafetensorsWriter
+from .staging import atomic_directory
 
 __all__ = [
     "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME", "PICKLE_PATTERNS",
@@ -256,56 +255,6 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str | None,
     stem, ext = weights_name.rsplit(".", 1)
     n = len(groups)
     return [(f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}", g) for i, g in enumerate(groups)]
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, *, force: bool = False,
-                     keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
-    """Yield a staging directory next to `dst`; on success it replaces `dst` in one rename.
-
-    On any exception (Ctrl-C included) the staging directory is deleted and `dst` is left as
-    it was. An existing `dst` is only replaced with `force`; files of it for which `keep(name)`
-    is true (a tokenizer next to the weights, say) are carried over unless staged anew.
-    """
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise DestinationExistsError(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        if keep is not None and dst.is_dir():
-            for p in dst.iterdir():
-                if p.is_file() and keep(p.name) and not (staging / p.name).exists():
-                    shutil.copy2(p, staging / p.name)
-        _fsync_dir(staging)
-        if dst.exists():
-            if not force:
-                raise DestinationExistsError(dst)
-            backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, backup)
-            try:
-                os.rename(staging, dst)
-            except BaseException:
-                os.rename(backup, dst)
-                raise
-            shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
-        else:
-            os.rename(staging, dst)
-        _fsync_dir(dst.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 class ShardedWriter:
