@@ -27,7 +27,8 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def copy_file_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
     """Copy `count` bytes between files inside the kernel (no page ever mapped in this process);
-    falls back to positioned reads and writes where the kernel cannot."""
+    falls back to positioned reads and writes where the kernel cannot. `EOFError` when the
+    source ends early (truncated meanwhile)."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
@@ -40,8 +41,8 @@ def copy_file_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, 
             pass  # EXDEV on old kernels, ENOSYS, EINVAL on some filesystems: copy by hand below
     while done < count:
         chunk = os.pread(src_fd, min(BLOCK_BYTES, count - done), src_offset + done)
-        if not chunk:
-            raise OSError(f"source file ended {count - done} bytes early")
+        if not chunk:  # EOFError, not OSError: the source is short, not the destination full
+            raise EOFError(f"source file ended {count - done} bytes early")
         os.pwrite(dst_fd, chunk, dst_offset + done)
         done += len(chunk)
 

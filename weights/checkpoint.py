@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import (CheckpointError, CheckpointNotFoundError,
-                     PickleRefusedError, ShardIndexError)
+from .errors import (CheckpointError, CheckpointNotFoundError, PickleRefusedError, ShardIndexError,
+                     UnsafePathError)
 from .names import hf_key_from_flax, is_transposed
 from .safetensors_io import SafetensorsFile, TensorSpec
 from .safetensors_writer import SafetensorsWriter
@@ -39,6 +39,7 @@ FLAX_WEIGHTS_NAME = "flax_model.safetensors"  # twinlm's Flax layout, one flat f
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.bin.index.json")
 WEIGHT_FILE_RE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
 _SHARD_RE = re.compile(r"^[^/\\]+$")
+MAX_INDEX_SIZE = 64 << 20  # an index of a million tensors is ~80 MB; real ones are ~100 kB
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -50,8 +51,11 @@ class CheckpointReader:
     from the process once the caller has copied what it needs.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, contained: bool = False):
+        """`contained`: refuse (`UnsafePathError`) any file whose real path leaves the real path
+        of `directory` (a symlink out of it), checked before the file is opened."""
         self.directory = Path(directory)
+        self._root = os.path.realpath(directory) if contained else None
         self.index_path: Path | None = None
         self.layout = "hf"
         self._files: dict[str, SafetensorsFile] = {}
@@ -82,8 +86,19 @@ class CheckpointReader:
                 expected=f"{SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {FLAX_WEIGHTS_NAME}",
                 found=", ".join(sorted(p.name for p in d.iterdir())) or "an empty directory")
 
+    def _guard(self, path: Path) -> None:
+        """With `contained`, refuse a file whose real path lies outside the directory."""
+        if self._root is None:
+            return
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._root]) != self._root:
+            raise UnsafePathError("links out of the source directory; refusing to read it (pass "
+                                  "--follow-symlinks, follow_symlinks=True, to allow links, e.g. in a Hugging "
+                                  "Face cache snapshot)", file=path)
+
     def _add_file(self, path: Path, *, flax: bool = False,
                   only: Sequence[str] | None = None) -> SafetensorsFile:
+        self._guard(path)
         f = SafetensorsFile(path)
         self._files[str(path)] = f
         # On-disk order, so a pass over keys() reads each file front to back.
@@ -106,6 +121,9 @@ class CheckpointReader:
 
     def _open_index(self, index: Path) -> None:
         self.index_path = index
+        self._guard(index)
+        if index.stat().st_size > MAX_INDEX_SIZE:
+            raise ShardIndexError(f"index is larger than {MAX_INDEX_SIZE} bytes", file=index)
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -182,6 +200,18 @@ class CheckpointReader:
         f, key = self._locate(name)
         arr = f.get(key)
         return arr.T if self.layout == "flax" and is_transposed(name) else arr
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor in HF layout, read into fresh memory with positioned reads (no memory map:
+        a file truncated meanwhile is a `SourceChangedError`, never SIGBUS)."""
+        f, key = self._locate(name)
+        arr = f.read(key)
+        return arr.T if self.layout == "flax" and is_transposed(name) else arr
+
+    def check_unchanged(self) -> None:
+        """Raise `SourceChangedError` when any file opened has changed on disk since."""
+        for f in self._files.values():
+            f.check_unchanged()
 
     def raw(self, name: str) -> tuple[SafetensorsFile, str]:
         """The file and key holding `name`'s bytes as stored (for kernel copies)."""

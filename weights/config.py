@@ -271,7 +271,7 @@ class ModelConfig:
     def for_family(cls, model_type: str, **fields: Any) -> "ModelConfig":
         """A config of family `model_type`: the family's values, overridden by `fields`."""
         if model_type not in FAMILIES:
-            raise ConfigError("model_type", f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+            raise ConfigError("model_type", f"unsupported model_type {_show(model_type)}; supported: {', '.join(FAMILIES)}")
         return cls(**{**FAMILIES[model_type].values, "model_type": model_type, **fields})
 
     @property

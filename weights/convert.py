@@ -1,9 +1,17 @@
 """`twinlm convert`: re-type, re-shard, and re-layout checkpoints, one tensor at a time.
 
-The source is read through memory maps and each tensor's pages are released once written, so
-peak memory stays near the largest tensor (plus one 16 MB block for a transpose or a cast),
-whatever the model size. The destination is staged next to DST and renamed into place at the
-end: a crash or Ctrl-C leaves DST absent, or as it was.
+Tensors whose bytes do not change are copied by the kernel (`copy_file_range`), the others read
+with positioned reads into one tensor's worth of memory, then transposed or cast block by block:
+peak memory stays near the largest tensor (plus one 8 MB block), whatever the model size. No
+tensor byte is read through a memory map, so a source truncated during the conversion is a
+`SourceChangedError` rather than SIGBUS; a source changed in place (same size) is caught by the
+size/mtime/inode check before the commit. The destination is staged next to DST and renamed
+into place at the end (`weights.staging`): a crash or Ctrl-C leaves DST absent, or as it was, and
+the next run removes the staging directory of one that was killed.
+
+The source is validated as loading validates it, before DST is touched: config.json, then every
+tensor's name, shape and kind against what the config implies (strict by default), and it is
+contained: files whose real path leaves SRC are not read without `follow_symlinks`.
 
 Layouts: `hf` (shards + index, HF names, `[out, in]` weights) and `flax` (one flat
 `flax_model.safetensors` keyed by NNX parameter paths with `[in, out]` kernels, readable with
@@ -19,6 +27,7 @@ import importlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +39,15 @@ from .checkpoint import (FLAX_WEIGHTS_NAME, PICKLE_PATTERNS, SAFE_WEIGHTS_NAME, 
                          CheckpointReader, ShardedWriter, parse_size)
 from .config import ModelConfig
 from .dtypes import FLOAT_DTYPES
-from .errors import CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError
-from .hf_config import CONFIG_NAME
+from .errors import (CheckpointError, DestinationExistsError, MissingDependencyError, PickleRefusedError,
+                     SourceChangedError, UnsafePathError)
+from .hf_config import CONFIG_NAME, parse_config_json, read_config_bytes
 from .names import flax_key, is_rotary_buffer, is_transposed, legacy_name
 from .pretrained import natural_key
+from .report import match_state
+from .shapes import check_fits, detect_head, parameter_shapes, parameter_totals
 from .safetensors_io import TensorSpec
+from .staging import clean_stale
 
 __all__ = ["DTYPE_NAMES", "ConvertResult", "PickleReader", "convert", "open_source"]
 
@@ -52,6 +65,10 @@ class ConvertResult:
     files: tuple[str, ...]  # weight files, relative to dst
     tensors: int
     nbytes: int  # tensor bytes written
+    head: str = "causal_lm"  # the head the tensors were validated against
+    passed_through: tuple[str, ...] = ()  # tensors the model has no parameter for (--no-strict)
+    skipped: tuple[str, ...] = ()  # side files not copied, each with the reason
+    cleaned: tuple[str, ...] = ()  # stale staging directories of earlier runs, removed
 
 
 # Re-typed by --dtype. float8 tensors are left alone: they are quantised weights whose meaning
@@ -65,7 +82,7 @@ class PickleReader:
     Same interface as `CheckpointReader`. Used only when pickles are explicitly allowed.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, contained: bool = False):
         self.directory = Path(directory)
         torch = _import_torch(self.directory)
         self._torch = torch
@@ -73,7 +90,13 @@ class PickleReader:
         self._file: dict[str, Path] = {}
         paths = sorted({p for pat in PICKLE_PATTERNS if not pat.endswith(".json")
                         for p in self.directory.glob(pat)})
+        root = os.path.realpath(self.directory)
         for path in paths:
+            if contained and os.path.commonpath([os.path.realpath(path), root]) != root:
+                raise UnsafePathError("links out of the source directory; refusing to read it (pass "
+                                      "--follow-symlinks to allow)", file=path)
+            if not path.is_file():  # a FIFO would block torch.load forever
+                raise CheckpointError("not a regular file", file=path)
             state = _torch_load(torch, path)
             if not isinstance(state, dict):
                 raise CheckpointError("pickle does not hold a state dict", file=path,
@@ -120,6 +143,13 @@ class PickleReader:
             carrier = torch.int16 if t.element_size() == 2 else torch.uint8
             return t.view(carrier).numpy().view(target)
         return t.numpy()
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as numpy (see `get`)."""
+        return self.get(name)
+
+    def check_unchanged(self) -> None:
+        """Nothing checked: torch owns the files of a pickle (see the module doc)."""
 
     def release(self, name: str) -> None:
         """Nothing to do: torch owns the map of a pickle."""
@@ -170,28 +200,31 @@ def _numpy_dtype(torch: Any, dt: Any, path: Path, name: str) -> np.dtype:
     return np.dtype(table[dt])
 
 
-def open_source(src: str | os.PathLike, *, allow_pickle: bool = False) -> CheckpointReader | PickleReader:
-    """A reader for `src`: safetensors (HF or Flax layout), or pickles when allowed."""
+def open_source(src: str | os.PathLike, *, allow_pickle: bool = False,
+                contained: bool = False) -> CheckpointReader | PickleReader:
+    """A reader for `src`: safetensors (HF or Flax layout), or pickles when allowed. With
+    `contained`, no file whose real path leaves `src` is opened (`UnsafePathError`)."""
     try:
-        return CheckpointReader(src)
+        return CheckpointReader(src, contained=contained)
     except PickleRefusedError:
         if not allow_pickle:
             raise
-        return PickleReader(src)
+        return PickleReader(src, contained=contained)
 
 
-def _read_config(src: Path, target: np.dtype | None) -> bytes:
-    """config.json validated, with its dtype field updated when the dtype changes."""
-    ModelConfig.from_pretrained(src)  # raises ConfigError naming the file and field
-    raw = (src / CONFIG_NAME).read_bytes()
+def _read_config(src: Path, target: np.dtype | None) -> tuple[ModelConfig, bytes]:
+    """config.json validated (read once, within `read_config_bytes`' limits), and its bytes with
+    the dtype field updated when the dtype changes."""
+    raw, source = read_config_bytes(src)
+    config = ModelConfig.from_hf_dict(parse_config_json(raw, source), source=source)
     if target is None:
-        return raw
+        return config, raw
     name = next(k for k, v in DTYPE_NAMES.items() if v == target)
     d = json.loads(raw)
     keys = [k for k in ("torch_dtype", "dtype") if k in d] or ["torch_dtype"]
     for k in keys:
         d[k] = name
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return config, (json.dumps(d, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _plan(reader: CheckpointReader | PickleReader, layout: str,
@@ -230,16 +263,133 @@ def _progress_bar(total: int, progress: bool | None, desc: str) -> Any:
                 bar_format="{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
+def _check_paths(src: Path, dst: Path, force: bool) -> Path:
+    """The real path of SRC, after refusing a DST that would destroy or alias it: DST must name a
+    directory entry (not "", ".", ".."), must not be a symlink, must not be SRC, inside SRC, or
+    contain SRC."""
+    if not str(src).strip() or not src.is_dir():
+        raise CheckpointError("source checkpoint directory not found", file=src)
+    if not str(dst).strip() or dst.name in ("", ".", ".."):
+        raise UnsafePathError("DST must name a new directory, not the current or parent directory",
+                              file=str(dst) or '""')
+    real_src = Path(os.path.realpath(src))
+    if dst.is_symlink():
+        raise UnsafePathError("DST is a symlink; refusing to write through it", file=dst)
+    real_dst = Path(os.path.realpath(dst))
+    if real_dst == real_src or real_src in real_dst.parents:
+        raise UnsafePathError(f"DST is {'SRC' if real_dst == real_src else 'inside SRC'}: writing it would "
+                              "change the source being read", file=dst)
+    if real_dst in real_src.parents:
+        raise UnsafePathError("DST contains SRC: replacing it would delete the source", file=dst)
+    if os.path.lexists(dst) and not force:
+        raise DestinationExistsError(dst)  # before any work, so a typo costs nothing
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise UnsafePathError("DST exists and is not a directory", file=dst)
+    base = dst.parent if str(dst.parent) else Path(".")
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise UnsafePathError(f"cannot create DST: {base} is not a writable directory", file=dst)
+    return real_src
+
+
+def _side_files(src: Path, follow_symlinks: bool) -> tuple[list[tuple[str, int]], list[str]]:
+    """(name, fd) of the regular files of SRC to copy next to the weights (tokenizer, generation
+    config, ...), each opened without following a link (unless `follow_symlinks`), and the names
+    skipped with why. The caller closes the fds."""
+    keep, skipped = [], []
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name == CONFIG_NAME or WEIGHT_FILE_RE.match(entry.name) or entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.is_symlink() and not follow_symlinks:
+            skipped.append(f"{entry.name} (a symlink; --follow-symlinks copies its target)")
+            continue
+        try:
+            fd = os.open(entry.path, flags)
+        except OSError as e:
+            skipped.append(f"{entry.name} ({e.strerror or e})")
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            skipped.append(f"{entry.name} (not a regular file)")
+            continue
+        keep.append((entry.name, fd))
+    return keep, skipped
+
+
+def _copy_fd(fd: int, dst: Path) -> None:
+    with os.fdopen(os.dup(fd), "rb") as f, open(dst, "xb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _unlisted_weights(src: Path, reader: Any) -> list[str]:
+    """Weight files in SRC that the reader does not read (a shard left out of the index)."""
+    read = {p.name for p in getattr(reader, "files", [])}
+    if getattr(reader, "index_path", None) is not None:
+        read.add(reader.index_path.name)
+    return sorted(p.name for p in src.iterdir() if p.name.endswith(".safetensors") and p.name not in read
+                  and p.name != FLAX_WEIGHTS_NAME)
+
+
+def _validate(reader: Any, config: ModelConfig, src: Path, strict: bool) -> tuple[str, tuple[str, ...]]:
+    """(head, names passed through) after checking the source's tensors against the config as
+    loading does: strict, every tensor named, shaped and typed (float vs int) as the config
+    implies; not strict, tensors the model has no parameter for pass through, the rest as strict.
+    An empty result is refused either way."""
+    if len(reader) == 0:
+        raise CheckpointError("the source holds no tensors; refusing to write an empty checkpoint", file=src)
+    head = detect_head(config, reader.keys())
+    if strict:
+        unlisted = _unlisted_weights(src, reader)
+        if unlisted:
+            raise CheckpointError(f"weight file(s) not read: {', '.join(unlisted[:5])} (the index does not "
+                                  "list them); fix the index, or pass --no-strict", file=src)
+        check_fits(reader, config, head, source=src)
+        return head, ()
+    expected = {name: (shape, np.float32) for name, shape in parameter_shapes(config, head).items()} \
+        if parameter_totals(config, head)[0] <= 2 * len(reader) + 16 else None
+    if expected is None:
+        check_fits(reader, config, head, source=src)  # refuses from the totals
+    report = match_state(expected, reader, tie_word_embeddings=config.tie_word_embeddings, strict=False,
+                         file=str(src))
+    if report.missing or report.mismatched:
+        report.unexpected = []  # passed through on purpose
+        report.raise_if_failed()
+    return head, tuple(report.unexpected)
+
+
+def _check_disk(dst: Path, nbytes: int) -> None:
+    base = dst.parent if str(dst.parent) else Path(".")
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        st = os.statvfs(base)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise CheckpointError(f"DST needs {nbytes / 1e9:.3g} GB and its filesystem has {free / 1e9:.3g} GB free",
+                              file=dst)
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
             max_shard_size: int | str = "5GB", layout: str = "hf", force: bool = False,
-            allow_pickle: bool = False, progress: bool | None = None,
-            fsync: bool = True) -> ConvertResult:
+            allow_pickle: bool = False, progress: bool | None = None, fsync: bool = True,
+            strict: bool = True, follow_symlinks: bool = False) -> ConvertResult:
     """Convert the checkpoint directory `src` into a new directory `dst`.
 
     `dtype` re-types floating tensors (`float32`, `bfloat16`, `float16`); without it every
     tensor keeps its bits. `max_shard_size` shards the `hf` layout like transformers. `layout`
     is `hf` or `flax`; the source layout is detected. `progress=None` shows the bar on a TTY.
-    Raises `CheckpointError` / `ConfigError` on bad input, before DST is touched.
+
+    The source is validated as loading validates it (`strict`: every tensor named, shaped and
+    typed as config.json implies, no weight file left unread; `strict=False` passes tensors the
+    model has no parameter for through), and contained: no file whose real path leaves `src` is
+    read unless `follow_symlinks`, side files are copied without following links, and `dst`
+    may not be `src`, lie inside it, contain it, or be a symlink. Every check runs before DST is
+    touched (`CheckpointError` / `ConfigError`); stale staging directories of earlier runs that
+    died are removed first (`ConvertResult.cleaned`).
     """
     src, dst = Path(src), Path(dst)
     if layout not in ("hf", "flax"):
@@ -248,13 +398,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     target = DTYPE_NAMES[dtype] if dtype is not None else None
     limit = parse_size(max_shard_size) if layout == "hf" else None
-    if dst.exists() and not force:
-        raise DestinationExistsError(dst)  # before any work, so a typo costs nothing
-    if not src.is_dir():
-        raise CheckpointError("source checkpoint directory not found", file=src)
-    config = _read_config(src, target)
+    _check_paths(src, dst, force)
+    if not follow_symlinks and os.path.islink(src / CONFIG_NAME):
+        raise UnsafePathError("config.json is a symlink; pass --follow-symlinks to read it", file=src / CONFIG_NAME)
+    config, config_bytes = _read_config(src, target)
 
-    with open_source(src, allow_pickle=allow_pickle) as reader:
+    with open_source(src, allow_pickle=allow_pickle, contained=not follow_symlinks) as reader:
+        head, passed = _validate(reader, config, src, strict)
         plan = _plan(reader, layout, target)
         # Shards follow the natural order of names (layer 2 before layer 10), whatever the source
         # order, so the same checkpoint always shards the same way; reads keep source order.
@@ -262,22 +412,43 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         weights_name = FLAX_WEIGHTS_NAME if layout == "flax" else SAFE_WEIGHTS_NAME
         meta = {"format": "flax" if layout == "flax" else "pt"}
         total = sum(spec.nbytes for spec, _, _ in plan)
-        with ShardedWriter(dst, specs, max_shard_size=limit, metadata=meta,
-                           weights_name=weights_name, force=force, fsync=fsync) as writer, \
-                _progress_bar(total, progress, f"convert {src.name} -> {dst.name}") as bar:
-            (writer.staging / CONFIG_NAME).write_bytes(config)
-            for p in sorted(src.iterdir()):
-                if p.is_file() and p.name != CONFIG_NAME and not WEIGHT_FILE_RE.match(p.name):
-                    shutil.copy2(p, writer.staging / p.name)  # tokenizer, generation config, ...
-            for i, (spec, key, transpose) in enumerate(plan):
-                arr = reader.get(key)  # a view: no byte is read yet
-                out = arr.T if transpose else arr
-                if out.dtype == spec.dtype and out.flags.c_contiguous and isinstance(reader, CheckpointReader):
-                    writer.write_from(spec.name, *reader.raw(key))  # same bytes: the kernel copies them
-                else:
-                    writer.write(spec.name, out, cast=out.dtype != spec.dtype)
-                reader.release(key)
-                bar.update(spec.nbytes)
-                bar.set_postfix_str(f"tensor {i + 1}/{len(plan)}", refresh=False)
-            files = tuple(fname for fname, _ in writer.plan)
-    return ConvertResult(dst, layout, files, len(plan), total)
+        sides, skipped = _side_files(src, follow_symlinks)
+        try:
+            _check_disk(dst, total + sum(os.fstat(fd).st_size for _, fd in sides))
+            cleaned, _ = clean_stale(dst)
+            with ShardedWriter(dst, specs, max_shard_size=limit, metadata=meta,
+                               weights_name=weights_name, force=force, fsync=fsync) as writer, \
+                    _progress_bar(total, progress, f"convert {src.name} -> {dst.name}") as bar:
+                (writer.staging / CONFIG_NAME).write_bytes(config_bytes)
+                for name, fd in sides:  # tokenizer, generation config, ...: bytes of the file opened above
+                    _copy_fd(fd, writer.staging / name)
+                for i, (spec, key, transpose) in enumerate(plan):
+                    _write_tensor(reader, writer, spec, key, transpose)
+                    bar.update(spec.nbytes)
+                    bar.set_postfix_str(f"tensor {i + 1}/{len(plan)}", refresh=False)
+                reader.check_unchanged()  # modified in place, same size: caught here, before the commit
+                files = tuple(fname for fname, _ in writer.plan)
+        finally:
+            for _, fd in sides:
+                os.close(fd)
+    return ConvertResult(dst, layout, files, len(plan), total, head, passed, tuple(skipped),
+                         tuple(str(p) for p in cleaned))
+
+
+def _write_tensor(reader: Any, writer: ShardedWriter, spec: TensorSpec, key: str, transpose: bool) -> None:
+    """One tensor from the source into the staged shard: a kernel copy when the bytes are the
+    same, else read with positioned reads (never through the memory map, so a source truncated
+    meanwhile is a `SourceChangedError`, not SIGBUS), then transposed or cast block by block."""
+    view = reader.get(key)  # a view: no byte is read yet
+    out = view.T if transpose else view
+    if out.dtype == spec.dtype and out.flags.c_contiguous and isinstance(reader, CheckpointReader):
+        f, raw_key = reader.raw(key)  # same bytes: the kernel copies them
+        try:
+            writer.write_from(spec.name, f, raw_key)
+        except EOFError as e:
+            raise SourceChangedError(f"{e}: truncated while being read", file=f.path, tensor=key) from None
+        return
+    del view, out
+    arr = reader.read(key)
+    out = arr.T if transpose else arr
+    writer.write(spec.name, out, cast=out.dtype != spec.dtype)

@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .families import FAMILIES
 
 __all__ = ["CONFIG_NAME", "SPELLINGS", "freeze", "thaw", "spelling", "rope_fields_from_hf", "rope_to_hf",
-           "fields_from_hf_dict", "to_hf_dict", "read_config_json", "parse_config_json", "write_config_json",
+           "fields_from_hf_dict", "to_hf_dict", "read_config_json", "read_config_bytes", "parse_config_json", "write_config_json",
            "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH"]
 
 CONFIG_NAME = "config.json"
@@ -109,7 +109,8 @@ def fields_from_hf_dict(d: Mapping[str, Any], field_names: set[str], source: str
         raise ConfigError("<root>", f"config must be a JSON object, got {type(d).__name__}", source=source)
     model_type = d.get("model_type", "llama")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
-        raise ConfigError("model_type", f"unsupported model_type {model_type!r}; supported: "
+        shown = repr(model_type) if len(repr(model_type)) <= 60 else repr(model_type)[:57] + "..."
+        raise ConfigError("model_type", f"unsupported model_type {shown}; supported: "
                           f"{', '.join(FAMILIES)}", source=source)
     # The family's values first: keys absent from config.json take that family's HF defaults.
     kwargs: dict[str, Any] = dict(FAMILIES[model_type].values)
@@ -177,6 +178,13 @@ MAX_CONFIG_DEPTH = 32
 def read_config_json(directory: str | os.PathLike) -> tuple[Any, str]:
     """The parsed `<directory>/config.json` and its path; `ConfigError` when absent, not a regular
     file, larger than `MAX_CONFIG_BYTES`, not JSON, or nested deeper than `MAX_CONFIG_DEPTH`."""
+    raw, source = read_config_bytes(directory)
+    return parse_config_json(raw, source), source
+
+
+def read_config_bytes(directory: str | os.PathLike) -> tuple[bytes, str]:
+    """The bytes of `<directory>/config.json` and its path, read within the limits of
+    `read_config_json` (not parsed)."""
     path = Path(directory) / CONFIG_NAME
     source = str(path)
     try:
@@ -196,7 +204,7 @@ def read_config_json(directory: str | os.PathLike) -> tuple[Any, str]:
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:  # grew while being read
         raise ConfigError("<file>", f"config.json is above the {MAX_CONFIG_BYTES}-byte limit", source=source)
-    return parse_config_json(raw, source), source
+    return raw, source
 
 
 def parse_config_json(raw: bytes, source: str | None = None) -> Any:

@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -27,7 +28,8 @@ from typing import Any, Iterable
 import ml_dtypes
 import numpy as np
 
-from .errors import DataOffsetError, HeaderError, SafetensorsFormatError, TruncatedFileError, UnknownDtypeError
+from .errors import (DataOffsetError, HeaderError, SafetensorsFormatError, SourceChangedError, TruncatedFileError,
+                     UnknownDtypeError)
 
 __all__ = ["DTYPES", "MAX_HEADER_SIZE", "TensorInfo", "TensorSpec", "SafetensorsFile", "dtype_name",
            "load_file"]
@@ -183,8 +185,15 @@ class SafetensorsFile:
         self._mm: mmap.mmap | None = None
         self._file = None
         try:
-            self._file = f = open(self.path, "rb")
-            size = os.fstat(f.fileno()).st_size
+            # O_NONBLOCK: opening a FIFO must not block (it is refused just below); regular files
+            # ignore the flag.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            self._file = f = os.fdopen(fd, "rb")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SafetensorsFormatError("not a regular file", file=self.path)
+            size = st.st_size
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             self.metadata, self.tensors, data_start = self._read_header(f, size)
             if size > data_start:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -201,12 +210,14 @@ class SafetensorsFile:
             raise TruncatedFileError("file too short to hold the 8-byte header length",
                                      file=path, expected=">= 8 bytes", found=f"{size} bytes")
         (n,) = struct.unpack("<Q", f.read(8))
+        # The length is not quoted: in a file that is not safetensors (a link to a secret, say)
+        # these 8 bytes are the secret's first 8.
         if n > MAX_HEADER_SIZE:
-            raise HeaderError("header length above the 100 MB limit", file=path,
-                              expected=f"<= {MAX_HEADER_SIZE} bytes", found=f"{n} bytes")
+            raise HeaderError("header length field above the 100 MB limit (not a safetensors file?)", file=path,
+                              expected=f"<= {MAX_HEADER_SIZE} bytes", found=f"a file of {size} bytes")
         if 8 + n > size:
-            raise TruncatedFileError("header length runs past the end of the file", file=path,
-                                     expected=f"<= {size - 8} bytes", found=f"{n} bytes")
+            raise TruncatedFileError("header length field runs past the end of the file (truncated, or not "
+                                     "a safetensors file)", file=path, found=f"a file of {size} bytes")
         raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -267,8 +278,41 @@ class SafetensorsFile:
             return out
         if self._mm is None:
             raise SafetensorsFormatError("file is closed", file=self.path, tensor=name)
+        self.check_unchanged(name)  # a page past a truncated end would be SIGBUS, not an error
         count = info.nbytes // info.np_dtype.itemsize
         return np.frombuffer(self._mm, info.np_dtype, count, info.start).reshape(info.shape)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a fresh, writable array, read with positioned reads (no memory map):
+        a file truncated while it is read gives `SourceChangedError`, never SIGBUS."""
+        info = self.info(name)
+        out = np.empty(info.shape, info.np_dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if info.nbytes else memoryview(b"")
+        done, fd = 0, self.fileno()
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.start + done) if hasattr(os, "preadv") else \
+                _pread_into(fd, view[done:], info.start + done)
+            if n == 0:
+                raise SourceChangedError(f"file ended {info.nbytes - done} bytes early: truncated while "
+                                         "being read", file=self.path, tensor=name)
+            done += n
+        return out
+
+    def check_unchanged(self, name: str | None = None) -> None:
+        """Raise `SourceChangedError` when the file on disk is no longer the one opened (size,
+        modification time or inode changed, or it was replaced)."""
+        if self._file is None:
+            return
+        st = os.fstat(self._file.fileno())
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        try:
+            on_disk = os.stat(self.path)
+            replaced = (on_disk.st_dev, on_disk.st_ino) != now[:2]
+        except OSError:
+            replaced = True
+        if now != self._identity or replaced:
+            raise SourceChangedError("the file changed while it was being read (size, modification time "
+                                     "or inode); nothing was written", file=self.path, tensor=name)
 
     def release(self, name: str) -> None:
         """Drop this tensor's pages from the process (they stay in the page cache).
@@ -308,6 +352,12 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    chunk = os.pread(fd, len(view), offset)
+    view[:len(chunk)] = chunk
+    return len(chunk)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from .errors import ConfigMismatchError, MemoryLimitError
 from .names import HEADS, hf_shapes
 from .report import LM_HEAD_KEY, match_state
 
-__all__ = ["HEAD_CLASSES", "head_key", "parameter_shapes", "parameter_totals", "checkpoint_totals",
+__all__ = ["HEAD_CLASSES", "detect_head", "head_key", "parameter_shapes", "parameter_totals", "checkpoint_totals",
            "check_fits", "check_memory", "memory_limit"]
 
 HEAD_CLASSES = {cls: key for key, cls in HEADS.items()}  # "ForCausalLM" -> "causal_lm"
