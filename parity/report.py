@@ -108,6 +108,12 @@ class Report:
     head: str
     rows: list[Row] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # inputs, versions, paths, notes
+    skipped: dict[str, str] = field(default_factory=dict)  # section left out -> why (e.g. "--skip gradients")
+
+    @property
+    def complete(self) -> bool:
+        """True when no section was left out (a PASS of an incomplete check says so)."""
+        return not self.skipped
 
     @property
     def passed(self) -> bool:
@@ -133,6 +139,8 @@ class Report:
         n_fail = len(self.failures())
         n_na = sum(r.status == "n/a" for r in self.rows)
         verdict = "PASS" if self.passed else f"FAIL: {n_fail} of {len(self.rows)} tensors out of tolerance"
+        if self.skipped:
+            verdict += " (incomplete: not checked: " + ", ".join(f"{s} ({why})" for s, why in self.skipped.items()) + ")"
         first = self.first_failure()
         if first is not None:
             verdict += f"; first divergence: {first.name}"
@@ -189,8 +197,7 @@ class Report:
             c = r.comparison
             shape = "x".join(map(str, c.shape)) if c.shape else "-"
             at = ",".join(map(str, c.worst_index)) if c.worst_index else "-"
-            figures = (format_figure(c.max_abs), format_figure(c.rel), at, f"{c.tolerance:.0e}") \
-                if r.status != "n/a" else ("-", "-", "-", "-")
+            figures = _figures(r, at)
             iso = (_isolated_cell(r.isolated),) if isolated else ()
             table.append((c.name, shape) + figures + (r.status.upper() if r.status == "fail" else r.status,)
                          + iso + (r.full_note,))
@@ -209,6 +216,7 @@ class Report:
         """Every figure, machine-readably."""
         first = self.first_failure()
         return {"title": self.title, "dtype": self.dtype, "head": self.head, "passed": self.passed,
+                "complete": self.complete, "skipped": dict(self.skipped),
                 "first_failure": first.name if first else None,
                 "nonfinite": [r.name for r in self.nonfinite()],
                 "meta": self.meta, "rows": [r.as_dict() for r in self.rows]}
@@ -222,14 +230,24 @@ class Report:
                                           c.get("nonfinite", ""))
         rows = [Row(r["section"], r["quantity"], comparison(r), r["layer"], r["note"], r["status"],
                     comparison(r["isolated"]) if r.get("isolated") else None) for r in d["rows"]]
-        return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}))
+        return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}), dict(d.get("skipped", {})))
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write `as_dict()` to `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=1, default=str) + "\n", encoding="utf-8")
-        return path
+        from .paths import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.as_dict(), indent=1, default=str) + "\n")
+
+
+def _figures(r: Row, at: str) -> tuple[str, str, str, str]:
+    """The max abs, rel err, worst at and tol cells of a row. Generated tokens are counted, not
+    measured: no magnitude, the share of new tokens that differ as their error, tolerance exact."""
+    c = r.comparison
+    if r.status == "n/a":
+        return ("-", "-", "-", "-")
+    if r.quantity == "tokens":
+        return ("-", f"{c.rel:.0%} differ" if c.rel else "0", at or "-", "exact")
+    return (format_figure(c.max_abs), format_figure(c.rel), at, f"{c.tolerance:.0e}")
 
 
 def _group_row(group: str, members: list[Row]) -> Row:

@@ -62,7 +62,7 @@ def generation_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, 
     f_seq = np.asarray(f_out.sequences)[:, ids.shape[1]:]
     shape = tuple(t_seq.shape)
     if t_seq.shape != f_seq.shape:
-        c = Comparison("greedy tokens", math.inf, math.inf, (), 0.0, False, shape)
+        c = Comparison("greedy tokens", 1.0, 1.0, (), 0.0, False, shape)
         return [Row("generation", "tokens", c, note=f"lengths differ: {t_seq.shape[1]} vs {f_seq.shape[1]}")]
     differ = t_seq != f_seq
     n_tokens = int(t_seq.size)
@@ -81,7 +81,10 @@ def generation_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, 
     first = min(ties + real, key=lambda x: (x[1], x[0]))
     passed = not real
     mismatched = int(differ.sum())
-    c = Comparison("greedy tokens", float(mismatched), mismatched / n_tokens, (first[0], first[1]), 0.0, passed, shape)
+    # Figures of a token row: the fraction of new tokens that differ, in both columns (a count is
+    # not an error magnitude); worst_index is (row, step) of the first divergence.
+    c = Comparison("greedy tokens", mismatched / n_tokens, mismatched / n_tokens, (first[0], first[1]), 0.0,
+                   passed, shape)
     what = "; ".join(f"row {r} step {s} (top-2 logit margin {m:.1e})" for r, s, m in sorted(ties + real))
-    note = ("near-tie only: " if passed else "diverged: ") + what
+    note = f"{mismatched} of {n_tokens} new tokens differ; " + ("near-tie only: " if passed else "diverged: ") + what
     return [Row("generation", "tokens", c, note=note)]
