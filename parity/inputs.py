@@ -16,8 +16,8 @@ from weights.config import ModelConfig
 from weights.names import HEADS, IGNORE_INDEX  # head key -> class name in each twin; the ignored label
 from weights.shared.generation import position_ids_from_mask  # the rule of the twins' generate()
 
-__all__ = ["Batch", "HEADS", "PADDINGS", "head_labels", "position_ids_from_mask", "seeded_batch",
-           "sequence_labels", "span_positions"]
+__all__ = ["Batch", "HEADS", "MAX_BATCH", "MAX_SEQ_LEN", "PADDINGS", "check_run_size", "head_labels",
+           "position_ids_from_mask", "run_bytes", "seeded_batch", "sequence_labels", "span_positions"]
 
 PADDINGS = ("left", "right", "none")
 
@@ -116,8 +116,15 @@ def seeded_batch(config: ModelConfig, batch_size: int = 3, seq_len: int = 16, se
         raise ValueError("a padded row needs seq_len >= 2 (one pad slot and one real token)")
     rng = np.random.default_rng(seed)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    real = np.asarray([v for v in range(config.vocab_size) if v != config.pad_token_id] or [0])
-    ids = rng.choice(real, size=(batch_size, seq_len)).astype(np.int64)
+    # Uniform over the vocabulary without the pad id: the same draws as `rng.choice` over the
+    # list of real ids, without building that list (a 16 M-token vocabulary would take seconds).
+    pad = config.pad_token_id
+    n_real = config.vocab_size - (pad is not None)
+    if n_real > 0:
+        ids = rng.integers(0, n_real, size=(batch_size, seq_len)).astype(np.int64)
+        ids = ids + (ids >= pad) if pad is not None else ids
+    else:
+        ids = rng.integers(0, 1, size=(batch_size, seq_len)).astype(np.int64)
     mask = np.ones((batch_size, seq_len), np.int64)
     for row, side in enumerate(paddings):
         n_pad = min(seq_len - 1, max(1, seq_len // 4 + row % 2))
@@ -128,3 +135,45 @@ def seeded_batch(config: ModelConfig, batch_size: int = 3, seq_len: int = 16, se
     ids = np.where(mask == 1, ids, pad_id)
     return Batch(ids, mask, position_ids_from_mask(mask), padding=tuple(paddings),
                  **head_labels(config, mask, ids, rng))
+
+
+# Bounds of one check's inputs, before any memory estimate: beyond them a run is a typo.
+MAX_BATCH = 1 << 12
+MAX_SEQ_LEN = 1 << 20
+
+
+def run_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype: str, *, twins: int = 2) -> int:
+    """A lower estimate of the memory one check of `batch_size x seq_len` needs beyond the weights:
+    what each twin keeps for its outputs and its backward pass (every layer's attention map
+    `[B, H, T, T]`, hidden state `[B, T, E]` and MLP activations `[B, T, I]`, the logits
+    `[B, T, V]`), in `dtype`, plus the float64 copies the comparison makes of the largest one."""
+    b, t = batch_size, seq_len
+    per_layer = b * config.num_attention_heads * t * t + 2 * b * t * config.hidden_size \
+        + 3 * b * t * config.intermediate_size
+    per_twin = config.num_hidden_layers * per_layer + b * t * config.vocab_size
+    largest = max(b * config.num_attention_heads * t * t, b * t * config.vocab_size)
+    from weights.dtypes import FLOAT_DTYPES
+
+    itemsize = FLOAT_DTYPES[dtype].itemsize if dtype in FLOAT_DTYPES else 8
+    return twins * per_twin * itemsize + 2 * 8 * largest
+
+
+def check_run_size(config: ModelConfig, batch_size: int, seq_len: int, dtype: str, *, twins: int = 2,
+                   new_tokens: int = 0) -> None:
+    """Refuse a batch shape the model cannot take or the machine cannot hold, before anything
+    runs: `ValueError` naming the argument. `seq_len + new_tokens` positions must fit
+    `max_position_embeddings` (dynamic NTK rope excepted: it is built to run past it)."""
+    from weights.shapes import memory_limit
+
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch must be between 1 and {MAX_BATCH}, got {batch_size}")
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise ValueError(f"--seq-len must be between 1 and {MAX_SEQ_LEN}, got {seq_len}")
+    positions = seq_len + new_tokens
+    if positions > config.max_position_embeddings and config.rope.rope_type != "dynamic":
+        raise ValueError(f"--seq-len {seq_len}" + (f" + {new_tokens} generated tokens" if new_tokens else "")
+                         + f" exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
+    need, limit = run_bytes(config, batch_size, seq_len, dtype, twins=twins), memory_limit()
+    if limit is not None and need > limit:
+        raise ValueError(f"--batch {batch_size} x --seq-len {seq_len} needs at least {need / 1e9:.3g} GB of "
+                         f"activations in {dtype}, more than this process can hold ({limit / 1e9:.3g} GB)")

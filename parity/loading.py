@@ -23,8 +23,8 @@ from weights.errors import LOAD_ERRORS
 from .inputs import HEADS
 
 __all__ = ["BadInputError", "checkpoint_head", "DTYPES", "Twins", "abstract_flax_model", "copy_weights", "detect_head",
-           "fill_flax_model", "jax_dtype", "load_flax", "load_torch", "load_twins", "read_config", "torch_dtype",
-           "twins_from_config"]
+           "fill_flax_model", "inspect_checkpoint", "jax_dtype", "load_flax", "load_torch", "load_twins", "read_config",
+           "torch_dtype", "twins_from_config"]
 
 DTYPES = tuple(FLOAT_DTYPES)  # the dtype names of `weights.dtypes`
 
@@ -67,17 +67,11 @@ def jax_dtype(name: str) -> Any:
 
 def detect_head(config: ModelConfig, tensor_names: list[str] | None = None) -> str:
     """The head a checkpoint was saved with: from `architectures` in config.json (e.g.
-    `LlamaForSequenceClassification`), else from the head's tensors, else causal LM."""
-    for arch in config.architectures or ():
-        for head, cls in HEADS.items():
-            if arch.endswith(cls):
-                return head
-    names = set(tensor_names or ())
-    if "score.weight" in names:
-        return "sequence_classification"
-    if "qa_outputs.weight" in names:
-        return "question_answering"
-    return "causal_lm"
+    `LlamaForSequenceClassification`), else from the head's tensors, else causal LM
+    (`weights.shapes.detect_head`, the converter's rule too)."""
+    from weights.shapes import detect_head as detect
+
+    return detect(config, tensor_names or ())
 
 
 # What reading a checkpoint may raise on bad input: the documented checkpoint and config errors,
@@ -96,7 +90,6 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
         raise BadInputError(str(e)) from None
 
 
-
 def checkpoint_head(directory: str | os.PathLike, head: str | None = None) -> tuple[ModelConfig, str]:
     """`(config, head)` of a checkpoint directory, reading no weights: `head` when given (checked),
     else `detect_head`'s answer. Raises `BadInputError` naming what is wrong."""
@@ -106,22 +99,58 @@ def checkpoint_head(directory: str | os.PathLike, head: str | None = None) -> tu
         raise BadInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     return config, head
 
-def load_torch(directory: str | os.PathLike, dtype: str, head: str | None = None) -> Any:
-    """The torch twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`."""
+
+def inspect_checkpoint(directory: str | os.PathLike, dtype: str, head: str | None = None, *,
+                       twins: int = 1, allow_nonfinite: bool = False) -> tuple[ModelConfig, str]:
+    """`(config, head)` of `directory`, after every check that needs no model: the header fits
+    the config (`weights.shapes.check_fits`, milliseconds whatever the config says), `twins`
+    copies of the weights in `dtype` fit in memory (`twins=0`: not checked here, as for the
+    layer-streamed check, which holds one layer at a time), and no weight is NaN or infinite (unless
+    `allow_nonfinite`: for comparing models known to be broken). Raises `BadInputError`."""
+    from weights.checkpoint import CheckpointReader
+    from weights.errors import NonFiniteWeightsError
+    from weights.finite import scan_nonfinite
+    from weights.shapes import check_fits, check_memory, parameter_totals
+
+    if dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    config = read_config(directory)
+    try:
+        with CheckpointReader(directory) as reader:
+            head = head or detect_head(config, list(reader.keys()))
+            if head not in HEADS:
+                raise BadInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+            check_fits(reader, config, head)
+            if twins:
+                check_memory(twins * parameter_totals(config, head)[1] * FLOAT_DTYPES[dtype].itemsize,
+                             f"{twins} twin(s) of this {config.model_type} model in {dtype}", source=directory)
+            if not allow_nonfinite:
+                bad = scan_nonfinite(reader)
+                if bad:
+                    raise NonFiniteWeightsError(bad, file=directory)
+    except _INPUT_ERRORS as e:
+        raise BadInputError(" ".join(str(e).split())) from None
+    return config, head
+
+
+def load_torch(directory: str | os.PathLike, dtype: str, head: str | None = None, *,
+               allow_nonfinite: bool = False) -> Any:
+    """The torch twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`,
+    after `inspect_checkpoint`."""
     import torch_impl
 
-    config = read_config(directory)
-    head = head or detect_head(config, _tensor_names(directory))
+    _, head = inspect_checkpoint(directory, dtype, head, allow_nonfinite=allow_nonfinite)
     return _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype).eval()
 
 
-def load_flax(directory: str | os.PathLike, dtype: str, head: str | None = None) -> Any:
-    """The Flax twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`.
-    `directory` may be in HF layout or in twinlm's Flax layout (`twinlm convert --layout flax`)."""
+def load_flax(directory: str | os.PathLike, dtype: str, head: str | None = None, *,
+              allow_nonfinite: bool = False) -> Any:
+    """The Flax twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`, after
+    `inspect_checkpoint`. `directory` may be in HF layout or in twinlm's Flax layout
+    (`twinlm convert --layout flax`)."""
     import flax_impl
 
-    config = read_config(directory)
-    head = head or detect_head(config, _tensor_names(directory))
+    _, head = inspect_checkpoint(directory, dtype, head, allow_nonfinite=allow_nonfinite)
     return _from_pretrained(getattr(flax_impl, HEADS[head]), directory, dtype)
 
 
@@ -130,6 +159,13 @@ def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
         return cls.from_pretrained(directory, dtype=dtype)
     except _INPUT_ERRORS as e:
         raise BadInputError(" ".join(str(e).split())) from None
+    except (MemoryError, RuntimeError) as e:
+        # An allocation the memory estimate did not foresee (the machine's other tenants): say so
+        # in one line rather than a traceback. Other RuntimeErrors are bugs and propagate.
+        if isinstance(e, MemoryError) or "alloc" in str(e).lower() or "RESOURCE_EXHAUSTED" in str(e):
+            raise BadInputError(f"{directory}: out of memory building the {cls.__name__} "
+                                f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+        raise
 
 
 def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
@@ -168,7 +204,14 @@ def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str =
     import torch
 
     import torch_impl
+    from weights.shapes import check_memory, parameter_totals
 
+    if head in HEADS or head in HEADS.values():
+        try:
+            check_memory(2 * parameter_totals(config, head)[1] * FLOAT_DTYPES[dtype].itemsize,
+                         f"both twins of this config in {dtype}")
+        except LOAD_ERRORS as e:
+            raise BadInputError(str(e)) from None
     torch.manual_seed(seed)
     t_model = getattr(torch_impl, HEADS.get(head, head))(config, dtype=torch_dtype(dtype)).eval()
     f_model = abstract_flax_model(config, head, dtype)
@@ -177,25 +220,16 @@ def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str =
 
 
 def load_twins(directory: str | os.PathLike, dtype: str = "float32", head: str | None = None,
-               flax_directory: str | os.PathLike | None = None) -> Twins:
+               flax_directory: str | os.PathLike | None = None, *, allow_nonfinite: bool = False) -> Twins:
     """Load `directory` into both twins in `dtype` (the Flax twin from `flax_directory` when
-    given, e.g. the same checkpoint converted to twinlm's Flax layout)."""
-    if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = read_config(directory)
-    head = head or detect_head(config, _tensor_names(directory))
-    if head not in HEADS:
-        raise BadInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    t_model = load_torch(directory, dtype, head)
-    f_model = load_flax(flax_directory or directory, dtype, head)
+    given, e.g. the same checkpoint converted to twinlm's Flax layout). Everything
+    `inspect_checkpoint` checks is refused before either twin is built."""
+    config, head = inspect_checkpoint(directory, dtype, head, twins=2, allow_nonfinite=allow_nonfinite)
+    if flax_directory is not None:
+        inspect_checkpoint(flax_directory, dtype, head, allow_nonfinite=allow_nonfinite)
+    import flax_impl
+    import torch_impl
+
+    t_model = _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype).eval()
+    f_model = _from_pretrained(getattr(flax_impl, HEADS[head]), flax_directory or directory, dtype)
     return Twins(config, head, t_model, f_model, dtype, Path(directory))
-
-
-def _tensor_names(directory: str | os.PathLike) -> list[str]:
-    from weights.checkpoint import CheckpointReader
-
-    try:
-        with CheckpointReader(directory) as reader:
-            return list(reader.keys())
-    except _INPUT_ERRORS as e:
-        raise BadInputError(" ".join(str(e).split())) from None

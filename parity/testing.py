@@ -6,9 +6,10 @@
         assert_parity("path/to/checkpoint", dtype="float32")
 
 It raises `AssertionError` carrying the whole table when any tensor is out of tolerance, and
-returns the `Report` otherwise (so a test can assert more, e.g. on `report.worst()`). float64
-checks need `jax.config.update("jax_enable_x64", True)` before any JAX array exists (a
-`conftest.py` is the place).
+returns the `Report` otherwise (so a test can assert more, e.g. on `report.worst()`). The float64
+check (the default for a directory or a config) turns JAX's 64-bit mode on for its own duration
+(`jax.enable_x64`) when it is off; a `(torch, flax)` pair in float64 must have been built with
+64-bit mode on (`jax.config.update("jax_enable_x64", True)` in a `conftest.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,33 @@ def assert_parity(source: str | os.PathLike | ModelConfig | tuple[Any, Any], *, 
     dtype. Inputs are `seeded_batch(config, batch_size, seq_len, seed)` unless
     `batch` is given; `tolerances` overrides the table per quantity.
     """
+    builds = isinstance(source, (str, os.PathLike, ModelConfig))
+    if builds and (dtype or "float64") == "float64":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            # float64 needs JAX's 64-bit mode; everything of this check is created inside it.
+            with _enable_x64():
+                return _assert_parity(source, head=head, dtype="float64", seq_len=seq_len, batch_size=batch_size,
+                                      seed=seed, batch=batch, sections=sections, tolerances=tolerances)
+    return _assert_parity(source, head=head, dtype=dtype, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                          batch=batch, sections=sections, tolerances=tolerances)
+
+
+def _enable_x64() -> Any:
+    """JAX's scoped 64-bit mode: `jax.enable_x64` (jax >= 0.7), `jax.experimental.enable_x64` before."""
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def _assert_parity(source: Any, *, head: str | None, dtype: str | None, seq_len: int, batch_size: int,
+                   seed: int, batch: Batch | None, sections: Iterable[str],
+                   tolerances: Mapping[str, float] | None) -> Report:
     from .check import check_checkpoint, check_pair
     from .loading import twins_from_config
 

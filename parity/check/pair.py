@@ -26,8 +26,8 @@ from torch_impl.layers.precision import dtype_name
 from weights.names import hf_name, is_transposed
 
 from ..compare import Comparison, compare
-from ..inputs import HEADS, Batch, seeded_batch
-from ..loading import DTYPES, BadInputError, checkpoint_head, load_twins
+from ..inputs import HEADS, Batch, check_run_size, seeded_batch
+from ..loading import DTYPES, BadInputError, inspect_checkpoint, load_twins, read_config
 from ..report import SECTIONS, Report, Row
 from .generation import generation_rows
 from .progress import Phases
@@ -35,6 +35,9 @@ from .rows import (capped_logit_scale, describe_batch, head_rows, kv_cache_rows,
                    tolerance_for)
 
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
+
+_GENERATED = 8  # new tokens of the generation section
+
 
 def _head_of(model: Any) -> str:
     name = type(model).__name__
@@ -46,7 +49,7 @@ def _head_of(model: Any) -> str:
 
 def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batch, *,
                dtype: str | None = None, sections: Iterable[str] = SECTIONS, title: str = "parity",
-               tolerances: Mapping[str, float] | None = None, max_new_tokens: int = 8,
+               tolerances: Mapping[str, float] | None = None, max_new_tokens: int = _GENERATED,
                progress: bool | None = None, phases: Phases | None = None) -> Report:
     """Compare two twins of the same head holding the same weights, on `batch`.
 
@@ -70,6 +73,7 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     tol = lambda quantity: tolerance_for(dtype, quantity, tolerances)
     report = Report(title, dtype, head)
     report.meta["describe"] = {"inputs": describe_batch(batch)}
+    report.skipped.update((s, "not requested") for s in SECTIONS if s not in sections)
 
     want_grads = "gradients" in sections
     phases = phases or Phases(progress)
@@ -268,7 +272,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                      sections: Iterable[str] = SECTIONS,
                      tolerances: Mapping[str, float] | None = None, stream: bool | None = None,
                      memory_budget: int | None = None, progress: bool | None = None,
-                     announce: Callable[[str], None] | None = None) -> Report:
+                     announce: Callable[[str], None] | None = None,
+                     allow_nonfinite_weights: bool = False) -> Report:
     """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`, or
     stream it layer by layer (`check_streamed`) when the whole-model check would not fit.
 
@@ -276,7 +281,10 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     estimated peak (`memory.whole_model_bytes`) with `memory_budget` bytes (default: a fraction
     of the memory available now); `announce`, when given, is called with the decision and its
     reason before anything is loaded. `progress` shows a bar per phase on stderr.
-    Raises `BadInputError` for a checkpoint or argument that cannot be used.
+    Raises `BadInputError` for a checkpoint or argument that cannot be used, before either twin
+    is built: a header that disagrees with the config, NaN or infinite weights (unless
+    `allow_nonfinite_weights`), a batch the model or the machine cannot take
+    (`parity.inputs.check_run_size`); with `stream=False`, two whole twins that do not fit.
     """
     from .memory import choose_mode, default_budget, model_sizes, whole_model_bytes
     from .streamed import check_streamed
@@ -290,14 +298,25 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")
-    config, head = checkpoint_head(directory, head)
+    sections = tuple(sections)
+    try:
+        check_run_size(read_config(directory), batch_size, seq_len, dtype,
+                       new_tokens=_GENERATED if "generation" in sections else 0)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+    # The header against the config and the NaN scan, once for both modes; the memory of two
+    # whole twins only where they will be built whatever the estimate says (the mode choice
+    # below weighs it otherwise).
+    config, head = inspect_checkpoint(directory, dtype, head, twins=2 if stream is False else 0,
+                                      allow_nonfinite=allow_nonfinite_weights)
+    if flax_directory is not None:
+        inspect_checkpoint(flax_directory, dtype, head, twins=0, allow_nonfinite=allow_nonfinite_weights)
     batch = seeded_batch(config, batch_size, seq_len, seed)
     note = None
     if head == "sequence_classification" and config.pad_token_id is None:
         # Without a pad id the classifier cannot find each row's last token (HF allows batch 1 only).
         batch = seeded_batch(config, 1, seq_len, seed, paddings=("none",))
         note = "config has no pad_token_id: sequence classification runs one unpadded row (as HF)"
-    sections = tuple(sections)
     estimate = whole_model_bytes(config, head, dtype, gradients="gradients" in sections,
                                  batch=batch.input_ids.shape[0], seq_len=seq_len, sizes=model_sizes(config, head))
     budget, budget_note = (memory_budget, "--memory-budget") if memory_budget is not None else default_budget()
@@ -310,7 +329,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     else:
         phases = Phases(progress)
         with phases("load", total=1, unit="checkpoint") as bar:
-            twins = load_twins(directory, dtype, head, flax_directory)
+            # Header, memory and NaN weights were checked above: not a second scan of every weight.
+            twins = load_twins(directory, dtype, head, flax_directory, allow_nonfinite=True)
             bar.update()
         report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=dtype, sections=sections,
                             title=f"{directory}", tolerances=tolerances, phases=phases)

@@ -38,7 +38,7 @@ def test_compare_passes_on_the_same_checkpoint(checkpoint, reference, capsys, ex
     code = main(["compare", str(checkpoint), str(reference)] + extra)
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "hidden_states.3" in out and "\nPASS" in out
+    assert "model.layers.2 + model.norm (output)" in out and "\nPASS" in out  # named as `check` names it
     if extra and extra[0] == "--framework":
         assert "compared with the flax twin" in out
 
@@ -53,11 +53,13 @@ def test_compare_catches_a_changed_checkpoint(checkpoint, reference, tmp_path, c
     assert main(["compare", str(changed), str(reference), "--json", str(tmp_path / "c.json"),
                  "--html", str(tmp_path / "c.html")]) == 1
     out = capsys.readouterr().out
-    # hidden_states.2 is layer 1's output: the first recorded tensor the change reaches.
-    assert "first divergence: hidden_states.2" in out
-    assert "hidden_states.2 → <span" in (tmp_path / "c.html").read_text()  # the HTML report says so too
+    # Layer 1's output is the first recorded tensor the change reaches.
+    assert "first divergence: model.layers.1 (output)" in out
+    assert "model.layers.1 (output) → <span" in (tmp_path / "c.html").read_text()  # the HTML report says so too
     data = json.loads((tmp_path / "c.json").read_text())
-    assert [r["name"] for r in data["rows"] if r["status"] == "pass"][:2] == ["hidden_states.0", "hidden_states.1"]
+    assert [r["name"] for r in data["rows"] if r["status"] == "pass"][:2] == [
+        "model.embed_tokens (embeddings)", "model.layers.0 (output)"]
+    assert data["meta"]["warnings"] and "recorded from a different checkpoint" in data["meta"]["warnings"][0]
     # A loose elementwise bound accepts the same change.
     assert main(["compare", str(changed), str(reference), "--rtol", "0.1", "--atol", "0.1"]) == 0
 
