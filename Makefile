@@ -4,15 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean constraints
 
-$(STAMP): pyproject.toml
+# Installs the versions the suite was last run with (constraints.txt); pyproject.toml keeps
+# ranges, so twinlm installed elsewhere still resolves. `make constraints` refreshes the file.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first and pinned: 2.13.0 is a CPU wheel on this machine's disk; an unpinned
 	# torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +25,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m parity.bench
+
+# Re-resolve the newest releases within pyproject's ranges (torch still pinned) into
+# constraints.txt, in a fresh throwaway venv so nothing installed by hand is recorded.
+# Run `make clean test` on the result before committing it.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q torch==2.13.0
+	.venv-constraints/bin/python -m pip install -q -e '.[test]'
+	.venv-constraints/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > constraints.txt
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) build *.egg-info
