@@ -6,7 +6,7 @@ Exit status, for every subcommand (a contract tested in tests/parity/test_cli_co
   2  anything else: bad arguments, bad input, an output path that cannot be written, a source
      that changed while read, too little memory or disk, an internal error; always one line on
      stderr, `twinlm <command>: error: ...`, never a traceback (TWINLM_TRACEBACK=1 shows one)
-  130 interrupted (Ctrl-C); outputs are left as they were
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM); outputs are left as they were, staging removed
 Inputs and output paths are checked before any work, so a typo costs nothing.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -502,7 +503,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `twinlm`; returns the exit status (see the module doc): 0, 1 (parity failure only),
-    2 (any other failure, one line on stderr) or 130 (interrupted)."""
+    2 (any other failure, one line on stderr), 130 (Ctrl-C) or 143 (SIGTERM)."""
     global _stdout_closed
     _stdout_closed = False
     # torch's OpenMP workers spin while waiting by default; on a machine whose cores are shared
@@ -514,8 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # usage errors: one line, exit 2 (`_Parser.error`)
     command = f"twinlm {args.command}"
     func: Callable[[argparse.Namespace], Any] = args.func
+    previous = _on_sigterm()
     try:
         return int(func(args) or 0)
+    except _Terminated:
+        _err(f"{command}: terminated; every output left as it was")
+        return 143
     except KeyboardInterrupt:
         _err(f"{command}: interrupted; every output left as it was")
         return 130
@@ -532,6 +537,26 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"{command}: internal error: {type(e).__name__}: {_one_line(e)} "
                  "(a bug in twinlm; TWINLM_TRACEBACK=1 shows the traceback)")
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` (staging directories,
+    temporary files) runs before the exit, as for Ctrl-C."""
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into `_Terminated` for the duration of a command; returns the handler it
+    replaced (None off the main thread, where Python cannot install one)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -168,3 +168,31 @@ def test_a_source_truncated_mid_conversion_is_a_clean_error(tmp_path, extra):
     assert "truncated" in proc.stderr or "changed" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no DST, no staging
+
+
+_TERMINATED = r"""
+import os, signal, sys, time
+import weights.safetensors_writer as w
+real = w.SafetensorsWriter.write_from
+def slow(self, *a, **k):
+    real(self, *a, **k)
+    open(sys.argv[3], "w").close()
+    time.sleep(60)
+w.SafetensorsWriter.write_from = slow
+from parity.cli import main
+sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_sigterm_during_convert_removes_its_staging_at_once(tmp_path):
+    src = write_synthetic_checkpoint(tmp_path / "src", TINY, dtype=BF16)
+    marker = tmp_path / "staged"
+    child = subprocess.Popen([sys.executable, "-c", _TERMINATED, str(src), str(tmp_path / "dst"), str(marker)],
+                             cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    err = child.communicate(timeout=60)[1].decode()
+    assert child.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["src", "staged"]  # no DST, no staging, no lock
