@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
+from .dtypes import FLOAT_DTYPES
 from .errors import ConfigMismatchError, MemoryLimitError
 from .names import HEADS, hf_shapes
 from .report import LM_HEAD_KEY, match_state
@@ -107,9 +108,10 @@ def check_fits(reader: Any, config: ModelConfig, head: str = "causal_lm", *, sou
             f"{want_elements} parameters in all ({head_key(head)}, {config.num_hidden_layers} layers, width "
             f"{config.hidden_size}, vocab {config.vocab_size}), the checkpoint holds {count} tensors of "
             f"{elements} parameters", file=source)
-    from .pretrained import checkpoint_dtype  # (it imports this module's users, not this module)
-
-    dtype = checkpoint_dtype(reader, config)  # the kind matters (float, not int); the messages show it
+    # Parameters are floats: the kind is what matching checks (an int32 tensor is a mismatch); the
+    # messages show the checkpoint's own float dtype.
+    floats = [np.dtype(reader.dtype(n)) for n in reader.keys() if np.dtype(reader.dtype(n)) in FLOAT_DTYPES.values()]
+    dtype = max(set(floats), key=floats.count) if floats else np.dtype(np.float32)
     expected = {name: (shape, dtype) for name, shape in parameter_shapes(config, head).items()}
     match_state(expected, reader, tie_word_embeddings=config.tie_word_embeddings, strict=True,
                 file=None if source is None else os.fspath(source))
