@@ -290,6 +290,15 @@ def _check_paths(src: Path, dst: Path, force: bool) -> Path:
         base = base.parent
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise UnsafePathError(f"cannot create DST: {base} is not a writable directory", file=dst)
+    if not os.path.lexists(dst):  # probe: os.access says yes to root under /proc or on read-only mounts
+        first = dst
+        while not os.path.lexists(first.parent) and first.parent != first:
+            first = first.parent
+        try:
+            os.mkdir(first)
+            os.rmdir(first)
+        except OSError as e:
+            raise UnsafePathError(f"cannot create DST ({e.strerror or e})", file=first) from None
     return real_src
 
 

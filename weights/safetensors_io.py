@@ -194,9 +194,7 @@ class SafetensorsFile:
                 raise SafetensorsFormatError("not a regular file", file=self.path)
             size = st.st_size
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            self.metadata, self.tensors, data_start = self._read_header(f, size)
-            if size > data_start:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.metadata, self.tensors, self._data_start = self._read_header(f, size)
         except OSError as e:
             self.close()
             raise SafetensorsFormatError(f"cannot read file: {e.strerror or e}", file=self.path) from None
@@ -276,9 +274,16 @@ class SafetensorsFile:
             out = np.zeros(info.shape, info.np_dtype)
             out.flags.writeable = False
             return out
-        if self._mm is None:
+        if self._file is None:
             raise SafetensorsFormatError("file is closed", file=self.path, tensor=name)
         self.check_unchanged(name)  # a page past a truncated end would be SIGBUS, not an error
+        if self._mm is None:
+            # Mapped on first use, not at open: reading headers (or copying bytes with pread, as the
+            # converter does) never reserves address space for the whole file.
+            try:
+                self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise SafetensorsFormatError(f"cannot map file: {e.strerror or e}", file=self.path) from None
         count = info.nbytes // info.np_dtype.itemsize
         return np.frombuffer(self._mm, info.np_dtype, count, info.start).reshape(info.shape)
 

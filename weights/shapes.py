@@ -99,10 +99,10 @@ def check_fits(reader: Any, config: ModelConfig, head: str = "causal_lm", *, sou
     source = source if source is not None else getattr(reader, "directory", None)
     want_count, want_elements = parameter_totals(config, head)
     count, elements, _ = checkpoint_totals(reader, config)
-    # Name by name when the config's table is at most about twice the header's (an honest mistake:
-    # the precise list helps); from the totals alone beyond (a hostile or mistyped size: building
-    # a table of millions of names is the hang this check exists to prevent).
-    if (count, elements) != (want_count, want_elements) and want_count > 2 * count + 16:
+    # Name by name when the config's table and the header are within about twice each other (an
+    # honest mistake: the precise list helps); from the totals alone beyond (a hostile or mistyped
+    # size, or a million junk tensors: matching millions of names is what this check prevents).
+    if (count, elements) != (want_count, want_elements) and max(want_count, count) > 2 * min(want_count, count) + 16:
         raise ConfigMismatchError(
             f"the checkpoint does not fit config.json: the config implies {want_count} tensors of "
             f"{want_elements} parameters in all ({head_key(head)}, {config.num_hidden_layers} layers, width "
@@ -110,8 +110,12 @@ def check_fits(reader: Any, config: ModelConfig, head: str = "causal_lm", *, sou
             f"{elements} parameters", file=source)
     # Parameters are floats: the kind is what matching checks (an int32 tensor is a mismatch); the
     # messages show the checkpoint's own float dtype.
-    floats = [np.dtype(reader.dtype(n)) for n in reader.keys() if np.dtype(reader.dtype(n)) in FLOAT_DTYPES.values()]
-    dtype = max(set(floats), key=floats.count) if floats else np.dtype(np.float32)
+    counts: dict[np.dtype, int] = {}
+    for n in reader.keys():
+        dt = np.dtype(reader.dtype(n))
+        counts[dt] = counts.get(dt, 0) + 1
+    floats = {dt: c for dt, c in counts.items() if dt in FLOAT_DTYPES.values()}
+    dtype = max(floats, key=floats.__getitem__) if floats else np.dtype(np.float32)
     expected = {name: (shape, dtype) for name, shape in parameter_shapes(config, head).items()}
     match_state(expected, reader, tie_word_embeddings=config.tie_word_embeddings, strict=True,
                 file=None if source is None else os.fspath(source))
