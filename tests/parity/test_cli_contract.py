@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import parity.check
 import parity.check.pair
 from parity.cli import build_parser, main
 from tests.helpers.configs import REPO_ROOT, TINY_DEMO
@@ -118,23 +119,17 @@ def test_bad_input_exits_2_in_one_line_before_any_work(checkpoint, tmp_path, mon
     assert sorted(os.listdir(checkpoint)) == before  # the source is never touched
 
 
-def test_exit_1_means_a_parity_failure_and_only_that(checkpoint, tmp_path, monkeypatch):
-    from parity.testing import break_layer
+def test_exit_1_means_a_parity_failure_and_only_that(checkpoint, monkeypatch):
+    # The real failing check (a broken layer) is tests/parity/test_cli_check.py's; here, without a
+    # compilation: a failing report is 1, a crash inside the check (a bug, not a regression) is 2.
+    from parity.compare import Comparison
+    from parity.report import Report, Row
 
-    real = parity.check.pair.load_twins
-
-    def broken(*args, **kwargs):
-        twins = real(*args, **kwargs)
-        break_layer(twins.flax_model, 0)
-        return twins
-
-    monkeypatch.setattr(parity.check.pair, "load_twins", broken)
-    code, out, err = run(["check", str(checkpoint), "--skip", "gradients", "--skip", "generation",
-                          "--skip", "kv-cache"])
+    failing = Report("t", "float32", "causal_lm", [Row("head", "logits", Comparison("logits", 1.0, 1.0, (0,), 1e-5, False))])
+    monkeypatch.setattr(parity.check, "check_checkpoint", lambda *a, **k: failing)
+    code, out, err = run(["check", str(checkpoint)])
     assert code == 1 and "FAIL" in out and err == ""
-    # A crash inside the check (a bug, not a regression) is 2, never 1.
-    monkeypatch.setattr(parity.check.pair, "check_pair", lambda *a, **k: 1 / 0)
-    monkeypatch.setattr(parity.check.pair, "load_twins", real)
+    monkeypatch.setattr(parity.check, "check_checkpoint", lambda *a, **k: 1 / 0)
     code, out, err = run(["check", str(checkpoint)])
     assert code == 2 and "internal error: ZeroDivisionError" in err and len(err.strip().splitlines()) == 1
 
