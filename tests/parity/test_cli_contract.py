@@ -156,7 +156,8 @@ def test_nonfinite_weights_are_refused_by_name_or_fail_the_check(checkpoint, tmp
     assert "model.embed_tokens.weight" in err and "--allow-nonfinite-weights" in err
     code, out, err = run(["check", str(bad), "--allow-nonfinite-weights", "--skip", "gradients",
                           "--skip", "generation", "--skip", "kv-cache"])
-    assert code == 1 and "both twins produced non-finite values at model.embed_tokens" in out.splitlines()[-1]
+    verdict = next(line for line in out.splitlines() if line.startswith("FAIL"))  # a timings line follows
+    assert code == 1 and "both twins produced non-finite values at model.embed_tokens" in verdict
 
 
 def test_nonfinite_rope_parameter_is_refused(checkpoint, tmp_path):
