@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .blockcopy import copy_file_range, pwrite_all, row_blocks, scratch
+from .blockcopy import BlockWriter, copy_file_range, pwrite_all
 from .errors import HeaderError, SafetensorsFormatError
 from .safetensors_io import DTYPES, MAX_HEADER_SIZE, RANK, SafetensorsFile, TensorSpec, dtype_name
 
@@ -68,7 +68,7 @@ class SafetensorsWriter:
         self._base = {name: len(header) + off for name, off in offsets.items()}
         self._written: set[str] = set()
         self._fsync = fsync
-        self._scratch: np.ndarray | None = None  # one block, reused by every re-laid-out tensor
+        self._blocks: BlockWriter | None = None  # threads + scratch, reused by every re-laid-out tensor
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._f = open(self.tmp_path, "wb")
         try:
@@ -104,12 +104,9 @@ class SafetensorsWriter:
             if array.size:
                 pwrite_all(fd, array.reshape(-1).view(np.uint8), self._base[name])
         else:
-            if self._scratch is None:
-                self._scratch = scratch()
-            offset = self._base[name]
-            for block in row_blocks(array, target, self._scratch):
-                pwrite_all(fd, block.reshape(-1).view(np.uint8), offset)
-                offset += block.nbytes
+            if self._blocks is None:
+                self._blocks = BlockWriter()
+            self._blocks.write(fd, self._base[name], array, target)
         self._written.add(name)
 
     def write_from(self, name: str, source: "SafetensorsFile", key: str) -> None:
@@ -132,6 +129,7 @@ class SafetensorsWriter:
             self.abort()
             raise SafetensorsFormatError(f"{len(missing)} declared tensors were never written",
                                          file=self.path, tensor=missing[0])
+        self._close_blocks()
         self._f.flush()
         if self._fsync:
             os.fsync(self._f.fileno())
@@ -141,12 +139,18 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Delete the temporary file; `path` is left untouched."""
+        self._close_blocks()
         if not self._f.closed:
             self._f.close()
         try:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
+
+    def _close_blocks(self) -> None:
+        if getattr(self, "_blocks", None) is not None:
+            self._blocks.close()
+            self._blocks = None
 
     def __enter__(self) -> "SafetensorsWriter":
         return self

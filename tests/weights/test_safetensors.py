@@ -260,23 +260,35 @@ def test_dtype_table_covers_what_twins_use():
 @settings(max_examples=30)
 @given(rows=st.integers(1, 70), cols=st.integers(1, 70), dtype=st.sampled_from([np.float32, BF16, np.float16]),
        to=st.sampled_from([None, np.float32, BF16]), transposed=st.booleans(), block=st.sampled_from([64, 1000, 1 << 20]),
-       tiles=st.sampled_from([(3, 5), (16, 2048)]))
-def test_row_blocks_and_copy_into_equal_a_contiguous_copy(rows, cols, dtype, to, transposed, block, tiles):
+       tiles=st.sampled_from([(160, 5, 2), (512 << 10, 512, 128)]), threads=st.sampled_from([1, 3]),
+       offset=st.sampled_from([0, 1]))
+def test_row_blocks_and_copy_into_equal_a_contiguous_copy(rows, cols, dtype, to, transposed, block, tiles, threads,
+                                                         offset):
+    import tempfile
+
     import weights.blockcopy as bc
 
-    a = random_bits((rows, cols), dtype, rows * cols)
+    # `offset` 1: a view starting mid-word, as a bf16 tensor in a safetensors file may.
+    a = random_bits((rows * cols + 1,), dtype, rows * cols)[offset:offset + rows * cols].reshape(rows, cols)
     a = np.where(np.isfinite(a.astype(np.float32)), a, 0).astype(dtype)  # casts of NaN payloads vary
     view = a.T if transposed else a
     target = np.dtype(to or dtype)
     want = np.ascontiguousarray(view, dtype=target).tobytes()
-    saved = bc.BLOCK_BYTES, bc._TILE_ROWS, bc._TILE_COLS
-    bc.BLOCK_BYTES, (bc._TILE_ROWS, bc._TILE_COLS) = block, tiles
+    saved = bc.BLOCK_BYTES, bc._TILE_BYTES, bc._TILE_ROWS, bc._STRIP, bc._PARALLEL_BYTES
+    bc.BLOCK_BYTES, (bc._TILE_BYTES, bc._TILE_ROWS, bc._STRIP), bc._PARALLEL_BYTES = block, tiles, 0
+    writer = bc.BlockWriter(threads)
     try:
         assert b"".join(b.tobytes() for b in bc.row_blocks(view, target)) == want
         assert b"".join(b.tobytes() for b in bc.row_blocks(view, target, bc.scratch())) == want
         assert bc.contiguous(view, target).tobytes() == want
+        with tempfile.TemporaryFile() as f:  # the writer's threads, each band at its own offset
+            f.write(b"head")
+            writer.write(f.fileno(), 4, view, target)
+            f.seek(0)
+            assert f.read() == b"head" + want
     finally:
-        bc.BLOCK_BYTES, bc._TILE_ROWS, bc._TILE_COLS = saved
+        writer.close()
+        bc.BLOCK_BYTES, bc._TILE_BYTES, bc._TILE_ROWS, bc._STRIP, bc._PARALLEL_BYTES = saved
 
 
 def test_copy_file_range_falls_back_to_reads_and_writes(tmp_path, monkeypatch):
