@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from weights.blockcopy import contiguous
 from weights.checkpoint import CheckpointReader
 from weights.names import hf_name, is_transposed
+from weights.partition import Rule
 from weights.dtypes import numpy_dtype
 from weights.pretrained import load_into, open_pretrained, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
+
+from . import sharding
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -89,6 +93,19 @@ def _device_array(array: np.ndarray, name: str, dtype: np.dtype) -> jax.Array:
     return jax.device_put(array, may_alias=False).block_until_ready()
 
 
+def _sharded_array(array: np.ndarray, name: str, dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
+    """One checkpoint tensor (`array`: the memory-mapped view, HF layout) as a global array with
+    `sharding`, each addressable device reading only its own slice: the slice of the mapped file
+    is all that is touched (a row range of a column-parallel weight is one contiguous byte range),
+    copied and cast tile by tile. Other processes' slices are never read here."""
+    view = array.T if is_transposed(name) else array  # Flax layout; still a view, no copy
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        return contiguous(view[index], dtype)
+
+    return jax.make_array_from_callback(view.shape, sharding, read)
+
+
 def load_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
     """Load a checkpoint directory into `model`'s parameters, tensor by tensor (see
     `torch_impl.checkpoint.load_checkpoint`: same matching, same casts)."""
@@ -129,7 +146,8 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
     return module
 
 def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
-                    strict: bool = True) -> M | tuple[M, LoadReport]:
+                    strict: bool = True, mesh: Mesh | None = None,
+                    rules: Sequence[Rule] | None = None) -> M | tuple[M, LoadReport]:
     """Build `cls` from `<directory>/config.json` and load its weights, never holding a second
     copy of the model: the module is first built abstractly (`nnx.eval_shape`, no memory), then
     each parameter is read from the memory-mapped file, transposed if a kernel, and placed on the
@@ -138,6 +156,9 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     `dtype` (parameters and activations; a name such as "bfloat16" or a jnp dtype) defaults to
     the checkpoint's own, so bf16 and fp16 weights stay bit-exact. With `strict=False`, loads
     what matches and returns `(model, report)`; parameters the checkpoint lacks are initialised.
+
+    With a `jax.sharding.Mesh`, every parameter is placed as `rules` (default
+    `sharding.PARTITION_RULES`) say, and each device reads only its own slice of the file.
     """
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else numpy_dtype(dtype),
@@ -146,9 +167,14 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     abstract = nnx.eval_shape(build)
     params = _hf_params(nnx.state(abstract, nnx.Param))
     loaded: dict[tuple, jax.Array] = {}
+    rules = sharding.PARTITION_RULES if rules is None else rules
+    shardings = sharding.param_shardings(abstract, mesh, rules) if mesh is not None else {}
 
     def put(name: str, array: np.ndarray) -> None:
-        loaded[params[name][0]] = _device_array(array, name, np_dtype)
+        if mesh is not None:
+            loaded[params[name][0]] = _sharded_array(array, name, np_dtype, shardings[name])
+        else:
+            loaded[params[name][0]] = _device_array(array, name, np_dtype)
 
     with CheckpointReader(directory) as reader:
         report = load_into(reader, _expected(params), put, tie_word_embeddings=config.tie_word_embeddings,
@@ -165,6 +191,8 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path in loaded:
             var.set_value(loaded.pop(path))
+    if mesh is not None:  # what was initialised here, not loaded, goes to the mesh too
+        sharding.shard_model(model, mesh, rules)
     return model if strict else (model, report)
 
 
@@ -187,9 +215,10 @@ class Pretrained:
     strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True) -> Any:
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True,
+                        mesh: Mesh | None = None, rules: Sequence[Rule] | None = None) -> Any:
         """See `flax_impl.checkpoint.from_pretrained`."""
-        return from_pretrained(cls, directory, dtype=dtype, strict=strict)
+        return from_pretrained(cls, directory, dtype=dtype, strict=strict, mesh=mesh, rules=rules)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """See `flax_impl.checkpoint.save_pretrained`."""

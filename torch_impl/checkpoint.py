@@ -7,8 +7,9 @@ A torch `state_dict()` key *is* the HF tensor name, so no renaming happens here.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -18,11 +19,17 @@ from torch import nn
 from weights import dtypes
 from weights.blockcopy import copy_into
 from weights.checkpoint import CheckpointReader
+from weights.partition import Rule
 from weights.pretrained import load_into, open_pretrained, save_checkpoint
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
+from . import sharding
 from .layers import precision
+
+if TYPE_CHECKING:  # torch.distributed.tensor takes seconds to import: only sharded runs pay for it
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -83,6 +90,41 @@ def _writable_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _local_slices(param: DTensor) -> tuple[slice, ...]:
+    """The index of this rank's shard of `param` in the whole tensor: each `Shard(d)` placement
+    cuts dimension d as `torch.chunk` does, mesh dimension by mesh dimension."""
+    from torch.distributed.tensor import Shard
+
+    index = [slice(0, n) for n in param.shape]
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_replicate():
+            continue
+        if type(placement) is not Shard:  # Partial, or FSDP2's strided shard over a TP shard
+            raise NotImplementedError(f"sharded loading: placement {placement} of a {tuple(param.shape)} "
+                                      "parameter; load unsharded, then shard_model")
+        d, whole = placement.dim, index[placement.dim]
+        n = whole.stop - whole.start
+        chunk = -(-n // param.device_mesh.size(mesh_dim))
+        start = min(coordinate[mesh_dim] * chunk, n)
+        index[d] = slice(whole.start + start, whole.start + min(start + chunk, n))
+    return tuple(index)
+
+
+def _copy_shard(param: torch.Tensor, array: np.ndarray) -> None:
+    # A DTensor takes only this rank's slice of the memory-mapped view: only those bytes are read.
+    # (No DTensor exists unless torch.distributed.tensor was imported: no import here.)
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(param, dtensor.DTensor):
+        local = param.to_local().detach()
+        index = _local_slices(param)
+        if tuple(local.shape) != tuple(s.stop - s.start for s in index):
+            raise ValueError(f"sharded loading: local shard {tuple(local.shape)} does not match the slice {index}")
+        copy_into(_writable_view(local), array[index])
+    else:
+        copy_into(_writable_view(param.data), array)
+
+
 def load_checkpoint(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
     """Load a checkpoint directory into `model`'s parameters, tensor by tensor.
 
@@ -95,7 +137,7 @@ def load_checkpoint(model: nn.Module, directory: str | os.PathLike, *, strict: b
 
     def put(name: str, array: np.ndarray) -> None:
         with torch.no_grad():
-            copy_into(_writable_view(state[name].data), array)
+            _copy_shard(state[name], array)
 
     with CheckpointReader(directory) as reader:
         return load_into(reader, expected, put, tie_word_embeddings=model.config.tie_word_embeddings,
@@ -129,12 +171,16 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
     return module
 
 def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
-                    strict: bool = True) -> M | tuple[M, LoadReport]:
+                    strict: bool = True, mesh: DeviceMesh | None = None,
+                    rules: Sequence[Rule] | None = None) -> M | tuple[M, LoadReport]:
     """Build `cls` from `<directory>/config.json` and load its weights.
 
     `dtype` (a torch dtype or a name such as "bfloat16") defaults to the checkpoint's own, so
     bf16 and fp16 weights stay bit-exact. With `strict=False`, loads what matches and returns
     `(model, report)`; parameters the checkpoint lacks keep their initial values.
+
+    With a `DeviceMesh` (every rank calls this), the model is cut as `rules` (default
+    `sharding.PARTITION_RULES`) say before it gets memory, and each rank reads only its slices.
     """
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else _numpy_dtype(dtype),
@@ -142,12 +188,17 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     torch_dtype = precision.to_dtype(dtypes.dtype_name(np_dtype))
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config, dtype=torch_dtype)
+    rules = sharding.PARTITION_RULES if rules is None else rules
+    if mesh is not None and strict and not list(model.buffers()):  # cut while only shapes: each rank allocates its shards
+        sharding.shard_model(model, mesh, rules)
     if strict and not list(model.buffers()):
         # Strict loading fills every parameter (or raises), so uninitialised memory is never
         # seen: skip the random init of a model about to be overwritten.
         model = model.to_empty(device="cpu")
     else:
         model = cls(config, dtype=torch_dtype)  # what the checkpoint lacks keeps its init values
+        if mesh is not None:
+            sharding.shard_model(model, mesh, rules)
     model.eval()
     report = load_checkpoint(model, directory, strict=strict)
     return model if strict else (model, report)
@@ -167,9 +218,10 @@ class Pretrained:
     strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True) -> Any:
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True,
+                        mesh: DeviceMesh | None = None, rules: Sequence[Rule] | None = None) -> Any:
         """See `torch_impl.checkpoint.from_pretrained`."""
-        return from_pretrained(cls, directory, dtype=dtype, strict=strict)
+        return from_pretrained(cls, directory, dtype=dtype, strict=strict, mesh=mesh, rules=rules)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """See `torch_impl.checkpoint.save_pretrained`."""

@@ -14,6 +14,7 @@ from .layers.mlp import MLP
 from .layers.moe import SparseMoeBlock
 from .layers.norm import RMSNorm
 from .layers.rope import RotaryEmbedding
+from .sharding import constrain_activations
 
 
 @dataclass
@@ -181,6 +182,7 @@ class DecoderModel(nn.Module):
         all_router: list[torch.Tensor] = []
         for layer, window in zip(self.layers, windows):
             all_hidden.append(hidden_states)
+            hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
             hidden_states, attn_weights, past_key_values, router_logits = layer(
                 hidden_states, position_embeddings, masks[window], past_key_values)
             all_attn.append(attn_weights)

@@ -47,8 +47,9 @@ ALLOWANCES: dict[str, Allowance] = {
     "checkpoint.py:load_module": Allowance(5, "torch gives a meta-built module memory (to_empty) and copies into "
                                               "each parameter in place; NNX parameters, abstract or not, are "
                                               "replaced by the loaded arrays, kernels transposed"),
-    "checkpoint.py:from_pretrained": Allowance(27, "torch builds on the meta device then to_empty; NNX builds an "
-                                                   "abstract model with nnx.eval_shape and merges the loaded state"),
+    "checkpoint.py:from_pretrained": Allowance(31, "torch builds on the meta device then to_empty; NNX builds an "
+                                                   "abstract model with nnx.eval_shape and merges the loaded state; "
+                                                   "with a mesh torch cuts the meta model, NNX reads slices per device"),
     "checkpoint.py:save_pretrained": Allowance(7, STATE),
     # generation.py
     "generation.py:top_k": Allowance(3, "jax.lax.top_k has no torch twin; a stable descending sort gives the same "
@@ -92,6 +93,13 @@ ALLOWANCES: dict[str, Allowance] = {
     "model.py:DecoderModel.__init__": Allowance(5, NNX_BUILD + "; the pad row is zeroed with .at[].set"),
     "model.py:DecoderModel.embed": Allowance(5, "torch's Embedding(padding_idx) keeps the pad row's gradient at zero; "
                                                 "NNX's Embed has no padding_idx, so stop_gradient does it"),
+    # sharding.py: the frameworks' own engines, fed the same table
+    "sharding.py:param_shardings": Allowance(12, "NNX kernels are [in, out]: the table's HF-layout axes are reversed "
+                                                 "into NamedShardings; torch's names and shapes are HF's already"),
+    "sharding.py:shard_model": Allowance(22, "JAX device_puts each parameter on its NamedSharding and jit does the "
+                                             "rest; torch hands the plan to parallelize_module and fully_shard"),
+    "sharding.py:constrain_activations": Allowance(6, "JAX SPMD takes a sharding constraint at the layer boundary; "
+                                                      "torch's parallel styles fix layouts at module boundaries"),
     # vq/
     "vq/attention.py:VQAttention.__init__": Allowance(2, NNX_BUILD),
     "vq/attention.py:tree_detach": Allowance(6, "a pytree map with stop_gradient in JAX; torch walks dicts and "

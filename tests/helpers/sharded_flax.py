@@ -1,0 +1,91 @@
+"""The Flax twin on simulated device meshes against itself on one device (run as a subprocess:
+8 CPU devices must be requested before jax is imported).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.helpers.sharded_flax DIR
+
+Saves a tiny float64 causal LM to DIR, then for each mesh loads it sharded
+(`from_pretrained(dir, mesh=...)`: each device reads its slice), checks every parameter's
+`.sharding` against the partition table, and compares forward logits, loss, every gradient and
+greedy tokens with the unsharded run. Prints one JSON line per mesh; exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if "jax" in sys.modules:
+    raise RuntimeError("tests.helpers.sharded_flax must start before jax is imported (device count)")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+from flax_impl import ForCausalLM  # noqa: E402
+from flax_impl.sharding import PARTITION_RULES, param_shardings  # noqa: E402
+from weights.config import ModelConfig  # noqa: E402
+from weights.names import hf_name  # noqa: E402
+
+# Every split dimension divides by 8 (q/k/v/o 32 and 16 wide, MLP 64, vocab 64, model 32).
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+MESHES = (((8,), ("fsdp",)), ((2, 4), ("data", "tensor")), ((1, 8), ("fsdp", "tensor")))
+TOL = 1e-12  # float64: sharded sums differ from unsharded ones by rounding only
+
+
+def loss_and_grads(model: ForCausalLM, input_ids: jax.Array) -> tuple[jax.Array, jax.Array, nnx.State]:
+    """(loss, logits, gradients of every parameter) in one jitted program."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def run(params: nnx.State, input_ids: jax.Array):
+        def loss(p):
+            out = nnx.merge(graphdef, p)(input_ids, labels=input_ids)
+            return out.loss, out.logits
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, logits, grads
+
+    return run(params, input_ids)
+
+
+def run_all(directory: str) -> bool:
+    reference = ForCausalLM(CONFIG, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    reference.save_pretrained(directory)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 6)), jnp.int32)
+    want_loss, want_logits, want_grads = loss_and_grads(reference, ids)
+    want_tokens = reference.generate(ids[:2], max_new_tokens=4)
+    want_flat = {hf_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(want_grads)}
+    ok = True
+    for shape, axes in MESHES:
+        mesh = Mesh(np.asarray(jax.devices()).reshape(shape), axes)
+        model = ForCausalLM.from_pretrained(directory, mesh=mesh)
+        wanted = param_shardings(model, mesh, PARTITION_RULES)
+        wrong = [hf_name(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                 if not v.get_value().sharding.is_equivalent_to(wanted[hf_name(p)], v.get_value().ndim)]
+        split = sum(any(a is not None for a in s.spec) for s in wanted.values())
+        with jax.set_mesh(mesh):
+            ids_on_mesh = jax.device_put(ids, NamedSharding(mesh, PartitionSpec(axes[0])))
+            loss, logits, grads = loss_and_grads(model, ids_on_mesh)
+            tokens = model.generate(ids[:2], max_new_tokens=4)
+        grad_err = max(float(np.abs(np.asarray(v.get_value()) - want_flat[hf_name(p)]).max())
+                       for p, v in nnx.to_flat_state(grads))
+        row = dict(mesh=dict(zip(axes, shape)), params=len(wanted), split=split, wrong_sharding=wrong,
+                   logits_err=float(np.abs(np.asarray(logits) - np.asarray(want_logits)).max()),
+                   loss_err=abs(float(loss) - float(want_loss)), grad_err=grad_err,
+                   tokens_equal=bool((np.asarray(tokens) == np.asarray(want_tokens)).all()),
+                   logits_sharded=str(logits.sharding.spec))
+        row["ok"] = (not wrong and split > 0 and row["logits_err"] <= TOL and row["loss_err"] <= TOL
+                     and grad_err <= TOL and row["tokens_equal"])
+        ok &= row["ok"]
+        print(json.dumps(row), flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run_all(sys.argv[1]) else 1)

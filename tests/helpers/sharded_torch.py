@@ -1,0 +1,121 @@
+"""The torch twin on torch.distributed (gloo, 127.0.0.1) against itself in one process.
+
+    python -m tests.helpers.sharded_torch DIR [WORLD]
+
+Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gradients; then
+WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
+on two meshes in turn — tensor parallel (`tensor=WORLD`) and FSDP2 (`fsdp=WORLD`, each rank a
+slice of the batch) — and compare. Prints one JSON line per mesh; exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torch_impl import ForCausalLM
+from weights.config import ModelConfig
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+TOL = 1e-12  # float64: sharded sums differ from unsharded ones by rounding only
+
+
+def _inputs() -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 6)))
+
+
+def _resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameter storage this rank holds (a DTensor's local shard)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rank(rank: int, world: int, port: int, directory: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    from torch_impl.sharding import param_shardings
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        want = np.load(Path(directory) / "reference.npz")
+        ids = _inputs()
+        rows = []
+        for axis in ("tensor", "fsdp"):
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=(axis,))
+            # Sharded loading: cut on the meta device, then each rank reads its slices.
+            model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
+            total = sum(p.numel() * 8 for p in model.parameters())  # DTensor numel is the whole tensor's
+            axes = param_shardings(model, mesh)
+            # Tensor parallel: every rank sees the whole batch. FSDP: each rank its rows; the
+            # mean of equal-sized rank losses is the whole batch's, as FSDP averages gradients.
+            part = slice(None) if axis == "tensor" else slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+            out = model(ids[part], labels=ids[part])
+            out.loss.backward()
+            loss = out.loss.detach().clone()
+            dist.all_reduce(loss)
+            loss = loss / world  # tensor: every rank holds the same loss; fsdp: the mean of rank means
+            grad_err = 0.0
+            split = 0
+            wrong: list[str] = []
+            for name, p in model.named_parameters():
+                grad_err = max(grad_err, float((_full(p.grad) - torch.from_numpy(want["grad." + name])).abs().max()))
+                placements = getattr(p, "placements", ())
+                split += any(isinstance(pl, Shard) for pl in placements)
+                # The table's dimension for this mesh axis (FSDP2 splits the rest along dimension 0).
+                placement = Shard(axes[name].index(axis)) if axis in axes[name] else Shard(0) if axis == "fsdp" else None
+                if tuple(placements) != ((placement,) if placement is not None else ()):
+                    wrong.append(f"{name}: {placements} != {placement}")
+            row = dict(mesh={axis: world}, rank=rank, params=len(axes), split=split, wrong_sharding=wrong,
+                       logits_err=float((out.logits.detach() - torch.from_numpy(want["logits"])[part]).abs().max()),
+                       loss_err=abs(float(loss) - float(want["loss"])), grad_err=grad_err,
+                       resident_fraction=_resident_bytes(model) / total)
+            row["ok"] = max(row["logits_err"], row["loss_err"], grad_err) <= TOL and split > 0 and not wrong
+            rows.append(row)
+        (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_all(directory: str, world: int = 2) -> bool:
+    torch.manual_seed(0)
+    reference = ForCausalLM(CONFIG, dtype=torch.float64)
+    reference.save_pretrained(directory)
+    ids = _inputs()
+    out = reference(ids, labels=ids)
+    out.loss.backward()
+    np.savez(Path(directory) / "reference.npz", logits=out.logits.detach().numpy(), loss=out.loss.detach().numpy(),
+             **{"grad." + n: p.grad.numpy() for n, p in reference.named_parameters()})
+    mp.spawn(_rank, args=(world, _free_port(), directory), nprocs=world, join=True)
+    ok = True
+    for rank in range(world):
+        for row in json.loads((Path(directory) / f"rank{rank}.json").read_text()):
+            ok &= row["ok"]
+            print(json.dumps(row), flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run_all(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2) else 1)

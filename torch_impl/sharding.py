@@ -1,0 +1,156 @@
+"""How the torch twin is cut over a device mesh: the partition table and torch.distributed
+applying it.
+
+The table (`PARTITION_RULES`) is data in the format of `weights.partition` — HF-name pattern ->
+mesh axis per dimension of the HF-layout tensor — the same table, rule for rule, as
+`flax_impl.sharding.PARTITION_RULES`. Here it becomes torch's own engines on a `DeviceMesh`
+whose dimension names are mesh axes:
+
+- `tensor`: DTensor tensor parallelism (`parallelize_module`). A linear layer (or embedding)
+  whose weight the table splits along dimension 0 gets `ColwiseParallel` (embedding:
+  vocab-parallel `RowwiseParallel`), along dimension 1 `RowwiseParallel`. A column-parallel
+  layer hands its output shard to a row-parallel sibling (q/k/v -> o, gate/up -> down); one with
+  no such sibling (the LM head) gathers its output.
+- `fsdp`: FSDP2 (`fully_shard`) per decoder layer, then the root; without `tensor`, each
+  parameter is split along the dimension the table gives `fsdp` (dimension 0 if none: FSDP2
+  shards every parameter).
+- `data` with `fsdp`: HSDP (`fully_shard` on the 2-D `(data, fsdp)` mesh).
+
+Nothing about sharding sits inside a layer: activation layouts are fixed by the parallel styles
+at module boundaries, so `constrain_activations` (the Flax twin's layer-boundary constraint)
+has nothing to do here.
+
+Usage, under `torchrun --nproc-per-node 2` (gloo on CPU, NCCL on GPU):
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor",))
+    model = shard_model(ForCausalLM.from_pretrained(path), mesh)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from weights.partition import Rule, partition_spec
+
+if TYPE_CHECKING:  # torch.distributed.tensor takes seconds to import: the functions import it when called
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "shard_model"]
+
+M = TypeVar("M", bound=nn.Module)
+
+# The default plan, for every family: see flax_impl.sharding.PARTITION_RULES (mirrored exactly).
+PARTITION_RULES: tuple[Rule, ...] = (
+    (r"embed_tokens\.weight$", ("tensor", "fsdp")),  # vocab-parallel [V, E]
+    (r"lm_head\.weight$", ("tensor", "fsdp")),  # vocab-parallel [V, E]
+    (r"self_attn\.(q|k|v)_proj\.weight$", ("tensor", "fsdp")),  # column-parallel [out, in]
+    (r"self_attn\.(q|k|v)_proj\.bias$", ("tensor",)),
+    (r"mlp\.(gate|up)_proj\.weight$", ("tensor", "fsdp")),
+    (r"mlp\.(gate|up)_proj\.bias$", ("tensor",)),
+    (r"experts\.\d+\.(w1|w3)\.weight$", ("tensor", "fsdp")),
+    (r"self_attn\.o_proj\.weight$", ("fsdp", "tensor")),  # row-parallel [out, in]; bias whole
+    (r"mlp\.down_proj\.weight$", ("fsdp", "tensor")),
+    (r"experts\.\d+\.w2\.weight$", ("fsdp", "tensor")),
+)
+
+
+def _mesh_sizes(mesh: DeviceMesh) -> dict[str, int]:
+    if mesh.mesh_dim_names is None:
+        raise ValueError("shard_model: the DeviceMesh needs mesh_dim_names (axes data/fsdp/tensor)")
+    return dict(zip(mesh.mesh_dim_names, mesh.mesh.shape))
+
+
+def param_shardings(model: nn.Module, mesh: DeviceMesh, rules: Sequence[Rule] = PARTITION_RULES
+                    ) -> dict[str, tuple[str | None, ...]]:
+    """HF name -> the mesh axis of each dimension of that parameter under `rules` (a state-dict
+    key is the HF name; the Flax twin returns `NamedSharding`s of the same axes)."""
+    sizes = _mesh_sizes(mesh)
+    return {name: partition_spec(name, tuple(p.shape), sizes, rules) for name, p in model.named_parameters()}
+
+
+def _tensor_plan(model: nn.Module, axes: dict[str, tuple[str | None, ...]]) -> dict[str, ParallelStyle]:
+    """The `parallelize_module` plan the table implies: module name -> parallel style."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan: dict[str, ParallelStyle] = {}
+    kinds: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or f"{name}.weight" not in axes:
+            continue
+        weight = axes[f"{name}.weight"]
+        if "tensor" not in weight:
+            continue
+        kinds[name] = "column" if weight.index("tensor") == 0 else "row"
+        if isinstance(module, nn.Linear) and getattr(module, "bias", None) is not None:
+            want = ("tensor",) if kinds[name] == "column" else (None,)
+            if axes[f"{name}.bias"] != want:  # torch's styles fix the bias: the table must agree
+                raise ValueError(f"{name}.bias: a {kinds[name]}-parallel layer's bias is split as {want} "
+                                 f"by torch's parallel style; the rules give {axes[f'{name}.bias']}")
+    for name, kind in kinds.items():
+        module = model.get_submodule(name)
+        parent = name.rpartition(".")[0]
+        sibling_row = any(k == "row" and n.rpartition(".")[0] == parent for n, k in kinds.items())
+        if isinstance(module, nn.Embedding):  # [V, E]: dimension 0 is the vocabulary
+            plan[name] = (RowwiseParallel(input_layouts=Replicate()) if kind == "column"
+                          else ColwiseParallel(output_layouts=Replicate()))
+        elif kind == "column":  # output shard consumed by a row-parallel sibling, else gathered
+            plan[name] = ColwiseParallel() if sibling_row else ColwiseParallel(output_layouts=Replicate())
+        else:
+            plan[name] = RowwiseParallel()
+    return plan
+
+
+def _check_heads(model: nn.Module, tensor: int) -> None:
+    # Each rank's attention reshapes its q/k/v shard into whole heads (view(b, t, -1, D)).
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for what, n in (("num_attention_heads", config.num_attention_heads),
+                    ("num_key_value_heads", config.resolved_num_key_value_heads)):
+        if n % tensor:
+            raise ValueError(f"shard_model: config.{what} = {n} does not divide by the tensor axis ({tensor}); "
+                             "torch's tensor parallelism keeps whole heads on each rank")
+
+
+def shard_model(model: M, mesh: DeviceMesh, rules: Sequence[Rule] = PARTITION_RULES) -> M:
+    """Cut `model` (in place; returns it) over `mesh` as `rules` say: `tensor` by DTensor tensor
+    parallelism, then `fsdp` (and `data` with it, as HSDP) by FSDP2 per decoder layer and root.
+
+    Every rank must call it with the same model (same weights) and mesh.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    sizes = _mesh_sizes(mesh)
+    axes = param_shardings(model, mesh, rules)
+    if "tensor" in sizes:
+        _check_heads(model, sizes["tensor"])
+        parallelize_module(model, mesh["tensor"], _tensor_plan(model, axes))
+    if "data" in sizes and "fsdp" not in sizes:
+        raise ValueError("shard_model: a torch mesh with `data` needs `fsdp` beside it (HSDP); "
+                         "use fsdp alone for plain data parallelism with sharded parameters")
+    if "fsdp" in sizes:
+        dp_mesh = mesh[("data", "fsdp")] if "data" in sizes else mesh["fsdp"]
+        names = {id(p): n for n, p in model.named_parameters()}
+
+        def placement(param: nn.Parameter) -> Shard:
+            spec = axes[names[id(param)]]
+            return Shard(spec.index("fsdp") if "fsdp" in spec else 0)
+
+        fn = None if "tensor" in sizes else placement  # with TP, FSDP2 shards the local shard's dim 0
+        for layer in getattr(getattr(model, "model", model), "layers", ()):
+            fully_shard(layer, mesh=dp_mesh, shard_placement_fn=fn)
+        fully_shard(model, mesh=dp_mesh, shard_placement_fn=fn)
+    return model
+
+
+def constrain_activations(hidden_states: torch.Tensor) -> torch.Tensor:
+    """At a layer boundary: unchanged. torch's parallel styles fix activation layouts at module
+    boundaries (the Flax twin constrains rows over data/fsdp here)."""
+    return hidden_states
