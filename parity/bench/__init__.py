@@ -11,6 +11,8 @@ and `parity.bench.__main__` imports them all, in the order of the table:
 - `check`: `check` (`twinlm check` streamed on that checkpoint), and, only when named, `check-whole`
   (the whole-model check of it) and `check7b` (a synthetic Llama-2-7B-shaped checkpoint);
 - `generation`: `decode`, `forward` (a mid-size random LLaMA, one child process per twin);
+- `side_by_side`: HF transformers against both twins in one process, interleaved (`--device cuda`:
+  the 1.1 B bf16 GPU rows);
 - `vq`: `vq` (Transformer-VQ against full attention at 1k / 4k / 16k tokens).
 
 To add a section, write a function returning `list[Row]` in one of these modules (or a new one
@@ -33,12 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["ON_REQUEST", "Row", "SECTIONS", "SECTION_MODULES", "section", "print_table", "cache_dir", "run_child", "best"]
+__all__ = ["ON_REQUEST", "Options", "Row", "SECTIONS", "SECTION_MODULES", "section", "options", "print_table",
+           "cache_dir", "run_child", "best"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # The section modules, in the order of the table (imported by `python -m parity.bench`).
-SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.check", "parity.bench.generation", "parity.bench.vq")
+SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.check", "parity.bench.generation",
+                   "parity.bench.side_by_side", "parity.bench.vq")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,21 @@ class Row:
 SECTIONS: dict[str, Callable[[], list[Row]]] = {}
 # Sections that run only when named (`python -m parity.bench check7b`): too big for every run.
 ON_REQUEST: set[str] = set()
+
+
+@dataclass
+class Options:
+    """Command-line settings the sections read (`python -m parity.bench --device cuda ...`)."""
+
+    device: str = "cpu"  # "cpu" or "cuda": where the sections that support a device run
+
+
+_OPTIONS = Options()
+
+
+def options() -> Options:
+    """The settings of this bench run (defaults when run from Python)."""
+    return _OPTIONS
 
 
 def section(name: str, default: bool = True) -> Callable[[Callable[[], list[Row]]], Callable[[], list[Row]]]:

@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from parity.bench import ON_REQUEST, SECTION_MODULES, SECTIONS, Row, print_table
+from parity.bench import ON_REQUEST, SECTION_MODULES, SECTIONS, Row, options, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,10 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Measured figures of twinlm, printed as one aligned table. "
                     f"Sections: {', '.join(s for s in SECTIONS if s not in ON_REQUEST)}; "
                     f"only when named: {', '.join(s for s in SECTIONS if s in ON_REQUEST)}.",
-        epilog="example: python -m parity.bench convert load")
+        epilog="examples: python -m parity.bench convert load; "
+               "python -m parity.bench side_by_side --device cuda")
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help="sections to run, in this order (default: all but the ones run only when named)")
-    names = parser.parse_args(argv).sections or [s for s in SECTIONS if s not in ON_REQUEST]
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where side_by_side runs (default cpu; cuda: the 1.1B bf16 GPU rows)")
+    args = parser.parse_args(argv)
+    options().device = args.device
+    names = args.sections or [s for s in SECTIONS if s not in ON_REQUEST]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         print(f"unknown section(s) {', '.join(unknown)}; available: {', '.join(SECTIONS)}", file=sys.stderr)

@@ -1,0 +1,381 @@
+"""The `side_by_side` section of `make bench`: Hugging Face transformers against both twins, in one
+process, interleaved, printed as ratios (twin time / HF time: lower is better).
+
+Every system runs the same weights. Each repetition runs every system once, one after the other,
+so a change in the machine's speed (other jobs starting or ending) hits all of them alike; the
+figure is the median over repetitions of the per-repetition ratio.
+
+- CPU (`--device cpu`, the default): the mid-size random LLaMA of the `decode` / `forward`
+  sections (155 M parameters, float32). Workloads: forward (logits of every position) at 1 x 128
+  and 4 x 512; greedy generation of 64 new tokens after a 32-token prompt at batch 1 and 8.
+  Each is measured twice: on the machine as it is, and while a child process keeps one core
+  busy (a user's machine is rarely idle).
+- GPU (`--device cuda`): TinyLlama-1.1B's shape in bfloat16, random weights made on the device.
+  Forward 1 x 512 and 8 x 512; decode tokens/s at batch 1 and 8 (128 new tokens) against the
+  weight-streaming bound (every weight read once per step at the device's measured copy
+  bandwidth); the Flax twin's first `generate` call (compile) time; HF with its static cache and
+  `torch.compile` as a second HF row.
+
+HF transformers: the torch `LlamaForCausalLM` with `attn_implementation="sdpa"`. HF's Flax models
+were removed in transformers 5; they are measured only where `FlaxLlamaForCausalLM` imports
+(transformers 4.x), otherwise the Flax twin's row says so and shows its ratio to HF torch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from parity.bench import Row, options, section
+
+__all__ = ["GOALS", "System", "bench_side_by_side", "interleaved"]
+
+CPU_FORWARD, CPU_BATCHES, CPU_PROMPT, CPU_NEW = ((1, 128), (4, 512)), (1, 8), 32, 64
+GPU_FORWARD, GPU_BATCHES, GPU_PROMPT, GPU_NEW = ((1, 512), (8, 512)), (1, 8), 32, 128
+# Goals of issue 19, as the largest allowed twin / HF time ratio.
+GOALS = {("torch", "forward"): 1.0, ("flax", "forward"): 1.0,
+         ("torch", "decode"): 1 / 1.5, ("flax", "decode"): 1 / 1.1}
+
+
+@dataclass
+class System:
+    """One implementation under test: how to run each workload, and how to wait for the device."""
+
+    name: str
+    forward: Callable[[np.ndarray], Callable[[], Any]]  # ids -> a call computing every position's logits
+    decode: Callable[[np.ndarray, int], Callable[[], Any]]  # ids, new tokens -> a greedy generate call
+    sync: Callable[[], None] = lambda: None
+    notes: list[str] = field(default_factory=list)
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], sync: dict[str, Callable[[], None]], repeat: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds of each call, `repeat` rounds, each round calling every system once in turn
+    (after `warmup` untimed rounds: compilation, allocator and cache warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeat):
+        for name, call in calls.items():
+            sync[name]()
+            t0 = time.perf_counter()
+            call()
+            sync[name]()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict[str, list[float]], twin: str, reference: str) -> float:
+    """Median over rounds of twin time / reference time (pairs taken in the same round)."""
+    return statistics.median(a / b for a, b in zip(times[twin], times[reference]))
+
+
+# ---- the systems ---------------------------------------------------------------------------------
+
+def _hf_torch(config, state: dict, device: str, dtype, static_compile: bool = False) -> System:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                            num_attention_heads=config.num_attention_heads,
+                            num_key_value_heads=config.resolved_num_key_value_heads,
+                            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+                            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
+                            attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config).to(dtype)
+    # The twin's own tensors, shared (assign=True): both systems read the same memory. Every
+    # parameter name must match (strict): a parameter left on meta would fail only when called.
+    model.load_state_dict(state, strict=True, assign=True)
+    # The rotary tables are non-persistent buffers (not in any state dict): build them for real.
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(hf_config)
+    model.eval()
+    name = "HF torch" + (" (static cache + compile)" if static_compile else "")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward(ids):
+        t = torch.from_numpy(ids).to(device)
+
+        def run():
+            with torch.inference_mode():
+                return model(t, use_cache=False).logits
+        return run
+
+    def decode(ids, new):
+        t = torch.from_numpy(ids).to(device)
+        extra = dict(cache_implementation="static", compile_config=None) if static_compile else {}
+
+        def run():
+            with torch.inference_mode():
+                return model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+        return run
+
+    if static_compile:
+        model.generation_config.cache_implementation = "static"
+    return System(name, forward, decode, sync)
+
+
+def _torch_twin(model, device: str) -> System:
+    import torch
+
+    from torch_impl.generation import generate
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward(ids):
+        t = torch.from_numpy(ids).to(device)
+
+        def run():
+            with torch.inference_mode():
+                return model(t).logits
+        return run
+
+    def decode(ids, new):
+        t = torch.from_numpy(ids).to(device)
+        return lambda: generate(model, t, max_new_tokens=new)
+
+    return System("torch twin", forward, decode, sync)
+
+
+def _flax_twin(model) -> System:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_impl.generation import generate
+
+    graphdef, state = nnx.split(model)
+    run_forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).logits)
+
+    def forward(ids):
+        j = jnp.asarray(ids)
+        return lambda: run_forward(state, j).block_until_ready()
+
+    def decode(ids, new):
+        j = jnp.asarray(ids)
+        return lambda: np.asarray(generate(model, j, max_new_tokens=new))
+
+    return System("Flax twin", forward, decode)
+
+
+def _hf_flax() -> tuple[Any, str]:
+    """HF's Flax LLaMA class, or None and why not."""
+    try:
+        from transformers import FlaxLlamaForCausalLM  # removed in transformers 5
+    except ImportError:
+        import transformers
+
+        return None, (f"HF Flax not measured: transformers {transformers.__version__} has no Flax models "
+                      "(they were removed in v5; install transformers 4.57 in a separate environment)")
+    return FlaxLlamaForCausalLM, ""
+
+
+# ---- building the three models on the same weights ------------------------------------------------
+
+def _build_cpu():
+    """(config, HF torch, torch twin, Flax twin) on the mid-size float32 model, same weights."""
+    import torch
+
+    from parity.bench.generation import build
+
+    config, torch_model, _ = build("torch")
+    _, flax_model, _ = build("flax")
+    state = dict(torch_model.state_dict())
+    return config, _hf_torch(config, state, "cpu", torch.float32), _torch_twin(torch_model, "cpu"), _flax_twin(flax_model)
+
+
+def _build_gpu():
+    """(config, HF torch, HF torch static+compile, torch twin, Flax twin or None, Flax note) on
+    the 1.1 B shape in bf16, random normal(0, 0.02) weights made on the device."""
+    import torch
+
+    import torch_impl
+    from parity.bench.checkpoints import TINYLLAMA
+    from weights.config import ModelConfig
+
+    config = ModelConfig(**TINYLLAMA)
+    with torch.device("meta"):
+        model = torch_impl.ForCausalLM(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cuda").eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # HF's init: normal(0, 0.02) matrices, unit norm scales
+            if p.dim() == 2:
+                p.normal_(0.0, config.initializer_range, generator=gen)
+            else:
+                p.fill_(1.0)
+    state = dict(model.state_dict())
+    hf = _hf_torch(config, state, "cuda", torch.bfloat16)
+    hf_static = _hf_torch(config, state, "cuda", torch.bfloat16, static_compile=True)
+    twin = _torch_twin(model, "cuda")
+    flax, note = _flax_on_gpu(config, model)
+    return config, hf, hf_static, twin, flax, note
+
+
+def _flax_on_gpu(config, torch_model):
+    """The Flax twin on the first JAX GPU with the torch twin's weights, or (None, why not)."""
+    try:
+        import jax
+
+        gpus = jax.devices("gpu")
+    except RuntimeError as e:
+        return None, f"Flax twin not measured on the GPU: JAX has no GPU backend here ({str(e).splitlines()[0]})"
+    import jax.numpy as jnp
+    import ml_dtypes
+    import torch
+    from flax import nnx
+
+    import flax_impl
+    from weights.names import hf_name, is_transposed
+
+    with jax.default_device(gpus[0]):
+        model = nnx.eval_shape(lambda: flax_impl.ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        state = torch_model.state_dict()
+        for path, var in nnx.to_flat_state(nnx.state(model)):
+            name = hf_name(path)
+            t = state[name]
+            t = t.T if is_transposed(name) else t
+            host = t.contiguous().view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+            var.set_value(jax.device_put(host, gpus[0]))
+    return _flax_twin(model), ""
+
+
+# ---- the section -----------------------------------------------------------------------------------
+
+def _spinner() -> subprocess.Popen:
+    """A child process that keeps one core busy until killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _repeats() -> int:
+    return max(1, int(os.environ.get("TWINLM_BENCH_REPEAT", "3")))
+
+
+def _cpu_rows() -> list[Row]:
+    config, hf, twin, flax = _build_cpu()
+    hf_flax, flax_note = _hf_flax()
+    systems = [hf, twin, flax]
+    rng = np.random.default_rng(0)
+    workloads = [(f"forward {b}x{t}", "forward", rng.integers(0, config.vocab_size, (b, t)), None)
+                 for b, t in CPU_FORWARD]
+    workloads += [(f"greedy decode b{b}, {CPU_NEW} new", "decode", rng.integers(0, config.vocab_size, (b, CPU_PROMPT)),
+                   CPU_NEW) for b in CPU_BATCHES]
+    rows = [Row("side_by_side", "device, model",
+                f"cpu ({os.cpu_count()} CPUs), mid-size LLaMA {config.num_hidden_layers} layers float32, "
+                f"{_repeats()} interleaved rounds, median of per-round ratios")]
+    if hf_flax is None:
+        rows.append(Row("side_by_side", "HF Flax", flax_note))
+    for busy in (False, True):
+        spinner = _spinner() if busy else None
+        try:
+            if spinner is not None:
+                time.sleep(0.5)
+            load = os.getloadavg()[0]
+            tag = "1 core kept busy" if busy else "as is"
+            for label, kind, ids, new in workloads:
+                calls = {s.name: (s.forward(ids) if kind == "forward" else s.decode(ids, new)) for s in systems}
+                t0 = time.perf_counter()
+                times = interleaved(calls, {s.name: s.sync for s in systems}, _repeats())
+                print(f"side_by_side: {label} ({tag}) {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+                ms = ", ".join(f"{n} {min(t) * 1e3:.0f} ms" for n, t in times.items())
+                r = ratio(times, twin.name, hf.name)
+                goal = GOALS[("torch", kind)]
+                rows.append(Row("side_by_side", f"{label} ({tag}): torch twin / HF torch",
+                                f"{r:.2f} ({ms})", f"<= {goal:.2f}", r <= goal))
+                r = ratio(times, flax.name, hf.name)
+                rows.append(Row("side_by_side", f"{label} ({tag}): Flax twin / HF torch", f"{r:.2f}",
+                                "(HF Flax: not measured)" if hf_flax is None else ""))
+            rows.append(Row("side_by_side", f"load average ({tag})", f"{load:.1f} / {os.getloadavg()[0]:.1f}"))
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+    return rows
+
+
+def _gpu_rows() -> list[Row]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Row("side_by_side", "device cuda", "not measured: torch sees no CUDA device", "", None)]
+    config, hf, hf_static, twin, flax, flax_note = _build_gpu()
+    systems = [hf, hf_static, twin] + ([flax] if flax is not None else [])
+    # A step reads every weight once but the input embedding table (it gathers B rows of it).
+    step_bytes = 2 * (sum(hf_shapes_numel(config)) - config.vocab_size * config.hidden_size)
+    bandwidth = _device_bandwidth()
+    bound = bandwidth / step_bytes  # steps/s
+    rows = [Row("side_by_side", "device, model", f"{torch.cuda.get_device_name()}, 1.1B shape bf16; "
+                f"copy bandwidth {bandwidth / 1e12:.2f} TB/s -> b1 bound {bound:.0f} tok/s")]
+    if flax is None:
+        rows.append(Row("side_by_side", "Flax twin", flax_note))
+    rng = np.random.default_rng(0)
+    if flax is not None:
+        ids = rng.integers(0, config.vocab_size, (1, GPU_PROMPT))
+        t0 = time.perf_counter()
+        flax.decode(ids, GPU_NEW)()
+        first = time.perf_counter() - t0
+        rows.append(Row("side_by_side", "Flax twin: first generate call (compile + run)", f"{first:.1f} s",
+                        "<= 3 s", first <= 3.0))
+    for b, t in GPU_FORWARD:
+        ids = rng.integers(0, config.vocab_size, (b, t))
+        calls = {s.name: s.forward(ids) for s in systems if s is not hf_static}
+        times = interleaved(calls, {s.name: s.sync for s in systems}, _repeats(), warmup=2)
+        ms = ", ".join(f"{n} {statistics.median(v) * 1e3:.1f} ms" for n, v in times.items())
+        r = ratio(times, twin.name, hf.name)
+        rows.append(Row("side_by_side", f"forward {b}x{t}: torch twin / HF torch", f"{r:.2f} ({ms})", "<= 1.00",
+                        r <= 1.0))
+    rates = {}
+    for b in GPU_BATCHES:
+        ids = rng.integers(0, config.vocab_size, (b, GPU_PROMPT))
+        calls = {s.name: s.decode(ids, GPU_NEW) for s in systems}
+        times = interleaved(calls, {s.name: s.sync for s in systems}, _repeats(), warmup=2)
+        for name, v in times.items():
+            rates[(name, b)] = b * GPU_NEW / statistics.median(v)
+        rows.append(Row("side_by_side", f"decode b{b}, tok/s", ", ".join(f"{n} {rates[(n, b)]:.0f}" for n in times)))
+    for s, goal in ((twin, 0.40), (flax, 0.60)):
+        if s is None:
+            continue
+        b1, b8 = rates[(s.name, 1)], rates[(s.name, 8)]
+        rows.append(Row("side_by_side", f"{s.name} decode b1 / bound", f"{b1 / bound:.0%} ({b1:.0f} tok/s)",
+                        f">= {goal:.0%}", b1 / bound >= goal))
+        rows.append(Row("side_by_side", f"{s.name} decode b8 / b1", f"{b8 / b1:.1f}x", ">= 4x", b8 / b1 >= 4))
+    return rows
+
+
+def hf_shapes_numel(config) -> list[int]:
+    """Element counts of every parameter of the causal LM."""
+    from weights.names import hf_shapes
+
+    return [int(np.prod(shape)) for shape in hf_shapes(config, "causal_lm").values()]
+
+
+def _device_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 5."""
+    import torch
+
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+@section("side_by_side")
+def bench_side_by_side() -> list[Row]:
+    """HF transformers torch (sdpa) against both twins, one process, interleaved (see the module doc)."""
+    return _gpu_rows() if options().device == "cuda" else _cpu_rows()
