@@ -75,7 +75,8 @@ def test_isolated_figures_localise_a_broken_layer(checkpoint, broken):
 
 def test_cli_streams_on_request_and_says_why(checkpoint, tmp_path, capsys):
     """`--memory-budget` below the estimate streams, says so before loading, and the JSON carries
-    the mode, the isolated figures, the generation row marked skipped and the phase times."""
+    the mode, the isolated figures, the generation row marked skipped (and listed in `skipped`) and
+    the phase times."""
     out = tmp_path / "r.json"
     assert main(["check", str(checkpoint), "--dtype", "float64", "--memory-budget", "1MB", "--json", str(out),
                  "--skip", "gradients"]) == 0
@@ -87,6 +88,9 @@ def test_cli_streams_on_request_and_says_why(checkpoint, tmp_path, capsys):
     assert {"load", "forward + kv cache", "total"} <= set(report["meta"]["timings"])
     generation = [r for r in report["rows"] if r["section"] == "generation"]
     assert generation == [dict(generation[0], status="n/a", note=GENERATION_SKIPPED)]
+    # Not checked is said where a CI gate reads it: the PASS is marked incomplete.
+    assert report["complete"] is False and set(report["skipped"]) == {"generation", "gradients"}
+    assert report["skipped"]["gradients"] == "--skip gradients"
     assert all(r["isolated"] is not None for r in report["rows"] if r["section"] == "forward" and r["layer"] is not None)
 
 
