@@ -135,13 +135,15 @@ def test_exit_1_means_a_parity_failure_and_only_that(checkpoint, monkeypatch):
 
 
 def test_skipped_sections_are_recorded_everywhere(checkpoint, tmp_path):
+    # kv-cache skipped too: decoding step by step is most of a small check's time.
     code, out, _ = run(["check", str(checkpoint), "--skip", "gradients", "--skip", "generation",
-                        "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")])
+                        "--skip", "kv-cache", "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")])
     assert code == 0
     verdict = [line for line in out.splitlines() if line.startswith("PASS")][0]
     assert "incomplete" in verdict and "gradients (--skip gradients)" in verdict
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["complete"] is False and data["skipped"] == {"gradients": "--skip gradients",
+                                                            "kv cache": "--skip kv-cache",
                                                             "generation": "--skip generation"}
     assert "incomplete" in (tmp_path / "r.html").read_text()
 
