@@ -200,6 +200,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         ["twinlm check path/to/llama",
          "twinlm check path/to/llama --dtype bfloat16 --json parity.json --html parity.html",
          "twinlm check path/to/llama --skip gradients --skip generation --seq-len 64",
+         "twinlm check path/to/llama --mesh data=2,tensor=4",
          "twinlm check --tolerances"],
         _PARITY_EXIT)
     p.add_argument("dir", metavar="DIR", nargs="?", help="checkpoint directory (config.json + safetensors)")
@@ -212,6 +213,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    help="leave out a part of the check (repeatable; the report says what was left out)")
     _nonfinite_arg(p)
     p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
+    p.add_argument("--mesh", metavar="AXES", help="run the Flax twin sharded over a device mesh, e.g. "
+                   "data=2,tensor=4 (axes data, fsdp, tensor; CPU devices are simulated), and also compare it "
+                   "with itself unsharded")
     _stream_args(p)
     p.set_defaults(func=_run_check)
 
@@ -339,6 +343,7 @@ def _run_check(args: argparse.Namespace) -> int:
         if not args.html:
             raise UsageError("--explain needs --html (the report it links from)")
         check_output_dir(args.explain, "--explain")
+    mesh = _mesh_arg(args.mesh)
     skipped = {_SKIPPABLE[k] for k in args.skip}
     # Two whole twins' weights are weighed by the mode choice (streamed holds one layer), except
     # with --no-stream; the activations are those of two twins either way.
@@ -353,7 +358,8 @@ def _run_check(args: argparse.Namespace) -> int:
                               seed=args.seed, sections=sections, stream=args.stream,
                               memory_budget=args.memory_budget, progress=False if args.no_progress else None,
                               announce=lambda mode: _err(f"twinlm check: {mode}"),
-                              allow_nonfinite_weights=True)  # scanned by _before_models, as asked
+                              allow_nonfinite_weights=True,  # scanned by _before_models, as asked
+                              mesh=mesh)
     for s in skipped:
         report.skipped[s] = f"--skip {next(k for k, v in _SKIPPABLE.items() if v == s)}"
     _out(report.format_table())
@@ -362,6 +368,25 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.html:
         _write_html_report(report, args.html, args.explain)
     return 0 if report.passed else 1
+
+
+def _mesh_arg(text: str | None) -> dict[str, int] | None:
+    """`--mesh`, parsed; on CPU, XLA is asked for that many devices (read once, when JAX starts)."""
+    if text is None:
+        return None
+    from weights.partition import parse_mesh
+
+    try:
+        mesh = parse_mesh(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = 1
+        for size in mesh.values():
+            count *= size
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return mesh
 
 
 def _write_html_report(report: Report, html: str, explain: str | None = None) -> None:

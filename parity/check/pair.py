@@ -273,9 +273,11 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                      tolerances: Mapping[str, float] | None = None, stream: bool | None = None,
                      memory_budget: int | None = None, progress: bool | None = None,
                      announce: Callable[[str], None] | None = None,
-                     allow_nonfinite_weights: bool = False) -> Report:
+                     allow_nonfinite_weights: bool = False, mesh: Mapping[str, int] | None = None) -> Report:
     """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`, or
     stream it layer by layer (`check_streamed`) when the whole-model check would not fit.
+    With `mesh` ({axis: size}, e.g. {"data": 2, "tensor": 4}) the Flax twin runs sharded over a
+    device mesh and is also compared with itself unsharded (`parity.check.sharded`).
 
     `stream` forces the mode (None: choose). The choice compares the whole-model check's
     estimated peak (`memory.whole_model_bytes`) with `memory_budget` bytes (default: a fraction
@@ -320,10 +322,17 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     estimate = whole_model_bytes(config, head, dtype, gradients="gradients" in sections,
                                  batch=batch.input_ids.shape[0], seq_len=seq_len, sizes=model_sizes(config, head))
     budget, budget_note = (memory_budget, "--memory-budget") if memory_budget is not None else default_budget()
-    mode = choose_mode(estimate, budget, stream, budget_note)
+    if mesh is not None and stream:
+        raise BadInputError("--mesh checks whole models (each twin sharded across devices): drop --stream")
+    mode = choose_mode(estimate, budget, False if mesh is not None else stream, budget_note)
     if announce is not None:
-        announce(mode.describe())
-    if mode.streamed:
+        announce(mode.describe() + (f"; Flax twin sharded over mesh {dict(mesh)}" if mesh is not None else ""))
+    if mesh is not None:
+        from .sharded import check_sharded
+
+        report = check_sharded(directory, dtype, batch, mesh, head=head, sections=sections, title=f"{directory}",
+                               tolerances=tolerances, phases=Phases(progress))
+    elif mode.streamed:
         report = check_streamed(directory, dtype, batch, config=config, head=head, flax_directory=flax_directory,
                                 sections=sections, title=f"{directory}", tolerances=tolerances, progress=progress)
     else:
