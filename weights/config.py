@@ -66,7 +66,6 @@ class RopeScaling:
 # Unmodelled HF keys that switch on behaviour the twins do not implement: key -> (allowed, why).
 _UNSUPPORTED_EXTRA = {
     "partial_rotary_factor": ((1, 1.0, None), "partial rotary embeddings are not implemented (only 1.0)"),
-    "attention_dropout": ((0, 0.0, None), "dropout is not implemented: the twins compute eval-mode passes"),
     "use_bidirectional_attention": ((False, None), "bidirectional attention is not implemented"),
 }
 
@@ -187,6 +186,8 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001  # mixtral: weight of the load-balancing loss added to the LM loss
     output_router_logits: bool = False  # mixtral: return router logits and the aux loss
     router_jitter_noise: float = 0.0  # mixtral: training-time input noise; only 0 is implemented
+    attention_dropout: float = 0.0  # all (HF): dropout on the attention probabilities, train mode only
+    hidden_dropout: float = 0.0  # twinlm (GPT-NeoX's name): dropout on the embeddings and on each block's output before its residual add, train mode only
     tie_word_embeddings: bool = False  # all: LM head shares the input embedding matrix
     initializer_range: float = 0.02  # all: std of the normal init of linear and embedding weights
     pad_token_id: int | None = None  # all: padding token (embedding row zeroed at init; cls pooling)
@@ -401,6 +402,10 @@ class ModelConfig:
             fail("num_experts_per_tok", f"{self.num_experts_per_tok} experts per token but only "
                  f"{self.num_local_experts} experts (num_local_experts)")
         positive_number("router_aux_loss_coef", allow_zero=True)
+        for name in ("attention_dropout", "hidden_dropout"):
+            v = getattr(self, name)
+            if not _is_finite_number(v) or not 0 <= v < 1:
+                fail(name, f"must be a dropout probability in [0, 1), got {_show(v)}")
         if not _is_finite_number(self.router_jitter_noise) or self.router_jitter_noise != 0:
             fail("router_jitter_noise", f"router jitter noise is not implemented (only 0), got {_show(self.router_jitter_noise)}")
         extra = self.extra_dict

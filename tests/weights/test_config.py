@@ -106,3 +106,11 @@ def test_missing_and_broken_files(tmp_path):
 def test_config_is_hashable_for_jit():
     a = ModelConfig.from_hf_dict(LLAMA3_8B)
     assert hash(a) == hash(ModelConfig.from_hf_dict(dict(LLAMA3_8B)))
+
+
+def test_dropout_rates_are_fields_read_and_written_back():
+    cfg = ModelConfig.from_hf_dict({**LLAMA3_8B, "attention_dropout": 0.1})
+    assert cfg.attention_dropout == 0.1 and cfg.hidden_dropout == 0.0
+    out = cfg.to_hf_dict()
+    assert out["attention_dropout"] == 0.1 and "hidden_dropout" not in out  # twinlm's own, written when set
+    assert ModelConfig.from_hf_dict({**out, "hidden_dropout": 0.2}).hidden_dropout == 0.2
