@@ -224,3 +224,15 @@ class Pretrained:
         """See `flax_impl.checkpoint.save_pretrained`."""
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
+
+class Trainable:
+    """Mixin giving the heads HF's remat switch: `gradient_checkpointing_enable()` /
+    `gradient_checkpointing_disable()` set `model.gradient_checkpointing` on the decoder."""
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every layer's activations for the backward pass (the default)."""
+        self.model.gradient_checkpointing = False

@@ -14,7 +14,7 @@ from flax import nnx
 from weights.config import ModelConfig
 from weights.names import IGNORE_INDEX
 
-from .checkpoint import Pretrained
+from .checkpoint import Pretrained, Trainable
 from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
@@ -125,7 +125,7 @@ def _linear(config: ModelConfig, n_in: int, n_out: int, use_bias: bool, dtype, p
                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
 
-class ForCausalLM(Pretrained, nnx.Module):
+class ForCausalLM(Pretrained, Trainable, nnx.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -149,10 +149,12 @@ class ForCausalLM(Pretrained, nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
                  labels: jax.Array | None = None, use_cache: bool = False,
-                 output_hidden_states: bool = False, output_attentions: bool = False) -> CausalLMOutput:
+                 output_hidden_states: bool = False, output_attentions: bool = False,
+                dropout_key: jax.Array | None = None) -> CausalLMOutput:
         past_length = past_key_values.length if past_key_values is not None else 0  # before the model advances it
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.logits(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
@@ -171,7 +173,7 @@ class ForCausalLM(Pretrained, nnx.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
 
-class ForSequenceClassification(Pretrained, nnx.Module):
+class ForSequenceClassification(Pretrained, Trainable, nnx.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -183,9 +185,11 @@ class ForSequenceClassification(Pretrained, nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
                  labels: jax.Array | None = None, use_cache: bool = False,
-                 output_hidden_states: bool = False, output_attentions: bool = False) -> SequenceClassifierOutput:
+                 output_hidden_states: bool = False, output_attentions: bool = False,
+                dropout_key: jax.Array | None = None) -> SequenceClassifierOutput:
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.score(out.last_hidden_state)  # [B, T, num_labels]
         last = last_token_index(input_ids, self.config.pad_token_id)
         pooled = logits[jnp.arange(logits.shape[0]), last]
@@ -193,7 +197,7 @@ class ForSequenceClassification(Pretrained, nnx.Module):
         return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
 
 
-class ForQuestionAnswering(Pretrained, nnx.Module):
+class ForQuestionAnswering(Pretrained, Trainable, nnx.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -205,9 +209,10 @@ class ForQuestionAnswering(Pretrained, nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, start_positions: jax.Array | None = None,
                  end_positions: jax.Array | None = None, output_hidden_states: bool = False,
-                 output_attentions: bool = False) -> QuestionAnsweringOutput:
+                 output_attentions: bool = False, dropout_key: jax.Array | None = None) -> QuestionAnsweringOutput:
         out = self.model(input_ids, attention_mask, position_ids,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None

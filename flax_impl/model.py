@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from flax import nnx
 from weights.config import ModelConfig
 
 from .layers.attention import Attention, KVCache, concrete_int
+from .layers.dropout import Dropout
 from .layers.mlp import MLP
 from .layers.moe import SparseMoeBlock
 from .layers.norm import RMSNorm
@@ -83,6 +86,8 @@ class DecoderLayer(nnx.Module):
                  param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
         self.self_attn = Attention(config, layer_idx, **kw, rngs=rngs)
+        self.attention_output_dropout = Dropout(config.hidden_dropout, layer_idx, "attention_output")
+        self.mlp_output_dropout = Dropout(config.hidden_dropout, layer_idx, "mlp_output")
         self.is_moe = config.is_moe
         if self.is_moe:
             self.block_sparse_moe = SparseMoeBlock(config, **kw, rngs=rngs)
@@ -97,17 +102,17 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
-                 attention_mask: jax.Array, past_key_value: KVCache | None = None
-                 ) -> tuple[jax.Array, jax.Array, KVCache | None, jax.Array | None]:
+                 attention_mask: jax.Array, past_key_value: KVCache | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None, jax.Array | None]:
         """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache,
         router logits `[B * T, X]` or None without experts)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights, past_key_value = self.self_attn(
-            hidden_states, position_embeddings, attention_mask, past_key_value)
+            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key)
         if self.sandwich_norm:
             hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = residual + hidden_states
+        hidden_states = residual + self.attention_output_dropout(hidden_states, dropout_key)
         residual = hidden_states
         if self.sandwich_norm:
             hidden_states = self.pre_feedforward_layernorm(hidden_states)
@@ -120,7 +125,7 @@ class DecoderLayer(nnx.Module):
             hidden_states = self.mlp(hidden_states)
         if self.sandwich_norm:
             hidden_states = self.post_feedforward_layernorm(hidden_states)
-        return residual + hidden_states, attn_weights, past_key_value, router_logits
+        return residual + self.mlp_output_dropout(hidden_states, dropout_key), attn_weights, past_key_value, router_logits
 
 
 class DecoderModel(nnx.Module):
@@ -138,6 +143,8 @@ class DecoderModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, i, **kw, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, **kw)
         self.rotary_emb = RotaryEmbedding(config)
+        self.embed_dropout = Dropout(config.hidden_dropout, -1, "embeddings")
+        self.gradient_checkpointing = False  # remat each decoder layer in the backward pass
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings `[B, T, E]`; like torch's `padding_idx`, the pad row gets no gradient
@@ -151,7 +158,8 @@ class DecoderModel(nnx.Module):
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
                  inputs_embeds: jax.Array | None = None, use_cache: bool = False,
-                 output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutput:
+                 output_hidden_states: bool = False, output_attentions: bool = False,
+                 dropout_key: jax.Array | None = None) -> BaseModelOutput:
         """`input_ids [B, T]` (or `inputs_embeds [B, T, E]`) -> final hidden states `[B, T, E]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -178,11 +186,16 @@ class DecoderModel(nnx.Module):
         all_hidden: list[jax.Array] = []
         all_attn: list[jax.Array] = []
         all_router: list[jax.Array] = []
+        hidden_states = self.embed_dropout(hidden_states, dropout_key)
+        # Remat: each layer's activations are recomputed in the backward pass, not kept (not with a
+        # cache: decoding keeps nothing for a backward pass).
+        remat = self.gradient_checkpointing and past_key_values is None
         for layer, window in zip(self.layers, windows):
             all_hidden.append(hidden_states)
             hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
-            hidden_states, attn_weights, past_key_values, router_logits = layer(
-                hidden_states, position_embeddings, masks[window], past_key_values)
+            run = partial(nnx.remat(DecoderLayer.__call__), layer) if remat else layer
+            hidden_states, attn_weights, past_key_values, router_logits = run(
+                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key)
             all_attn.append(attn_weights)
             all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)

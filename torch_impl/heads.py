@@ -15,7 +15,7 @@ from torch import nn
 from weights.config import ModelConfig
 from weights.names import IGNORE_INDEX
 
-from .checkpoint import Pretrained
+from .checkpoint import Pretrained, Trainable
 from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
 from .layers.moe import current_token_mask, load_balancing_loss
@@ -121,7 +121,7 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (torch.arange(t, device=input_ids.device) * non_pad).argmax(-1)
 
 
-class ForCausalLM(Pretrained, nn.Module):
+class ForCausalLM(Pretrained, Trainable, nn.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
@@ -146,10 +146,12 @@ class ForCausalLM(Pretrained, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 labels: torch.Tensor | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> CausalLMOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                dropout_key: torch.Tensor | None = None) -> CausalLMOutput:
         past_length = past_key_values.length if past_key_values is not None else 0  # before the model advances it
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.logits(out.last_hidden_state)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux_loss = None
@@ -168,7 +170,7 @@ class ForCausalLM(Pretrained, nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
 
-class ForSequenceClassification(Pretrained, nn.Module):
+class ForSequenceClassification(Pretrained, Trainable, nn.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
@@ -181,9 +183,11 @@ class ForSequenceClassification(Pretrained, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 labels: torch.Tensor | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> SequenceClassifierOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                dropout_key: torch.Tensor | None = None) -> SequenceClassifierOutput:
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.score(out.last_hidden_state)  # [B, T, num_labels]
         last = last_token_index(input_ids, self.config.pad_token_id)
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
@@ -191,7 +195,7 @@ class ForSequenceClassification(Pretrained, nn.Module):
         return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
 
 
-class ForQuestionAnswering(Pretrained, nn.Module):
+class ForQuestionAnswering(Pretrained, Trainable, nn.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
@@ -204,9 +208,10 @@ class ForQuestionAnswering(Pretrained, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> QuestionAnsweringOutput:
+                output_attentions: bool = False, dropout_key: torch.Tensor | None = None) -> QuestionAnsweringOutput:
         out = self.model(input_ids, attention_mask, position_ids,
-                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         dropout_key=dropout_key)
         logits = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None

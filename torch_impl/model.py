@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from weights.config import ModelConfig
 
 from .layers.attention import Attention, KVCache
+from .layers.dropout import Dropout
 from .layers.mlp import MLP
 from .layers.moe import SparseMoeBlock
 from .layers.norm import RMSNorm
@@ -94,6 +97,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, dtype=dtype)
+        self.attention_output_dropout = Dropout(config.hidden_dropout, layer_idx, "attention_output")
+        self.mlp_output_dropout = Dropout(config.hidden_dropout, layer_idx, "mlp_output")
         self.is_moe = config.is_moe
         if self.is_moe:
             self.block_sparse_moe = SparseMoeBlock(config, dtype=dtype)
@@ -108,17 +113,17 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor, past_key_value: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None, torch.Tensor | None]:
+                attention_mask: torch.Tensor, past_key_value: KVCache | None = None,
+                dropout_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None, torch.Tensor | None]:
         """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache,
         router logits `[B * T, X]` or None without experts)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights, past_key_value = self.self_attn(
-            hidden_states, position_embeddings, attention_mask, past_key_value)
+            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key)
         if self.sandwich_norm:
             hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = residual + hidden_states
+        hidden_states = residual + self.attention_output_dropout(hidden_states, dropout_key)
         residual = hidden_states
         if self.sandwich_norm:
             hidden_states = self.pre_feedforward_layernorm(hidden_states)
@@ -131,7 +136,7 @@ class DecoderLayer(nn.Module):
             hidden_states = self.mlp(hidden_states)
         if self.sandwich_norm:
             hidden_states = self.post_feedforward_layernorm(hidden_states)
-        return residual + hidden_states, attn_weights, past_key_value, router_logits
+        return residual + self.mlp_output_dropout(hidden_states, dropout_key), attn_weights, past_key_value, router_logits
 
 
 class DecoderModel(nn.Module):
@@ -144,6 +149,8 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, dtype=dtype)
         self.rotary_emb = RotaryEmbedding(config)
+        self.embed_dropout = Dropout(config.hidden_dropout, -1, "embeddings")
+        self.gradient_checkpointing = False  # remat each decoder layer in the backward pass
         init_weights(self, config)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -153,7 +160,8 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                dropout_key: torch.Tensor | None = None) -> BaseModelOutput:
         """`input_ids [B, T]` (or `inputs_embeds [B, T, E]`) -> final hidden states `[B, T, E]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -180,11 +188,16 @@ class DecoderModel(nn.Module):
         all_hidden: list[torch.Tensor] = []
         all_attn: list[torch.Tensor] = []
         all_router: list[torch.Tensor] = []
+        hidden_states = self.embed_dropout(hidden_states, dropout_key)
+        # Remat: each layer's activations are recomputed in the backward pass, not kept (not with a
+        # cache, whose in-place writes must happen once; nor without gradients, where nothing is kept).
+        remat = self.gradient_checkpointing and past_key_values is None and torch.is_grad_enabled()
         for layer, window in zip(self.layers, windows):
             all_hidden.append(hidden_states)
             hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
-            hidden_states, attn_weights, past_key_values, router_logits = layer(
-                hidden_states, position_embeddings, masks[window], past_key_values)
+            run = partial(checkpoint, layer, use_reentrant=False) if remat else layer
+            hidden_states, attn_weights, past_key_values, router_logits = run(
+                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key)
             all_attn.append(attn_weights)
             all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)

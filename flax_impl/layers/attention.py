@@ -6,6 +6,9 @@ K kv heads, D head dim, E model width, V vocab.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from flax import nnx
 
 from weights.config import ModelConfig
 
+from .dropout import Dropout
 from .precision import compute_dtype
 from .rope import apply_rotary_pos_emb
 
@@ -90,10 +94,11 @@ def soft_cap(x: jax.Array, cap: float) -> jax.Array:
 
 
 def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                      scaling: float, num_key_value_groups: int, softcap: float | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
+                      scaling: float, num_key_value_groups: int, softcap: float | None = None,
+                      dropout: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`;
-    `softcap` caps the scores before the mask (HF Gemma 2).
+    `softcap` caps the scores before the mask (HF Gemma 2); `dropout` (train mode) drops
+    attention probabilities after the softmax, as HF does.
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
@@ -107,6 +112,8 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
     scores = jnp.where(mask, scores.astype(cdtype), jnp.finfo(cdtype).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
     return jnp.matmul(weights, value), weights
 
 
@@ -133,10 +140,11 @@ class Attention(nnx.Module):
         self.k_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
         self.v_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
         self.o_proj = nnx.Linear(h * d, e, use_bias=config.attention_bias, **linear)
+        self.attention_dropout = Dropout(config.attention_dropout, layer_idx, "attention")
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
-                 attention_mask: jax.Array, past_key_value: KVCache | None = None
-                 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
+                 attention_mask: jax.Array, past_key_value: KVCache | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
         """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
         (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
         b, t, _ = hidden_states.shape
@@ -149,6 +157,6 @@ class Attention(nnx.Module):
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
         out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
-                                         self.softcap)
+                                         self.softcap, partial(self.attention_dropout, dropout_key=dropout_key))
         out = out.swapaxes(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value

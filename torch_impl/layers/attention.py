@@ -6,11 +6,15 @@ K kv heads, D head dim, E model width, V vocab.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 
 from weights.config import ModelConfig
 
+from .dropout import Dropout
 from .precision import compute_dtype
 from .rope import apply_rotary_pos_emb
 
@@ -77,10 +81,11 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                      scaling: float, num_key_value_groups: int, softcap: float | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      scaling: float, num_key_value_groups: int, softcap: float | None = None,
+                      dropout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`;
-    `softcap` caps the scores before the mask (HF Gemma 2).
+    `softcap` caps the scores before the mask (HF Gemma 2); `dropout` (train mode) drops
+    attention probabilities after the softmax, as HF does.
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
@@ -94,6 +99,8 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # (a padding query) then gets uniform weights instead of NaN, identically in both twins.
     scores = scores.to(cdtype).masked_fill(~mask, torch.finfo(cdtype).min)
     weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
     return torch.matmul(weights, value), weights
 
 
@@ -118,10 +125,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
         self.v_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
         self.o_proj = nn.Linear(h * d, e, bias=config.attention_bias, dtype=dtype)
+        self.attention_dropout = Dropout(config.attention_dropout, layer_idx, "attention")
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor, past_key_value: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+                attention_mask: torch.Tensor, past_key_value: KVCache | None = None,
+                dropout_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
         (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
         b, t, _ = hidden_states.shape
@@ -134,6 +142,6 @@ class Attention(nn.Module):
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
         out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
-                                         self.softcap)
+                                         self.softcap, partial(self.attention_dropout, dropout_key=dropout_key))
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
