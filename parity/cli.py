@@ -217,6 +217,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    "data=2,tensor=4 (axes data, fsdp, tensor; CPU devices are simulated), and also compare it "
                    "with itself unsharded")
     _stream_args(p)
+    _training_args(p)
     p.set_defaults(func=_run_check)
 
 
@@ -236,6 +237,14 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=size, metavar="SIZE",
                    help="memory the check may use, e.g. 8GB (default: 70%% of the memory available now)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars (stderr)")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-steps", type=_positive, metavar="K",
+                   help="instead of the inference check: K AdamW steps in both twins from the checkpoint, on "
+                   "seeded batches (one per step); per step loss, grad norm and every parameter")
+    p.add_argument("--accumulation-steps", type=_positive, default=1, metavar="A",
+                   help="with --train-steps: cut each batch into A micro-batches (default 1)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -350,6 +359,8 @@ def _run_check(args: argparse.Namespace) -> int:
     _before_models(args, twins=2, new_tokens=0 if "generation" in skipped else 8,
                    whole_models=args.stream is False)
     _setup_jax()
+    if args.train_steps:
+        return _run_training_check(args)
     from parity.check import check_checkpoint
     from parity.report import SECTIONS
 
@@ -398,6 +409,19 @@ def _write_html_report(report: Report, html: str, explain: str | None = None) ->
 
         _out(f"explain: {write_site(explain, [report]).resolve()}")
     _out(f"report: {write_html([report], html, explain=explain)}")
+
+
+def _run_training_check(args: argparse.Namespace) -> int:
+    from parity.check.training import check_training
+
+    report = check_training(args.dir, args.dtype, steps=args.train_steps, seq_len=args.seq_len,
+                            batch_size=args.batch, seed=args.seed, accumulation_steps=args.accumulation_steps)
+    _out(report.format_table())
+    if args.json:
+        _out(f"figures: {report.write_json(args.json)}")
+    if args.html:
+        _write_html_report(report, args.html, args.explain)
+    return 0 if report.passed else 1
 
 
 def _run_demo(args: argparse.Namespace) -> int:

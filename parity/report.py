@@ -165,20 +165,21 @@ class Report:
 
     # ---- text ---------------------------------------------------------------------------
     def summary_rows(self) -> list[Row]:
-        """Rows as the table shows them: gradients folded into one row per parameter group,
-        which keeps the group's worst tensor (named in the note)."""
-        order: list[Row | str] = []
-        groups: dict[str, list[Row]] = {}
+        """Rows as the table shows them: gradients (and parameters after training steps) folded
+        into one row per parameter group and section, which keeps the group's worst tensor (named
+        in the note)."""
+        order: list[Row | tuple[str, str]] = []
+        groups: dict[tuple[str, str], list[Row]] = {}
         for r in self.rows:
-            if r.section != "gradients":
+            if r.section != "gradients" and r.quantity != "parameters":
                 order.append(r)
                 continue
-            key = parameter_group(r.name)
+            key = (r.section, parameter_group(r.name))
             if key not in groups:
                 groups[key] = []
                 order.append(key)  # the group's row goes where its first member was
             groups[key].append(r)
-        return [_group_row(x, groups[x]) if isinstance(x, str) else x for x in order]
+        return [_group_row(x[1], groups[x]) if isinstance(x, tuple) else x for x in order]
 
     def format_table(self) -> str:
         """The readable table `twinlm check` prints."""
@@ -258,11 +259,14 @@ def _group_row(group: str, members: list[Row]) -> Row:
     summary = Comparison(group, c.max_abs, c.rel, c.worst_index, c.tolerance, status == "pass", c.shape,
                          c.nonfinite)
     note = f"{len(members)} tensors, worst {worst.name[len(group) + 1:] or worst.name}"
+    flagged = [m.note for m in members if m.note]
+    if flagged:
+        note += f"; {len(flagged)} with notes (see JSON)"
     isolated = [m.isolated for m in members if m.isolated is not None]
     iso = max(isolated, key=_ratio) if isolated else None
     if iso is not None:
         iso = Comparison(group, iso.max_abs, iso.rel, iso.worst_index, iso.tolerance, iso.passed, iso.shape)
-    return Row("gradients", "gradients", summary, worst.layer, note=note, status=status, isolated=iso)
+    return Row(members[0].section, members[0].quantity, summary, worst.layer, note=note, status=status, isolated=iso)
 
 
 def _ratio(c: Comparison) -> float:
