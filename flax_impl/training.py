@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from weights.names import hf_name
+from weights.names import hf_name, tree_path_names
 from weights.shared.dropout import dropout_key
 from weights.shared.training import TrainingHParams, decays
 
@@ -59,13 +59,8 @@ def learning_rate_schedule(hparams: TrainingHParams) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-    # True where weight decay applies; leaves may be arrays or Variables, whose value path can end
-    # in an attribute key, so only the module path's names (str keys and list indices) count.
-    def label(path: tuple, _: Any) -> bool:
-        names = tuple(k for k in (getattr(p, "key", getattr(p, "idx", None)) for p in path) if k is not None)
-        return decays(hf_name(names))
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    # True where weight decay applies (optax calls this on the parameters' pytree).
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(hf_name(tree_path_names(path))), params)
 
 
 class Optimizer(nnx.Optimizer):

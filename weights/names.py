@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 __all__ = ["FlaxPath", "HEADS", "IGNORE_INDEX", "flax_key", "flax_path", "hf_key_from_flax", "hf_name", "hf_shapes",
-           "is_legacy_name", "is_rotary_buffer", "is_transposed", "legacy_name"]
+           "is_legacy_name", "is_rotary_buffer", "is_transposed", "legacy_name", "tree_path_names"]
 
 FlaxPath = tuple[Union[str, int], ...]
 
@@ -163,3 +163,15 @@ def hf_shapes(config: "ModelConfig", head: str = "causal_lm", *,
         shapes["qa_outputs.weight"] = (2, e)
         shapes["qa_outputs.bias"] = (2,)
     return shapes
+def tree_path_names(tree_path: tuple) -> FlaxPath:
+    """The parameter path of a JAX tree path into an NNX state (as `jax.tree_util` hands it to
+    `tree_map_with_path`, e.g. for an optax mask or label function): dict keys and sequence
+    indices, without the attribute key that leads into a `Variable`'s value. Duck-typed, so this
+    module stays free of jax."""
+    names: list[Union[str, int]] = []
+    for entry in tree_path:
+        if hasattr(entry, "key"):  # DictKey (NNX State keys, nnx.List indices)
+            names.append(entry.key)
+        elif hasattr(entry, "idx"):  # SequenceKey
+            names.append(entry.idx)
+    return tuple(names)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from weights.names import tree_path_names
+
 from .attention import tree_detach
 from .model import Transformer
 from .quantizer import VQSpec
@@ -47,11 +49,9 @@ def is_codebook_param(name: str) -> bool:
 
 
 def _labels(params):
-    # Leaves may be Param variables (at init) or arrays (at update); the path to a variable's
-    # value can end in an attribute key, so any module-path entry named c_* marks the codebook.
+    # Leaves may be Param variables (at init) or arrays (at update): the module path's names decide.
     def label(path, _):
-        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        return "codebook" if any(is_codebook_param(n) for n in names) else "main"
+        return "codebook" if any(is_codebook_param(str(n)) for n in tree_path_names(path)) else "main"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
