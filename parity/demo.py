@@ -41,13 +41,15 @@ def tiny_config(**fields) -> ModelConfig:
 
 @dataclass(frozen=True)
 class DemoModel:
-    """One demo checkpoint: a name (its directory), a head (key of `HEADS`), its config, and
-    the dtypes it is checked in by default (None: `DEMO_DTYPES`)."""
+    """One demo checkpoint: a name (its directory), a head (key of `HEADS`), its config, the
+    dtypes it is checked in by default (None: `DEMO_DTYPES`), and how many training steps the
+    training check takes on it in float32 (0: none; `twinlm check --train-steps`)."""
 
     name: str
     head: str
     config: ModelConfig
     dtypes: tuple[str, ...] | None = None
+    train_steps: int = 0
 
 
 _FAMILY = family_examples()  # one tiny config per family, its switches on (parity.strategies)
@@ -61,7 +63,7 @@ DEMO_MODELS: list[DemoModel] = [
     DemoModel("llama-causal-lm", "causal_lm",
               tiny_config(rope_theta=500000.0, rope_scaling=RopeScaling(
                   "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                  original_max_position_embeddings=64)), DEMO_DTYPES + ("bfloat16",)),
+                  original_max_position_embeddings=64)), DEMO_DTYPES + ("bfloat16",), train_steps=3),
     DemoModel("llama-tied-causal-lm", "causal_lm", tiny_config(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
               _SEMANTIC),
     DemoModel("llama-sequence-classification", "sequence_classification", tiny_config(num_labels=3), _SEMANTIC),
@@ -111,6 +113,7 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
     from weights.convert import convert
 
     from .check import check_checkpoint
+    from .check.training import check_training
     from .explain.site import write_site
 
     out = Path(out_dir)
@@ -127,6 +130,13 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
             report = check_checkpoint(hf_dir, dtype, seq_len=seq_len, batch_size=batch_size,
                                       flax_directory=flax_dir)
             report.title = f"{model.name} ({dtype})"
+            reports.append(report)
+            echo("")
+            echo(report.format_table())
+        if model.train_steps:
+            report = check_training(hf_dir, "float32", steps=model.train_steps, seq_len=seq_len,
+                                    batch_size=batch_size, flax_directory=flax_dir)
+            report.title = f"{model.name} (float32, {model.train_steps} training steps)"
             reports.append(report)
             echo("")
             echo(report.format_table())
@@ -150,7 +160,7 @@ def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] 
 def summary_table(reports: Sequence[Report]) -> str:
     """Worst error relative to tolerance per dtype and quantity, across all reports."""
     lines = ["worst relative error per dtype (tolerance in brackets):"]
-    quantities = ("activations", "logits", "loss", "gradients")
+    quantities = ("activations", "logits", "loss", "gradients", "parameters")
     dtypes = list(dict.fromkeys(r.dtype for r in reports))
     header = ["dtype"] + list(quantities) + ["tokens"]
     rows = []
@@ -177,7 +187,7 @@ def summary_table(reports: Sequence[Report]) -> str:
 def markdown_summary(reports: Sequence[Report]) -> str:
     """Two Markdown tables for README.md: the worst error per dtype and quantity (with the
     model it occurred in), and per model and dtype the largest share of its tolerance used."""
-    quantities = ("activations", "logits", "loss", "gradients")
+    quantities = ("activations", "logits", "loss", "gradients", "parameters")
     dtypes = list(dict.fromkeys(r.dtype for r in reports))
     lines = ["| dtype | " + " | ".join(quantities) + " | greedy tokens |", "|---" * (len(quantities) + 2) + "|"]
     for dt in dtypes:
