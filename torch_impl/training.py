@@ -136,9 +136,15 @@ def accumulation_loss(model: torch.nn.Module, out: Any, labels: Mapping[str, tor
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Scale the gradients in place so their global 2-norm is at most `max_norm` (torch's
-    `clip_grad_norm_`: factor `min(1, max_norm / (norm + 1e-6))`); returns the norm before."""
-    return torch.nn.utils.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
+    """Scale the gradients in place so their global 2-norm is at most `max_norm` (factor
+    `min(1, max_norm / (norm + 1e-6))`, torch's `clip_grad_norm_` written out); returns the norm before."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    clip_coef = (math.inf if max_norm is None else max_norm) / (total_norm + 1e-6)
+    clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    for g in grads:
+        g.mul_(clip_coef_clamped.to(g.dtype))
+    return total_norm
 
 
 def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str, torch.Tensor], *,
@@ -151,11 +157,17 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str,
     can read it. Returns tensors (no host sync): `loss` (the whole batch's), `grad_norm` (before
     clipping), `learning_rate` (of this update) and `tokens` (real input tokens).
     """
-    hparams = optimizer.hparams
     unknown = set(batch) - set(INPUT_KEYS) - set(LABEL_KEYS[type(model)])
     if unknown:
         raise ValueError(f"batch: unexpected keys {sorted(unknown)} for {type(model).__name__}; expected "
                          f"{INPUT_KEYS} and {LABEL_KEYS[type(model)]}")
+    split_batch(batch, accumulation_steps)  # checks the rows divide
+    return _train_step(model, optimizer, dict(batch), accumulation_steps)
+
+
+def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, torch.Tensor],
+                accumulation_steps: int) -> dict[str, torch.Tensor]:
+    hparams = optimizer.hparams
     input_ids = batch["input_ids"]
     labels = {k: batch[k] for k in LABEL_KEYS[type(model)]}
     totals = label_counts(model, labels, input_ids.shape[1])
@@ -166,11 +178,11 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str,
     loss = 0.0
     for m, micro in enumerate(micro_batches):
         micro_key = key + torch.tensor([0, 0, m * rows], dtype=key.dtype, device=key.device)
-        out = model(**{k: micro[k] for k in INPUT_KEYS if k in micro}, dropout_key=micro_key)
         micro_labels = {k: micro[k] for k in labels}
         counts = label_counts(model, micro_labels, input_ids.shape[1])
+        out = model(**{k: micro[k] for k in INPUT_KEYS if k in micro}, dropout_key=micro_key)
         micro_loss = accumulation_loss(model, out, micro_labels, counts, totals, accumulation_steps)
-        micro_loss.backward()
+        micro_loss.backward()  # adds this micro-batch's gradients into each parameter's .grad
         loss = loss + micro_loss.detach()
     grad_norm = clip_grad_norm(list(model.parameters()), hparams.max_grad_norm)
     learning_rate = torch.tensor(optimizer.learning_rate, dtype=torch.float64)

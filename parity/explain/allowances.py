@@ -38,6 +38,8 @@ TRACED = "under jit JAX values are tracers: the Flax twin cannot branch on them 
 VQ_RNG = ("JAX randomness is explicit keys folded per block/layer; torch uses one stateful generator, and the "
           "Flax twin scans blocks with lax.scan under jit where torch loops")
 PENDING = "issue 13.3: no framework reason, being lined up by the precision helper"
+TRAIN_MODE = ("train/eval: a torch module carries `training` (set by train()/eval()); an NNX module holds a "
+              "`deterministic` attribute that its train()/eval() set")
 
 ALLOWANCES: dict[str, Allowance] = {
     # checkpoint.py: the two frameworks' parameter containers
@@ -70,6 +72,10 @@ ALLOWANCES: dict[str, Allowance] = {
     "heads.py:ForSequenceClassification.__init__": Allowance(1, NNX_BUILD),
     "heads.py:ForQuestionAnswering.__init__": Allowance(1, NNX_BUILD),
     # layers/
+    "layers/dropout.py:stream_key": Allowance(1, "torch puts each folded int on the key's device (as_tensor); JAX "
+                                                 "arrays follow the computation"),
+    "layers/dropout.py:Dropout.__init__": Allowance(2, TRAIN_MODE),
+    "layers/dropout.py:Dropout.__call__": Allowance(1, TRAIN_MODE),
     "layers/attention.py:KVCache.init": Allowance(1, "the Flax cache is a pytree with a traced int32 length; "
                                                      "torch keeps lists and a Python int"),
     "layers/attention.py:KVCache.key_length": Allowance(1, TRACED),
@@ -100,6 +106,24 @@ ALLOWANCES: dict[str, Allowance] = {
                                              "rest; torch hands the plan to parallelize_module and fully_shard"),
     "sharding.py:constrain_activations": Allowance(6, "JAX SPMD takes a sharding constraint at the layer boundary; "
                                                       "torch's parallel styles fix layouts at module boundaries"),
+    # training.py
+    "training.py:learning_rate_schedule": Allowance(9, "optax needs the schedule as a traceable jnp function of the "
+                                                       "step count; torch's LambdaLR calls the shared Python "
+                                                       "specification (weights.shared.training.lr_factor) itself"),
+    "training.py:Optimizer.__init__": Allowance(6, "torch.optim takes parameter groups (decay, no decay) and a "
+                                                   "separate LambdaLR; optax one transformation with a decay mask "
+                                                   "and the schedule, nnx.Optimizer counting the steps"),
+    "training.py:Optimizer.learning_rate": Allowance(2, "torch's scheduler holds the current rate; optax's is the "
+                                                        "schedule at nnx.Optimizer's step count"),
+    "training.py:split_batch": Allowance(2, "torch loops over a list of micro-batches; the Flax step scans them, "
+                                            "stacked on a new leading axis"),
+    "training.py:_problem_type": Allowance(1, "integer labels: torch compares dtypes, JAX asks issubdtype"),
+    "training.py:clip_grad_norm": Allowance(8, "torch scales each parameter's .grad in place; JAX returns the scaled "
+                                               "gradient pytree"),
+    "training.py:_train_step": Allowance(23, "torch accumulates each micro-batch's gradients into .grad with "
+                                             "backward() in a Python loop; the Flax step is one jitted program "
+                                             "scanning the micro-batches (lax.scan) with functional gradients of "
+                                             "the nnx.split parameters"),
     # vq/
     "vq/attention.py:VQAttention.__init__": Allowance(2, NNX_BUILD),
     "vq/attention.py:tree_detach": Allowance(6, "a pytree map with stop_gradient in JAX; torch walks dicts and "
