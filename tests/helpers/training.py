@@ -17,8 +17,10 @@ from weights.shared.training import TrainingHParams
 
 def train(model: Any, framework: str, batches: Sequence[Batch], head: str, hparams: TrainingHParams,
           accumulation_steps: int = 1) -> tuple[dict[str, np.ndarray], list[dict[str, float]]]:
-    """Train one twin one `train_step` per batch; (its parameters by HF name, per-step metrics)."""
+    """Train one twin one `train_step` per batch, in train mode (dropout on when the config has
+    any); (its parameters by HF name, per-step metrics)."""
     module = torch_training if framework == "torch" else flax_training
+    model.train()
     optimizer = module.make_optimizer(model, hparams)
     metrics = []
     for batch in batches:

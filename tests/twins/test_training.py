@@ -8,6 +8,8 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,6 +22,7 @@ from parity import strategies as tst
 from parity.inputs import seeded_batch
 from parity.loading import twins_from_config
 from tests.helpers.training import train, worst_relative
+from tests.helpers.twins import run_flax, run_torch
 from weights.names import hf_name
 from weights.shared.training import TrainingHParams, decays, learning_rate_at
 
@@ -70,44 +73,39 @@ def test_weight_decay_skips_biases_and_norm_gains():
     assert flat == {n: decays(n) for n in names.values()}
 
 
-@settings(max_examples=3)
-@given(tst.configs(families=True, sparse_routing=True), tst.heads(), st.integers(0, 2 ** 16))
-def test_k_adamw_steps_leave_every_parameter_equal(config, head, seed):
-    """float64: three steps with warmup, clipping and weight decay; every parameter within 1e-9."""
-    if not _usable(config, head):
-        head = "causal_lm"
-    twins = twins_from_config(config, head, "float64", seed)
-    batches = [seeded_batch(config, 3, 7, seed + k) for k in range(3)]
-    t_params, t_metrics = train(twins.torch_model, "torch", batches, head, HPARAMS)
-    f_params, f_metrics = train(twins.flax_model, "flax", batches, head, HPARAMS)
-    name, err = worst_relative(t_params, f_params)
-    assert err <= 1e-9, f"{name}: {err:.2e} after 3 steps"
-    for t, f in zip(t_metrics, f_metrics):
-        assert abs(t["loss"] - f["loss"]) <= 1e-10 * max(1, abs(t["loss"]))
-        assert abs(t["grad_norm"] - f["grad_norm"]) <= 1e-9 * max(1, t["grad_norm"])
-        assert t["learning_rate"] == pytest.approx(f["learning_rate"], rel=1e-15, abs=1e-300)
-        assert t["tokens"] == f["tokens"]
+DROPOUT = st.tuples(st.sampled_from([0.0, 0.1]), st.sampled_from([0.0, 0.1, 0.3]))  # attention, hidden
 
 
-@settings(max_examples=2)
-@given(tst.configs(families=True, sparse_routing=True), tst.heads(), st.integers(0, 2 ** 16))
-def test_accumulation_equals_one_big_step(config, head, seed):
-    """float64: 4 micro-batches of one row each (their label counts differ: left, right and no
-    padding) make the same update as the batch of 4 rows in one piece, in each twin."""
+@settings(max_examples=4)
+@given(tst.configs(families=True, sparse_routing=True), tst.heads(), DROPOUT, st.sampled_from([1, 4]),
+       st.integers(0, 2 ** 16))
+def test_k_adamw_steps_in_both_twins(config, head, dropout, accumulation_steps, seed):
+    """float64, train mode, three steps with warmup, clipping, weight decay and dropout (drawn) on
+    batches of 4 rows: the Flax twin's parameters equal the torch twin's to 1e-9. With 4
+    micro-batches of one row (their label counts differ: left, right and no padding), both twins
+    equal the torch twin's one big step to 1e-10, dropout included (each row draws its mask by its
+    place in the whole batch)."""
     if not _usable(config, head):
         head = "causal_lm"
     # The load-balancing loss is a mean per micro-batch (HF's convention too): not additive over rows.
-    config = dataclasses.replace(config, output_router_logits=False)
-    twins = twins_from_config(config, head, "float64", seed)
-    batch = seeded_batch(config, 4, 8, seed, paddings=PADDINGS)
-    assert len(set(batch.attention_mask.sum(1).tolist())) > 1  # uneven counts
+    config = dataclasses.replace(config, attention_dropout=dropout[0], hidden_dropout=dropout[1],
+                                 output_router_logits=config.output_router_logits and accumulation_steps == 1)
+    batches = [seeded_batch(config, 4, 7, seed + k, paddings=PADDINGS) for k in range(3)]
+    assert len(set(batches[0].attention_mask.sum(1).tolist())) > 1  # uneven label counts
     reference = twins_from_config(config, head, "float64", seed).torch_model
-    ref_params, ref_metrics = train(reference, "torch", [batch, batch], head, HPARAMS)
-    for model, framework in ((twins.torch_model, "torch"), (twins.flax_model, "flax")):
-        params, metrics = train(model, framework, [batch, batch], head, HPARAMS, accumulation_steps=4)
+    ref_params, ref_metrics = train(reference, "torch", batches, head, HPARAMS)
+    twins = twins_from_config(config, head, "float64", seed)
+    bound = 1e-9 if accumulation_steps == 1 else 1e-10
+    runs = [(twins.flax_model, "flax")] + ([(twins.torch_model, "torch")] if accumulation_steps > 1 else [])
+    for model, framework in runs:
+        params, metrics = train(model, framework, batches, head, HPARAMS, accumulation_steps)
         name, err = worst_relative(ref_params, params)
-        assert err <= 1e-10, f"{framework}: {name} differs by {err:.2e}"
-        assert metrics[0]["loss"] == pytest.approx(ref_metrics[0]["loss"], rel=1e-12)
+        assert err <= bound, f"{framework}, {accumulation_steps} micro-batches: {name} differs by {err:.2e}"
+        for r, m in zip(ref_metrics, metrics):
+            assert abs(r["loss"] - m["loss"]) <= 1e-10 * max(1, abs(r["loss"]))
+            assert abs(r["grad_norm"] - m["grad_norm"]) <= 1e-9 * max(1, r["grad_norm"])
+            assert r["learning_rate"] == pytest.approx(m["learning_rate"], rel=1e-15, abs=1e-300)
+            assert r["tokens"] == m["tokens"]
 
 
 def test_accumulation_steps_must_divide_the_rows():
@@ -117,3 +115,45 @@ def test_accumulation_steps_must_divide_the_rows():
     for model, framework in zip(twins.pair, ("torch", "flax")):
         with pytest.raises(ValueError, match="accumulation_steps=2 must be >= 1 and divide the batch's 3 rows"):
             train(model, framework, [batch], "causal_lm", HPARAMS, accumulation_steps=2)
+
+
+def _gradients(model, framework: str, batch, head: str) -> dict[str, np.ndarray]:
+    if framework == "torch":
+        model.zero_grad(set_to_none=True)
+        run_torch(model, batch).loss.backward()
+        return {n: p.grad.double().numpy() for n, p in model.named_parameters()}
+    grads = _flax_grads(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    return {hf_name(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}  # kernels as they are
+
+
+@nnx.jit
+def _flax_grads(model, batch):
+    return nnx.grad(lambda m: m(**batch).loss)(model)
+
+
+@settings(max_examples=1)
+@given(tst.configs(families=True, sparse_routing=True), tst.heads(), st.integers(0, 2 ** 16))
+def test_remat_leaves_gradients_unchanged(config, head, seed):
+    """float64, each twin: the gradients with `gradient_checkpointing` equal those without (1e-12),
+    and remat really ran (torch: each layer's forward twice; Flax: a checkpoint in the program)."""
+    if not _usable(config, head):
+        head = "causal_lm"
+    twins = twins_from_config(config, head, "float64", seed)
+    b = seeded_batch(config, 3, 7, seed)
+    batch = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
+             **b.head_labels(head)}
+    calls = []
+    twins.torch_model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    for model, framework in zip(twins.pair, ("torch", "flax")):
+        plain = _gradients(model, framework, batch, head)
+        model.gradient_checkpointing_enable()
+        remat = _gradients(model, framework, batch, head)
+        model.gradient_checkpointing_disable()
+        name, err = worst_relative(plain, remat)
+        assert err <= 1e-12, f"{framework}: {name} differs by {err:.2e} with remat"
+    assert len(calls) == 3  # once without remat, twice (forward, then again in the backward) with it
+    model = twins.flax_model
+    model.gradient_checkpointing_enable()
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(**{k: jnp.asarray(v) for k, v in batch.items()}).loss)
+    assert "checkpoint" in str(jaxpr(state)) or "remat" in str(jaxpr(state))
