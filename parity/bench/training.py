@@ -3,9 +3,14 @@
 matmul-bound estimate from the same run; and the cost of the dropout masks.
 
 Each (twin, remat) runs in its own child process (`OMP_WAIT_POLICY=PASSIVE` for torch, see
-`generation`), so its peak RSS is its own: the parameters, their gradients, AdamW's two moments
-(4 x 623 MB) and the step's activations. The difference between the remat-off and remat-on
-children of one twin is the activation memory remat saves; everything else is equal.
+`generation`). RSS is read from the kernel: between steps a child holds the parameters and
+AdamW's two moments (3 x 623 MB); a step's peak (`VmHWM`, reset after the first step) adds the
+gradients, the activations and the optimizer's temporaries, and can be set by the optimizer
+update rather than by the activations (torch's foreach AdamW works on whole-model temporaries
+after they are freed; glibc keeps freed pages). So the activation memory remat saves is counted
+exactly, by each framework's own account (`activation_bytes`): the tensors autograd saves
+(torch), XLA's temporary buffers of the compiled forward + backward (Flax). The Flax twin is
+measured with XLA's default CPU scheduler and with the sequential one (`SEQUENTIAL_CPU_SCHEDULER`).
 
 Bound: one step is a forward and a backward pass, 3 x the forward FLOPs (`generation.forward_flops`:
 every linear layer, the LM head, the eager attention's two matmuls; the backward pass has two
@@ -45,6 +50,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> None:
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _step_fn(twin: str, model: Any, ids: np.ndarray):
     from weights.shared.training import TrainingHParams
 
@@ -64,6 +80,35 @@ def _step_fn(twin: str, model: Any, ids: np.ndarray):
     optimizer = make_optimizer(model, hparams)
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
     return lambda: float(train_step(model, optimizer, batch)["loss"])
+
+
+def activation_bytes(twin: str, model: Any, ids: np.ndarray) -> int:
+    """Bytes a forward pass keeps for the backward pass. torch: every tensor autograd saves
+    (counted once per storage by `saved_tensors_hooks`, the parameters left out); remat keeps only
+    each layer's inputs. Flax: XLA's temporary buffers of the compiled forward + backward program
+    (its own memory plan, `memory_analysis().temp_size_in_bytes`)."""
+    if twin == "torch":
+        import torch
+
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        t_ids = torch.from_numpy(ids)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(t_ids, labels=t_ids).loss
+        del loss
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in storages.items() if ptr not in params)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    grads = jax.jit(lambda s, i: jax.grad(lambda s: nnx.merge(graphdef, s)(i, labels=i).loss)(s))
+    return int(grads.lower(state, jnp.asarray(ids)).compile().memory_analysis().temp_size_in_bytes)
 
 
 def _mask_fn(twin: str, shape: tuple[int, ...], layers: int):
@@ -99,13 +144,16 @@ def run_train(twin: str, remat: bool) -> dict:
     batch, length = TRAIN_SHAPE
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
     step = _step_fn(twin, model, ids)
-    rss_before = _rss_bytes()
     t0 = time.perf_counter()
     step()  # compiles (Flax), allocates the moments (torch)
     first = time.perf_counter() - t0
+    steady = _rss_bytes()  # parameters, moments (and Flax's compiled program): what every step starts from
+    _reset_peak()
     seconds = best(step, TRAIN_STEPS)
     out: dict[str, Any] = {"twin": twin, "remat": remat, "seconds": seconds, "first": first,
-                           "rss_before": rss_before,
+                           "steady_rss": steady, "step_peak": _peak_bytes(),
+                           "activations": activation_bytes(twin, model, ids),
+                           "xla_flags": os.environ.get("XLA_FLAGS", ""),
                            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                            "flops": (4 if remat else 3) * forward_flops(config, batch, length),
                            "tokens": batch * length, "matmul_rate": matmul_rate(twin)}
@@ -118,8 +166,16 @@ def run_train(twin: str, remat: bool) -> dict:
     return out
 
 
-def _child(twin: str, remat: bool) -> dict:
+# XLA's default CPU scheduler optimises for concurrency and runs rematerialised forward work early,
+# which keeps what remat was meant to free (measured: 8 tiny layers, 104 -> 18 MB of temporaries
+# with this flag, 112 -> 104 MB without); GPU and TPU schedule for memory.
+SEQUENTIAL_CPU_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _child(twin: str, remat: bool, xla_flags: str = "") -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if twin == "torch" else dict(os.environ)
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     code = (f"import json; from parity.bench.training import run_train; "
             f"print(json.dumps(run_train({twin!r}, {remat!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -136,24 +192,36 @@ def bench_train() -> list[Row]:
 
     batch, length = TRAIN_SHAPE
     rows: list[Row] = []
+    masks = {}
     for twin in ("torch", "flax"):
-        off, on = _child(twin, False), _child(twin, True)
+        runs = [_child(twin, False), _child(twin, True)]
+        if twin == "flax":
+            runs.append(_child(twin, True, SEQUENTIAL_CPU_SCHEDULER))
+        off = runs[0]
+        masks[twin] = off
         rows.append(Row("train", f"{twin} float32 matmul 2048^3", f"{off['matmul_rate'] / 1e9:.0f} GFLOP/s"))
-        for r in (off, on):
+        for r in runs:
             bound = r["flops"] / r["matmul_rate"]
-            what = "remat" if r["remat"] else "no remat"
+            what = ("remat" if r["remat"] else "no remat") + (f", XLA_FLAGS {SEQUENTIAL_CPU_SCHEDULER}"
+                                                             if SEQUENTIAL_CPU_SCHEDULER in r["xla_flags"] else "")
             rows.append(Row("train", f"{twin} {what}, batch {batch} x {length} ({r['flops'] / 1e12:.2f} TFLOP/step)",
                             f"{r['tokens'] / r['seconds']:.0f} tok/s, {r['seconds']:.1f} s/step = "
                             f"{bound / r['seconds']:.0%} of matmul bound ({r['tokens'] / bound:.0f} tok/s); "
-                            f"peak RSS {r['peak_rss'] / 1e9:.2f} GB (first step {r['first']:.1f} s, "
-                            f"load {r['load']:.1f})"))
-        saved = off["peak_rss"] - on["peak_rss"]
-        rows.append(Row("train", f"{twin} activation memory remat saves", f"{saved / 1e9:.2f} GB of peak RSS "
-                        f"({saved / off['peak_rss']:.0%}), at {on['seconds'] / off['seconds']:.2f}x the step time"))
+                            f"peak RSS {r['step_peak'] / 1e9:.2f} GB in a step, {r['steady_rss'] / 1e9:.2f} GB "
+                            f"between steps; activations kept for the backward {r['activations'] / 1e6:.0f} MB "
+                            f"(first step {r['first']:.1f} s, load {r['load']:.1f})"))
+        for r in runs[1:]:
+            saved = off["activations"] - r["activations"]
+            flags = " (sequential XLA CPU scheduler)" if r["xla_flags"] else ""
+            rows.append(Row("train", f"{twin} activation memory remat saves{flags}",
+                            f"{saved / 1e6:.0f} of {off['activations'] / 1e6:.0f} MB ({saved / off['activations']:.0%}); "
+                            f"step peak RSS {off['step_peak'] / 1e9:.2f} -> {r['step_peak'] / 1e9:.2f} GB; "
+                            f"{r['seconds'] / off['seconds']:.2f}x the step time"))
+    for twin, off in masks.items():
         shape = tuple(off["mask_shape"])
         rows.append(Row("train", f"{twin} dropout masks in the program, {off['layers']} layers x {list(shape)}",
                         f"{off['mask_seconds'] * 1e3:.0f} ms/step"))
-    n_layers = rows and off["layers"]
+    n_layers = off["layers"]
     host = best(lambda: keep_mask(0, 1, 0, "attention", shape, DROPOUT_RATE), 2) * n_layers
     shipped = int(np.prod(shape)) * n_layers  # one byte per element as bool
     rows.append(Row("train", f"numpy host masks (the alternative), {n_layers} layers x {list(shape)}",
