@@ -135,14 +135,15 @@ def accumulation_loss(model: torch.nn.Module, out: Any, labels: Mapping[str, tor
     return loss
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Scale the gradients in place so their global 2-norm is at most `max_norm` (factor
-    `min(1, max_norm / (norm + 1e-6))`, torch's `clip_grad_norm_` written out); returns the norm before."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+def clip_grad_norm(grads: list[torch.Tensor | None], max_norm: float | None) -> torch.Tensor:
+    """Scale the gradients (the parameters' `.grad`; None for a parameter without one) in place so
+    their global 2-norm is at most `max_norm` (factor `min(1, max_norm / (norm + 1e-6))`, torch's
+    `clip_grad_norm_` written out); returns the norm before."""
+    leaves = [g for g in grads if g is not None]
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
     clip_coef = (math.inf if max_norm is None else max_norm) / (total_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
-    for g in grads:
+    for g in leaves:
         g.mul_(clip_coef_clamped.to(g.dtype))
     return total_norm
 
@@ -184,7 +185,7 @@ def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, t
         micro_loss = accumulation_loss(model, out, micro_labels, counts, totals, accumulation_steps)
         micro_loss.backward()  # adds this micro-batch's gradients into each parameter's .grad
         loss = loss + micro_loss.detach()
-    grad_norm = clip_grad_norm(list(model.parameters()), hparams.max_grad_norm)
+    grad_norm = clip_grad_norm([p.grad for p in model.parameters()], hparams.max_grad_norm)
     learning_rate = torch.tensor(optimizer.learning_rate, dtype=torch.float64)
     optimizer.update()
     mask = batch.get("attention_mask")

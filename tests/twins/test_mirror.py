@@ -26,6 +26,9 @@ ONE_SIDED = {
     "checkpoint.py": {"tensor_to_numpy", "numpy_to_tensor"},  # torch has no bfloat16 <-> numpy bridge
     "model.py": {"init_weights"},  # torch re-initialises after construction; NNX takes initializers
     "layers/attention.py": {"concrete_int"},  # only JAX has traced values under jit
+    # torch's optimizer applies the gradients in `.grad` and needs them zeroed before accumulating;
+    # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
+    "training.py": {"Optimizer.update", "Optimizer.zero_grad"},
 }
 
 
