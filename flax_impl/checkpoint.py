@@ -165,6 +165,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
                                        strict=strict)
     build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
     abstract = nnx.eval_shape(build)
+    abstract.eval()  # inference mode (dropout off), as the torch twin's and HF's from_pretrained
     params = _hf_params(nnx.state(abstract, nnx.Param))
     loaded: dict[tuple, jax.Array] = {}
     rules = sharding.PARTITION_RULES if rules is None else rules
@@ -188,6 +189,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     # Something the checkpoint cannot fill (a parameter it lacks, or a non-parameter variable):
     # build the model for real, then overwrite what was loaded.
     model = build()
+    model.eval()
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path in loaded:
             var.set_value(loaded.pop(path))
@@ -228,6 +230,8 @@ class Pretrained:
 class Trainable:
     """Mixin giving the heads HF's remat switch: `gradient_checkpointing_enable()` /
     `gradient_checkpointing_disable()` set `model.gradient_checkpointing` on the decoder."""
+
+    supports_gradient_checkpointing = True  # HF's flag: every decoder layer can be rematerialised
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in the backward pass instead of keeping them."""

@@ -170,14 +170,16 @@ def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
 
 def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
     """A Flax twin whose parameters are shapes only (`nnx.eval_shape`): the random init is
-    traced, never run, so nothing is allocated or compiled until real weights are loaded.
-    `head` is a key of `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`)."""
+    traced, never run, so nothing is allocated or compiled until real weights are loaded. In
+    inference mode (`.eval()`), like the torch twin beside it. `head` is a key of `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`)."""
     from flax import nnx
 
     import flax_impl
 
     cls = getattr(flax_impl, HEADS.get(head, head))
-    return nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(0)))
+    model.eval()  # inference mode (dropout off), as the torch twins' .eval()
+    return model
 
 
 def fill_flax_model(model: Any, tensors: Mapping[str, np.ndarray]) -> None:

@@ -232,6 +232,8 @@ class Trainable:
     """Mixin giving the heads HF's remat switch: `gradient_checkpointing_enable()` /
     `gradient_checkpointing_disable()` set `model.gradient_checkpointing` on the decoder."""
 
+    supports_gradient_checkpointing = True  # HF's flag: every decoder layer can be rematerialised
+
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
         self.model.gradient_checkpointing = True

@@ -118,3 +118,20 @@ def test_train_mode_without_a_key_is_refused():
         model.train()
         with pytest.raises(ValueError, match="needs a dropout_key"):
             (run_torch if isinstance(model, torch.nn.Module) else run_flax)(model, {"input_ids": np.ones((1, 3), np.int64)})
+
+
+def test_loaded_twins_are_in_eval_mode(tmp_path):
+    """from_pretrained (both twins, as HF's) and the parity loaders return inference-mode models:
+    a checkpoint with p > 0 runs without a dropout key and the twins agree."""
+    import flax_impl
+    import torch_impl
+
+    config = dataclasses.replace(tst.family_examples()["llama2"], attention_dropout=0.3, hidden_dropout=0.2)
+    t_model, f_model = twins_from_config(config, "causal_lm", "float64").pair
+    t_model.save_pretrained(tmp_path)
+    batch = {"input_ids": np.ones((1, 5), np.int64)}
+    for t, f in [(t_model, f_model), (torch_impl.ForCausalLM.from_pretrained(tmp_path),
+                                      flax_impl.ForCausalLM.from_pretrained(tmp_path))]:
+        assert not t.training and all(m.deterministic for _, m in nnx.iter_graph(f) if hasattr(m, "deterministic"))
+        assert_close("logits", run_torch(t, batch).logits.detach().numpy(), np.asarray(run_flax(f, batch).logits), "float64",
+                     "logits")
