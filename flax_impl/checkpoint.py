@@ -162,7 +162,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     """
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else numpy_dtype(dtype),
-                                       strict=strict)
+                                       strict=strict, processes=sharding.process_count(mesh))
     build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
     abstract = nnx.eval_shape(build)
     abstract.eval()  # inference mode (dropout off), as the torch twin's and HF's from_pretrained

@@ -10,7 +10,7 @@ at the layer boundary (`constrain_activations`, rows over `data`/`fsdp`), and it
 outside a mesh context (`jax.set_mesh(mesh)`).
 
 Usage:
-    mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     model = ForCausalLM.from_pretrained(path, mesh=mesh)          # each device reads its slice
     with jax.set_mesh(mesh):
         logits = jax.jit(lambda m, ids: m(ids).logits)(model, ids)
@@ -26,12 +26,12 @@ from typing import Sequence, TypeVar
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from weights.names import hf_name, is_transposed
 from weights.partition import Rule, partition_spec
 
-__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "shard_model"]
+__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "process_count", "shard_model"]
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -58,6 +58,11 @@ PARTITION_RULES: tuple[Rule, ...] = (
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES
                     ) -> dict[str, NamedSharding]:
     """HF name -> the `NamedSharding` of that parameter under `rules` (works on abstract models)."""
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+        # Explicit axes (jax.make_mesh's default) type every array's sharding; the twins leave the
+        # activations to GSPMD's propagation, constrained at layer boundaries only.
+        raise ValueError(f"mesh axes {mesh.axis_names} are {mesh.axis_types}: build the mesh with "
+                         "axis_types=(jax.sharding.AxisType.Auto,) * n (or jax.sharding.Mesh(devices, names))")
     sizes = dict(mesh.shape)
     out: dict[str, NamedSharding] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -77,6 +82,13 @@ def shard_model(model: M, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES) -
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(jax.device_put(var.get_value(), shardings[hf_name(path)]))
     return model
+
+
+def process_count(mesh: Mesh | None) -> int:
+    """How many processes hold a part of a model sharded over `mesh` (1 without one)."""
+    if mesh is None:
+        return 1
+    return len({device.process_index for device in mesh.devices.flat})
 
 
 def constrain_activations(hidden_states: jax.Array) -> jax.Array:

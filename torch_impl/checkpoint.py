@@ -184,7 +184,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     """
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else _numpy_dtype(dtype),
-                                       strict=strict)
+                                       strict=strict, processes=sharding.process_count(mesh))
     torch_dtype = precision.to_dtype(dtypes.dtype_name(np_dtype))
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config, dtype=torch_dtype)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch.distributed.tensor takes seconds to import: the funct
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ParallelStyle
 
-__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "shard_model"]
+__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "process_count", "shard_model"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -148,6 +148,13 @@ def shard_model(model: M, mesh: DeviceMesh, rules: Sequence[Rule] = PARTITION_RU
             fully_shard(layer, mesh=dp_mesh, shard_placement_fn=fn)
         fully_shard(model, mesh=dp_mesh, shard_placement_fn=fn)
     return model
+
+
+def process_count(mesh: DeviceMesh | None) -> int:
+    """How many processes hold a part of a model sharded over `mesh` (1 without one)."""
+    if mesh is None:
+        return 1
+    return mesh.size()  # one rank per process
 
 
 def constrain_activations(hidden_states: torch.Tensor) -> torch.Tensor:

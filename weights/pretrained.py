@@ -43,12 +43,13 @@ def checkpoint_dtype(reader: CheckpointReader, config: ModelConfig | None = None
 
 
 def open_pretrained(directory: str | os.PathLike, class_name: str, dtype: np.dtype | None = None, *,
-                    strict: bool = True) -> tuple[ModelConfig, np.dtype]:
+                    strict: bool = True, processes: int = 1) -> tuple[ModelConfig, np.dtype]:
     """The config and parameter dtype of `from_pretrained(directory)` for a head class, checked
     before the twin builds anything: with `strict`, the checkpoint's header must fit the config
     (`weights.shapes.check_fits`: tensor count and size in closed form, then every name and
     shape), and the model must fit in memory (`weights.shapes.check_memory`). `dtype` None means
-    the checkpoint's own (`checkpoint_dtype`)."""
+    the checkpoint's own (`checkpoint_dtype`). A model sharded over `processes` processes needs
+    about 1/processes of it in each."""
     from .shapes import HEAD_CLASSES, check_fits, check_memory, parameter_totals
 
     config = ModelConfig.from_pretrained(directory)
@@ -58,8 +59,9 @@ def open_pretrained(directory: str | os.PathLike, class_name: str, dtype: np.dty
             if strict:
                 check_fits(reader, config, class_name)
             elements = parameter_totals(config, class_name)[1]
-            check_memory(elements * np_dtype.itemsize, f"the {class_name} of config.json in {np_dtype.name}",
-                         source=directory)
+            share = f" (1/{processes}: sharded over {processes} processes)" if processes > 1 else ""
+            check_memory(elements * np_dtype.itemsize // processes,
+                         f"the {class_name} of config.json in {np_dtype.name}{share}", source=directory)
     return config, np_dtype
 
 

@@ -103,8 +103,11 @@ ALLOWANCES: dict[str, Allowance] = {
                                                    "while autograd records; nnx.remat wraps the layer's __call__ and "
                                                    "JAX decides under grad"),
     # sharding.py: the frameworks' own engines, fed the same table
-    "sharding.py:param_shardings": Allowance(12, "NNX kernels are [in, out]: the table's HF-layout axes are reversed "
-                                                 "into NamedShardings; torch's names and shapes are HF's already"),
+    "sharding.py:param_shardings": Allowance(14, "NNX kernels are [in, out]: the table's HF-layout axes are reversed "
+                                                 "into NamedShardings (on a mesh of Auto axes); torch's names and "
+                                                 "shapes are HF's already"),
+    "sharding.py:process_count": Allowance(2, "a JAX mesh spans devices of several processes; a torch DeviceMesh "
+                                              "has one rank per process"),
     "sharding.py:shard_model": Allowance(22, "JAX device_puts each parameter on its NamedSharding and jit does the "
                                              "rest; torch hands the plan to parallelize_module and fully_shard"),
     "sharding.py:constrain_activations": Allowance(6, "JAX SPMD takes a sharding constraint at the layer boundary; "

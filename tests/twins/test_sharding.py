@@ -89,3 +89,56 @@ def test_torch_sharded_equals_unsharded_on_two_ranks(tmp_path):
         assert max(r["logits_err"], r["loss_err"], r["grad_err"]) <= 1e-12, r
         # FSDP2 splits every parameter; tensor parallelism leaves the norms whole (0.35% here).
         assert r["resident_fraction"] <= (0.5 if "fsdp" in r["mesh"] else 0.51), r
+
+
+def test_flax_two_processes_each_read_their_slices(tmp_path):
+    """`jax.distributed` on 127.0.0.1: two processes of 4 CPU devices, one (fsdp=2, tensor=4) mesh
+    with fsdp across the processes. Each process reads about half the checkpoint's bytes (its
+    devices' slices; norms whole), and the sharded logits equal the one-device run."""
+    import socket
+
+    import torch
+
+    import torch_impl
+    from weights.config import ModelConfig
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    torch_impl.ForCausalLM(config, dtype=torch.float64).save_pretrained(tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.sharded_flax_processes", str(i), str(port),
+                               str(tmp_path / "ckpt")], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out + err[-3000:]
+    rows = [json.loads(next(line for line in out.splitlines() if line.startswith("{"))) for out, _ in outputs]
+    for r in rows:
+        assert r["devices"] == 8 and r["local"] == 4 and r["processes"] == 2, r
+        assert 0.5 <= r["read_fraction"] <= 0.52, r  # half of every split tensor, the norms whole
+        assert r["logits_err"] <= 1e-12, r
+
+
+def test_the_memory_check_counts_one_process_share(tmp_path, monkeypatch):
+    """A model sharded over N processes needs 1/N of it per process: `open_pretrained` refuses
+    by that share, not by the whole model."""
+    import torch
+
+    import torch_impl
+    import weights.shapes
+    from weights.config import ModelConfig
+    from weights.errors import MemoryLimitError
+    from weights.pretrained import open_pretrained
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch_impl.ForCausalLM(config, dtype=torch.float32).save_pretrained(tmp_path)
+    whole = sum(p.numel() * 4 for p in torch_impl.ForCausalLM(config).parameters())
+    monkeypatch.setattr(weights.shapes, "memory_limit", lambda: whole // 2 + 1)
+    with pytest.raises(MemoryLimitError, match="ForCausalLM"):
+        open_pretrained(tmp_path, "ForCausalLM")
+    open_pretrained(tmp_path, "ForCausalLM", processes=2)
