@@ -6,7 +6,8 @@
 Saves a tiny float64 causal LM to DIR, then for each mesh loads it sharded
 (`from_pretrained(dir, mesh=...)`: each device reads its slice), checks every parameter's
 `.sharding` against the partition table, and compares forward logits, loss, every gradient and
-greedy tokens with the unsharded run. Prints one JSON line per mesh; exits 1 on a mismatch.
+greedy tokens with the unsharded run; then 3 training steps on one mesh. Prints one JSON line per
+mesh and one for the training steps; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ jax.config.update("jax_enable_x64", True)
 
 from flax_impl import ForCausalLM  # noqa: E402
 from flax_impl.sharding import PARTITION_RULES, param_shardings  # noqa: E402
+from flax_impl.training import TrainingHParams, make_optimizer, train_step  # noqa: E402
 from weights.config import ModelConfig  # noqa: E402
 from weights.names import hf_name  # noqa: E402
 
@@ -84,7 +86,37 @@ def run_all(directory: str) -> bool:
                      and grad_err <= TOL and row["tokens_equal"])
         ok &= row["ok"]
         print(json.dumps(row), flush=True)
+    ok &= train_steps(directory)
     return ok
+
+
+def train_steps(directory: str) -> bool:
+    """K = 3 AdamW steps (`flax_impl.training.train_step`, 2 micro-batches each) on the (2, 4)
+    data x tensor mesh against one device: the losses and every parameter after the steps agree,
+    and the parameters keep the table's shardings."""
+    hparams = TrainingHParams(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, max_steps=10)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, (8, 6)), jnp.int32)
+
+    def run(model: ForCausalLM, input_ids: jax.Array) -> tuple[list[float], dict[str, jax.Array]]:
+        model.train()
+        optimizer = make_optimizer(model, hparams)
+        batch = {"input_ids": input_ids, "labels": input_ids}
+        losses = [float(train_step(model, optimizer, batch, accumulation_steps=2)["loss"]) for _ in range(3)]
+        return losses, {hf_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    want_losses, want = run(ForCausalLM.from_pretrained(directory), ids)
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "tensor"))
+    model = ForCausalLM.from_pretrained(directory, mesh=mesh)
+    wanted = param_shardings(model, mesh, PARTITION_RULES)
+    with jax.set_mesh(mesh):
+        losses, got = run(model, jax.device_put(ids, NamedSharding(mesh, PartitionSpec("data"))))
+    row = dict(train_steps=3, mesh={"data": 2, "tensor": 4},
+               loss_err=max(abs(a - b) for a, b in zip(losses, want_losses)),
+               param_err=max(float(np.abs(np.asarray(got[k]) - np.asarray(want[k])).max()) for k in want),
+               wrong_sharding=[k for k, v in got.items() if not v.sharding.is_equivalent_to(wanted[k], v.ndim)])
+    row["ok"] = row["loss_err"] <= TOL and row["param_err"] <= TOL and not row["wrong_sharding"]
+    print(json.dumps(row), flush=True)
+    return row["ok"]
 
 
 if __name__ == "__main__":

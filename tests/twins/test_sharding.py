@@ -28,9 +28,15 @@ def _run(module: str, *args: str, timeout: int = 300) -> list[dict]:
 def test_flax_sharded_equals_unsharded_on_three_meshes(tmp_path):
     """Meshes (8,) fsdp, (2, 4) data x tensor, (1, 8) fsdp x tensor: the model loaded sharded
     (each device reading its slice), every parameter's `.sharding` as the table says, and the
-    forward logits, loss, every gradient and greedy tokens equal to the one-device run to 1e-12."""
+    forward logits, loss, every gradient and greedy tokens equal to the one-device run to 1e-12;
+    then training steps on the (2, 4) mesh equal to one device's."""
     rows = _run("tests.helpers.sharded_flax", str(tmp_path / "ckpt"))
+    *rows, train = rows
     assert [r["mesh"] for r in rows] == [{"fsdp": 8}, {"data": 2, "tensor": 4}, {"fsdp": 1, "tensor": 8}]
+    # K = 3 train_step updates (2 micro-batches each) on the data x tensor mesh: same losses and
+    # parameters as one device, shardings kept.
+    assert train["train_steps"] == 3 and train["ok"] and train["wrong_sharding"] == [], train
+    assert max(train["loss_err"], train["param_err"]) <= 1e-12, train
     for r in rows:
         assert r["ok"], r
         assert r["wrong_sharding"] == [] and r["split"] == 16 and r["tokens_equal"], r
