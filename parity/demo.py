@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from weights.config import ModelConfig, RopeScaling
 
+from .demo_text import save_demo_tokenizer
 from .explain.report_html import write_html
 from .inputs import HEADS
 from .report import Report
@@ -82,7 +83,9 @@ def build_checkpoint(model: DemoModel, directory: str | os.PathLike, seed: int =
     `save_pretrained`: config.json with `architectures`, model.safetensors).
 
     Norm gains and biases get seeded noise too (HF's init leaves them at 1 and 0, which would
-    let a twin that ignores them pass)."""
+    let a twin that ignores them pass). A causal LM also gets the demo's tokenizer
+    (`parity.demo_text`: a tiny BPE trained on a few paragraphs in the repo), so `twinlm
+    generate` takes text."""
     import torch
 
     import torch_impl
@@ -95,7 +98,10 @@ def build_checkpoint(model: DemoModel, directory: str | os.PathLike, seed: int =
             if p.dim() == 1:
                 base = 1.0 if name.endswith("norm.weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-    return t_model.save_pretrained(directory)
+    path = t_model.save_pretrained(directory)
+    if model.head == "causal_lm":
+        save_demo_tokenizer(path, model.config.vocab_size)
+    return path
 
 
 def run_demo(out_dir: str | os.PathLike = "reports/demo", dtypes: Sequence[str] | None = None,
