@@ -35,23 +35,25 @@ def make_attention_mask(attention_mask: jax.Array | None, batch_size: int, query
                         key_length: int, past_length: jax.Array | int, sliding_window: int | None = None) -> jax.Array:
     """Boolean keep-mask `[B, 1, T, S]`: causal by cache index, and 2-D padding mask (1 = keep).
 
-    The query at step t sits at cache index `past_length + t` and sees keys at indices <= that;
-    slots not yet written lie beyond it and are masked by the same rule. `attention_mask` is
+    The query at step t of row b sits at cache index `past_length[b] + t` and sees keys at indices
+    <= that; slots not yet written lie beyond it and are masked by the same rule. `past_length` is
+    one int for every row or `[B]` (each row its own position). `attention_mask` is
     `[B, past_length + T]` (HF's convention) or `[B, S]`. With `sliding_window` w, the query
     at index i sees only indices j with i - j < w, in the full pass and in cached decoding alike.
     """
-    q_index = past_length + jnp.arange(query_length)
+    past = jnp.reshape(jnp.asarray(past_length), (-1, 1, 1))  # [B or 1, 1, 1]
+    q_index = past + jnp.arange(query_length)[:, None]  # [B or 1, T, 1]
     k_index = jnp.arange(key_length)
-    keep = k_index[None, :] <= q_index[:, None]  # [T, S]
+    keep = k_index <= q_index  # [B or 1, T, S]
     if sliding_window is not None:
         # At most `sliding_window` slots back, by cache index (HF's sliding-window masks).
-        keep = keep & (q_index[:, None] - k_index[None, :] < sliding_window)
-    keep = jnp.broadcast_to(keep[None, None], (batch_size, 1, query_length, key_length))
+        keep = keep & (q_index - k_index < sliding_window)
+    keep = jnp.broadcast_to(keep[:, None], (batch_size, 1, query_length, key_length))
     if attention_mask is None:
         return keep
     width = attention_mask.shape[-1]
-    past = concrete_int(past_length)
-    allowed = (key_length,) if past is None else (past + query_length, key_length)
+    past_max = concrete_int(jnp.max(past))
+    allowed = (key_length,) if past_max is None else (past_max + query_length, key_length)
     if attention_mask.ndim != 2 or attention_mask.shape[0] != batch_size or width not in allowed:
         raise ValueError(f"attention_mask: expected shape [{batch_size}, {allowed[0]}] "
                          f"(past + new tokens), got {list(attention_mask.shape)}")
@@ -134,6 +136,7 @@ class DecoderModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
         self.config = config
+        self.dtype = dtype  # the activation dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
                                       embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
@@ -172,7 +175,9 @@ class DecoderModel(nnx.Module):
         past_length = past_key_values.length if past_key_values is not None else 0
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
-            position_ids = jnp.broadcast_to((past_length + jnp.arange(t, dtype=jnp.int32))[None], (b, t))
+            # Each row continues from its own cache position.
+            position_ids = jnp.broadcast_to(jnp.reshape(jnp.asarray(past_length, jnp.int32), (-1, 1)) + jnp.arange(t, dtype=jnp.int32),
+                                            (b, t))
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)

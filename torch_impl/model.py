@@ -32,27 +32,30 @@ class BaseModelOutput:
 
 
 def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, query_length: int,
-                        key_length: int, past_length: int, device: torch.device | None = None,
+                        key_length: int, past_length: torch.Tensor | int, device: torch.device | None = None,
                         sliding_window: int | None = None) -> torch.Tensor:
     """Boolean keep-mask `[B, 1, T, S]`: causal by cache index, and 2-D padding mask (1 = keep).
 
-    The query at step t sits at cache index `past_length + t` and sees keys at indices <= that;
-    slots not yet written lie beyond it and are masked by the same rule. `attention_mask` is
+    The query at step t of row b sits at cache index `past_length[b] + t` and sees keys at indices
+    <= that; slots not yet written lie beyond it and are masked by the same rule. `past_length` is
+    one int for every row or `[B]` (each row its own position). `attention_mask` is
     `[B, past_length + T]` (HF's convention) or `[B, S]`. With `sliding_window` w, the query
     at index i sees only indices j with i - j < w, in the full pass and in cached decoding alike.
     """
-    q_index = past_length + torch.arange(query_length, device=device)
+    past = torch.as_tensor(past_length, device=device).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+    q_index = past + torch.arange(query_length, device=device)[:, None]  # [B or 1, T, 1]
     k_index = torch.arange(key_length, device=device)
-    keep = k_index[None, :] <= q_index[:, None]  # [T, S]
+    keep = k_index <= q_index  # [B or 1, T, S]
     if sliding_window is not None:
         # At most `sliding_window` slots back, by cache index (HF's sliding-window masks).
-        keep = keep & (q_index[:, None] - k_index[None, :] < sliding_window)
-    keep = keep[None, None].expand(batch_size, 1, query_length, key_length)
+        keep = keep & (q_index - k_index < sliding_window)
+    keep = keep[:, None].expand(batch_size, 1, query_length, key_length)
     if attention_mask is None:
         return keep
     width = attention_mask.shape[-1]
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or width not in (past_length + query_length, key_length):
-        raise ValueError(f"attention_mask: expected shape [{batch_size}, {past_length + query_length}] "
+    longest = int(past.max()) + query_length
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or width not in (longest, key_length):
+        raise ValueError(f"attention_mask: expected shape [{batch_size}, {longest}] "
                          f"(past + new tokens), got {list(attention_mask.shape)}")
     padding = attention_mask.to(torch.bool)
     if width < key_length:
@@ -145,6 +148,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
+        self.dtype = dtype  # the activation dtype
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype)
         self.layers = nn.ModuleList([DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, dtype=dtype)
@@ -174,7 +178,9 @@ class DecoderModel(nn.Module):
         past_length = past_key_values.length if past_key_values is not None else 0
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
-            position_ids = (past_length + torch.arange(t, device=inputs_embeds.device))[None].expand(b, t)
+            # Each row continues from its own cache position.
+            position_ids = (torch.as_tensor(past_length, device=inputs_embeds.device).reshape(-1, 1)
+                            + torch.arange(t, device=inputs_embeds.device)).expand(b, t)
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, inputs_embeds.device, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)

@@ -31,25 +31,28 @@ def concrete_int(x: jax.Array | int) -> int | None:
 
 @flax.struct.dataclass
 class KVCache:
-    """Static cache: per layer keys and values `[B, K, S_max, D]`, written at index `length`.
+    """Static cache: per layer keys and values `[B, K, S_max, D]`; row b is written at its own
+    index `length[b]` (`length` is `[B]` int32).
 
-    All layers write at the same `length`; `DecoderModel` advances it once per forward pass.
-    A pytree, so it passes through `jax.jit`. Outside jit a write past the capacity grows the
-    buffers (a slow path; preallocate with `init`); under jit the capacity must suffice.
+    All layers of a row write at the same index; `DecoderModel` advances every row once per
+    forward pass (the serving runner then holds back its free slots). `generate()` keeps all rows
+    at one length; the serving runner gives each slot its own. A pytree, so it passes through
+    `jax.jit`. Outside jit a write past the capacity grows the buffers (a slow path; preallocate
+    with `init`); under jit the capacity must suffice.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
-    length: jax.Array  # int32 scalar
+    length: jax.Array  # [B] int32
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
              dtype: jnp.dtype = jnp.float32) -> "KVCache":
-        """An empty cache with room for `max_length` positions."""
+        """An empty cache with room for `max_length` positions in each of `batch_size` rows."""
         shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
         layers = range(config.num_hidden_layers)
         return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.zeros((), jnp.int32))
+                   jnp.zeros(batch_size, jnp.int32))
 
     @property
     def capacity(self) -> int:
@@ -58,26 +61,30 @@ class KVCache:
 
     def key_length(self, num_new: int) -> int:
         """Key axis length S after writing `num_new` more positions (the capacity under jit)."""
-        start = concrete_int(self.length)
+        start = concrete_int(jnp.max(self.length))
         return self.capacity if start is None else max(self.capacity, start + num_new)
 
     def update(self, key: jax.Array, value: jax.Array, layer_idx: int
                ) -> tuple["KVCache", jax.Array, jax.Array]:
-        """Write key/value `[B, K, T, D]` at `length`; return the new cache and the layer's full buffers."""
+        """Write key/value `[B, K, T, D]`, row b at indices `length[b]` ... `length[b] + T - 1`;
+        return the new cache and the layer's full buffers."""
         keys, values = list(self.keys), list(self.values)
-        start = concrete_int(self.length)
+        start = concrete_int(jnp.max(self.length))
         if start is not None and start + key.shape[2] > self.capacity:
             grow = ((0, 0), (0, 0), (0, start + key.shape[2] - self.capacity), (0, 0))
             keys[layer_idx], values[layer_idx] = jnp.pad(keys[layer_idx], grow), jnp.pad(values[layer_idx], grow)
-        # Every index must share the int32 dtype of `length`; a bare 0 is int64 under x64.
-        zero = jnp.zeros((), self.length.dtype)
-        index = (zero, zero, self.length, zero)
-        keys[layer_idx] = jax.lax.dynamic_update_slice(keys[layer_idx], key.astype(keys[layer_idx].dtype), index)
-        values[layer_idx] = jax.lax.dynamic_update_slice(values[layer_idx], value.astype(values[layer_idx].dtype), index)
+
+        def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:  # one row: [K, S, D]
+            # Every index must share the int32 dtype of `length`; a bare 0 is int64 under x64.
+            zero = jnp.zeros((), index.dtype)
+            return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (zero, index, zero))
+
+        keys[layer_idx] = jax.vmap(write)(keys[layer_idx], key, self.length)
+        values[layer_idx] = jax.vmap(write)(values[layer_idx], value, self.length)
         return self.replace(keys=tuple(keys), values=tuple(values)), keys[layer_idx], values[layer_idx]
 
     def advance(self, num_tokens: int) -> "KVCache":
-        """Move the write position past `num_tokens` newly written positions."""
+        """Move every row's write position past `num_tokens` newly written positions."""
         return self.replace(length=self.length + num_tokens)
 
 

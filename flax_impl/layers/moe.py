@@ -67,10 +67,12 @@ def load_balancing_loss(router_logits: tuple[jax.Array, ...], num_experts: int, 
 
 def current_token_mask(attention_mask: jax.Array | None, past_length: jax.Array | int, query_length: int
                        ) -> jax.Array | None:
-    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens."""
+    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens
+    (`past_length`: one int, or `[B]` when each row has its own cache position)."""
     if attention_mask is None or attention_mask.shape[-1] == query_length:
         return attention_mask
-    return jax.lax.dynamic_slice_in_dim(attention_mask, past_length, query_length, axis=1)
+    index = jnp.reshape(jnp.asarray(past_length), (-1, 1)) + jnp.arange(query_length)
+    return jnp.take_along_axis(attention_mask, jnp.broadcast_to(index, (attention_mask.shape[0], query_length)), axis=1)
 
 
 class ExpertMLP(nnx.Module):

@@ -36,7 +36,7 @@ def torch_decode(model, ids, mask, pos, prefix, capacity):
                       past_key_values=cache, use_cache=True)
             cache = o.past_key_values
             out.append(o.logits.numpy())
-    assert cache.length == ids.shape[1]
+    assert (cache.length == ids.shape[1]).all()  # every row at its own (here: the same) position
     return np.concatenate(out, axis=1)
 
 
@@ -52,7 +52,7 @@ def flax_decode(model, ids, mask, pos, prefix, capacity):
                   use_cache=True)
         cache = o.past_key_values
         out.append(np.asarray(o.logits))
-    assert int(cache.length) == ids.shape[1]
+    assert (np.asarray(cache.length) == ids.shape[1]).all()
     return np.concatenate(out, axis=1)
 
 

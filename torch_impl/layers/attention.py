@@ -20,13 +20,16 @@ from .rope import apply_rotary_pos_emb
 
 
 class KVCache:
-    """Static cache: per layer keys and values `[B, K, S_max, D]`, written at index `length`.
+    """Static cache: per layer keys and values `[B, K, S_max, D]`; row b is written at its own
+    index `length[b]` (`length` is `[B]` int64).
 
-    All layers write at the same `length`; `DecoderModel` advances it once per forward pass.
-    A write past the capacity grows the buffers (a slow path; preallocate with `init`).
+    All layers of a row write at the same index; `DecoderModel` advances every row once per
+    forward pass (the serving runner then holds back its free slots). `generate()` keeps all rows
+    at one length; the serving runner gives each slot its own. A write past the capacity grows
+    the buffers (a slow path; preallocate with `init`).
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: torch.Tensor):
         self.keys = keys
         self.values = values
         self.length = length
@@ -34,11 +37,12 @@ class KVCache:
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "KVCache":
-        """An empty cache with room for `max_length` positions."""
+        """An empty cache with room for `max_length` positions in each of `batch_size` rows."""
         shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
         layers = range(config.num_hidden_layers)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in layers])
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     @property
     def capacity(self) -> int:
@@ -47,23 +51,28 @@ class KVCache:
 
     def key_length(self, num_new: int) -> int:
         """Key axis length S after writing `num_new` more positions."""
-        return max(self.capacity, self.length + num_new)
+        return max(self.capacity, int(self.length.max()) + num_new)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int
                ) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
-        """Write key/value `[B, K, T, D]` at `length`; return the cache and the layer's full buffers."""
-        start, end = self.length, self.length + key.shape[2]
+        """Write key/value `[B, K, T, D]`, row b at indices `length[b]` ... `length[b] + T - 1`;
+        return the cache and the layer's full buffers."""
+        b, _, t, _ = key.shape
+        end = int(self.length.max()) + t
         if end > self.capacity:
             grow = end - self.capacity
-            pad = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (grow,) + t.shape[3:])], dim=2)
+            pad = lambda x: torch.cat([x, x.new_zeros(x.shape[:2] + (grow,) + x.shape[3:])], dim=2)  # noqa: E731
             self.keys[layer_idx], self.values[layer_idx] = pad(self.keys[layer_idx]), pad(self.values[layer_idx])
-        self.keys[layer_idx][:, :, start:end] = key
-        self.values[layer_idx][:, :, start:end] = value
+        rows = torch.arange(b, device=key.device)[:, None]  # [B, 1]
+        index = self.length[:, None] + torch.arange(t, device=key.device)  # [B, T]
+        # Advanced indices around a slice put their axes first: the target is [B, T, K, D].
+        self.keys[layer_idx][rows, :, index] = key.transpose(1, 2)
+        self.values[layer_idx][rows, :, index] = value.transpose(1, 2)
         return self, self.keys[layer_idx], self.values[layer_idx]
 
     def advance(self, num_tokens: int) -> "KVCache":
-        """Move the write position past `num_tokens` newly written positions."""
-        self.length += num_tokens
+        """Move every row's write position past `num_tokens` newly written positions."""
+        self.length = self.length + num_tokens
         return self
 
 

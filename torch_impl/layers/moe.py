@@ -62,12 +62,15 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return (tokens_per_expert * router_prob_per_expert[None]).sum() * num_experts
 
 
-def current_token_mask(attention_mask: torch.Tensor | None, past_length: int, query_length: int
+def current_token_mask(attention_mask: torch.Tensor | None, past_length: torch.Tensor | int, query_length: int
                        ) -> torch.Tensor | None:
-    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens."""
+    """The columns of a `[B, past + T]` (or `[B, S]`) padding mask that belong to the T new tokens
+    (`past_length`: one int, or `[B]` when each row has its own cache position)."""
     if attention_mask is None or attention_mask.shape[-1] == query_length:
         return attention_mask
-    return attention_mask[:, past_length:past_length + query_length]
+    index = torch.as_tensor(past_length, device=attention_mask.device).reshape(-1, 1) + torch.arange(
+        query_length, device=attention_mask.device)
+    return torch.gather(attention_mask, 1, index.expand(attention_mask.shape[0], query_length))
 
 
 class ExpertMLP(nn.Module):
