@@ -54,24 +54,31 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def filter_mask(scaled: jax.Array, top_k_value: jax.Array | None, top_p_value: jax.Array | None,
-                allowed: jax.Array | None) -> jax.Array:
+                allowed: jax.Array | None, allowed_first: jax.Array | None = None) -> jax.Array:
     """Keep-mask `[B, V]` over temperature-scaled logits: top-k, then top-p, then `allowed`.
 
-    top-k keeps every token scoring at least the k-th largest (ties included, as HF). top-p keeps
-    the most probable tokens until their renormalised mass reaches p (at least one; tokens tied
-    with the last one kept are kept too). If `allowed` removes every survivor, the row keeps its
-    most probable allowed token, so a disallowed token is never chosen.
+    `top_k_value` and `top_p_value` are one value or one per row (`[B]`); a row with k >= V or
+    p >= 1 keeps every token at that filter. top-k keeps every token scoring at least the k-th
+    largest (ties included, as HF). top-p keeps the most probable tokens until their renormalised
+    mass reaches p (at least one; tokens tied with the last one kept are kept too). If `allowed`
+    removes every survivor, the row keeps its most probable allowed token, so a disallowed token
+    is never chosen. Rows with `allowed_first` (`[B]` bool, the "grok" order) apply `allowed`
+    before top-k and top-p, which then choose among the allowed tokens only.
     """
     keep = jnp.ones_like(scaled, dtype=bool)
+    if allowed is not None and allowed_first is not None:
+        keep = keep & (allowed | ~allowed_first[:, None])
     if top_k_value is not None:
-        kth = jax.lax.dynamic_slice_in_dim(jnp.sort(scaled, axis=-1, descending=True), top_k_value - 1, 1, axis=-1)
-        keep = keep & (scaled >= kth)
+        ordered = jnp.sort(jnp.where(keep, scaled, -jnp.inf), axis=-1, descending=True)
+        k = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_k_value), (-1, 1)), (scaled.shape[0], 1))
+        keep = keep & (scaled >= jnp.take_along_axis(ordered, k - 1, axis=-1))
     if top_p_value is not None:
+        p = jnp.reshape(jnp.asarray(top_p_value, dtype=scaled.dtype), (-1, 1))
         probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
         ordered = jnp.sort(probs, axis=-1, descending=True)
         mass_before = jnp.cumsum(ordered, axis=-1) - ordered
-        count = jnp.maximum((mass_before < top_p_value).sum(-1, keepdims=True), 1)
-        keep = keep & (probs >= jnp.take_along_axis(ordered, count - 1, axis=-1))
+        count = jnp.maximum((mass_before < p).sum(-1, keepdims=True), 1)
+        keep = keep & ((probs >= jnp.take_along_axis(ordered, count - 1, axis=-1)) | (p >= 1.0))
     if allowed is not None:
         best_allowed = jnp.where(allowed, scaled, -jnp.inf).max(-1, keepdims=True)
         fallback = allowed & (scaled == best_allowed)
@@ -81,13 +88,15 @@ def filter_mask(scaled: jax.Array, top_k_value: jax.Array | None, top_p_value: j
 
 
 def sampling_weights(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Array | None,
-                     top_p_value: jax.Array | None, allowed: jax.Array | None) -> jax.Array:
-    """Unnormalised probabilities `[B, V]` of the filtered distribution (0 for filtered tokens).
+                     top_p_value: jax.Array | None, allowed: jax.Array | None,
+                     allowed_first: jax.Array | None = None) -> jax.Array:
+    """Unnormalised probabilities `[B, V]` of the filtered distribution (0 for filtered tokens);
+    `temperature` is one value or one per row (`[B]`).
 
     Scaled so that the best kept token has weight 1: no row can underflow to all zeros.
     """
-    scaled = logits / temperature
-    keep = filter_mask(scaled, top_k_value, top_p_value, allowed)
+    scaled = logits / jnp.reshape(jnp.asarray(temperature, dtype=logits.dtype), (-1, 1))
+    keep = filter_mask(scaled, top_k_value, top_p_value, allowed, allowed_first)
     best = jnp.where(keep, scaled, -jnp.inf).max(-1, keepdims=True)
     return jnp.where(keep, jnp.exp(scaled - best), jnp.zeros_like(scaled))
 
@@ -145,7 +154,8 @@ def choose(state: DecodeState, logits: jax.Array, noise: jax.Array | None, allow
     x = logits.astype(compute_dtype(logits.dtype))
     if options.do_sample:
         weights = sampling_weights(x, knobs["temperature"], knobs["top_k"] if options.use_top_k else None,
-                                   knobs["top_p"] if options.use_top_p else None, allowed)
+                                   knobs["top_p"] if options.use_top_p else None, allowed,
+                                   knobs["allowed_first"] if options.allowed_first else None)
         token = sample_from_weights(weights, noise[state.step])
     else:
         token = greedy(x, allowed)
@@ -286,7 +296,7 @@ def beam_search(model, input_ids: jax.Array, attention_mask: jax.Array, position
                 allowed: jax.Array | None, knobs: dict, options: GenerationOptions,
                 cache: KVCache) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """Beam search over rows already expanded to `[B * nb, ...]`; returns the best finished
-    hypothesis' records `[B, N, ...]` and its length `[B]`."""
+    hypotheses' records `[B * num_return_sequences, N, ...]` and their lengths."""
     nb, n = options.num_beams, options.max_new_tokens
     b = input_ids.shape[0] // nb
     cdtype = compute_dtype(cache.keys[0].dtype)
@@ -314,26 +324,26 @@ def beam_search(model, input_ids: jax.Array, attention_mask: jax.Array, position
     def body(carry: tuple[BeamState, KVCache]) -> tuple[BeamState, KVCache]:
         state, cache = carry
         cache = cache.replace(keys=tuple(key[state.parent] for key in cache.keys),
-                              values=tuple(value[state.parent] for value in cache.values))
+                              values=tuple(value[state.parent] for value in cache.values),
+                              length=cache.length[state.parent])
         token = jax.lax.dynamic_index_in_dim(state.running[0], state.step - 1, axis=2, keepdims=False).reshape(-1, 1)
         logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)
         return beam_step(state, logits, allowed, knobs, options), cache
 
     state, _ = jax.lax.while_loop(cond, body, (state, cache))
-    return tuple(r[:, 0] for r in state.finished), state.lengths[:, 0]
+    k = options.num_return_sequences  # the k best hypotheses per prompt, adjacent rows
+    return tuple(r[:, :k].reshape((-1,) + r.shape[2:]) for r in state.finished), state.lengths[:, :k].reshape(-1)
 
 
 # ---- the entry point ---------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _generate_compiled(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-                       position_ids: jax.Array, noise: jax.Array | None, allowed: jax.Array | None, knobs: dict,
-                       *, options: GenerationOptions) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """Prefill and the whole decode loop, compiled once per (model structure, shapes, options).
+def generate_records(model, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+                     noise: jax.Array | None, allowed: jax.Array | None, knobs: dict,
+                     options: GenerationOptions) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Prefill and the whole decode loop on rows already expanded to `[B * num_beams, ...]`.
 
-    Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[B, N, ...]` and how many
+    Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[R, N, ...]` and how many
     of the N new-token columns are in use."""
-    model = nnx.merge(graphdef, params)
     cache = KVCache.init(model.config, input_ids.shape[0], attention_mask.shape[1], dtype=model.model.embed_tokens.dtype)
     if options.num_beams == 1:
         state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache)
@@ -342,54 +352,73 @@ def _generate_compiled(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax
     return records, lengths.max()
 
 
-def generate(model, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-             max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, allowed_tokens: jax.Array | np.ndarray | None = None,
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def _generate_compiled(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+                       position_ids: jax.Array, noise: jax.Array | None, allowed: jax.Array | None, knobs: dict,
+                       *, options: GenerationOptions) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """`generate_records`, compiled once per (model structure, shapes, options): the torch twin
+    calls it directly, this twin through `nnx.split` -> `jax.jit` -> `nnx.merge`."""
+    return generate_records(nnx.merge(graphdef, params), input_ids, attention_mask, position_ids, noise, allowed,
+                            knobs, options)
+
+
+def generate(model, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None, *,
+             max_new_tokens: int, do_sample: bool = False, temperature: float | Sequence[float] = 1.0,
+             top_k: int | Sequence[int | None] | None = None, top_p: float | Sequence[float | None] | None = None,
+             allowed_tokens: jax.Array | np.ndarray | None = None, filter_order: str = "generate",
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-             return_scores: bool = False) -> jax.Array | GenerationOutput:
+             num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
+             use_config_eos: bool = False, bos_token_id: int | None = None, pad_token_id: int | None = None,
+             seed: int = 0, return_scores: bool = False) -> jax.Array | GenerationOutput:
     """Continue each prompt of `input_ids [B, P]` (left-padded, `attention_mask` 1 = token) by up
     to `max_new_tokens` tokens with a `ForCausalLM`; returns the sequences `[B, P + N]`
     (N <= max_new_tokens: the loop stops once every row has emitted an eos token).
 
     Greedy by default; `do_sample` samples with `temperature`, then `top_k`, then `top_p`, then
-    the per-row `allowed_tokens [B, V]` (bool) mask, driven by the numpy noise of `seed` (same
-    tokens as the torch twin). `num_beams > 1` is HF's beam search with `length_penalty` and
-    `early_stopping` (True, False or "never"). `eos_token_id` None means no row ever finishes;
-    `pad_token_id` defaults to the first eos token. With `return_scores`, returns a
-    `GenerationOutput` with per-step log-probs and the top-8 candidates.
+    the per-row `allowed_tokens [B, V]` (bool) mask (`filter_order="grok"`: the mask before top-k
+    and top-p), driven by the numpy noise of `seed` (same tokens as the torch twin); `temperature`,
+    `top_k` and `top_p` are one value or one per prompt row (None in a row: that filter off).
+    `num_beams > 1` is HF's beam search with `length_penalty` and `early_stopping` (True, False or
+    "never"). `num_return_sequences` rows come back per prompt, adjacent: independent samples, or
+    the best hypotheses of beam search. `input_ids` None starts one row from `bos_token_id`
+    (default: the config's). `eos_token_id` None means no row ever finishes, unless
+    `use_config_eos` takes the config's; `pad_token_id` defaults to the first eos token. With
+    `return_scores`, returns a `GenerationOutput` with per-step log-probs and the top-8 candidates.
     """
     config = model.config
-    options, mask_np, allowed_np = prepare_generation(
-        np.asarray(input_ids), None if attention_mask is None else np.asarray(attention_mask),
-        config.vocab_size, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p,
-        allowed_tokens=None if allowed_tokens is None else np.asarray(allowed_tokens),
-        num_beams=num_beams, early_stopping=early_stopping, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, return_scores=return_scores)
+    to_np = lambda x: None if x is None else np.asarray(x)  # noqa: E731
+    inputs = prepare_generation(
+        to_np(input_ids), to_np(attention_mask), config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, allowed_tokens=to_np(allowed_tokens),
+        num_beams=num_beams, early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        return_scores=return_scores, num_return_sequences=num_return_sequences, bos_token_id=bos_token_id,
+        use_config_eos=use_config_eos, filter_order=filter_order)
+    options = inputs.options
     dtype = model.model.embed_tokens.dtype
     np_cdtype = np.float64 if compute_dtype(dtype) == jnp.float64 else np.float32
-    b, p = input_ids.shape
+    r, p = inputs.input_ids.shape
     n, nb = options.max_new_tokens, options.num_beams
     # Extra left padding up to the bucket: masked columns that no token can see.
     extra = bucket_length(p) - p
-    ids_np = np.pad(np.asarray(input_ids, dtype=np.int32), ((0, 0), (extra, 0)), constant_values=options.pad_token_id)
-    mask_np = np.pad(mask_np, ((0, 0), (extra, 0)))
-    full_mask = np.concatenate([mask_np, np.ones((b, n), np.int64)], axis=1)  # [B, S]: new tokens are real
+    ids_np = np.pad(inputs.input_ids, ((0, 0), (extra, 0)), constant_values=options.pad_token_id)
+    mask_np = np.pad(inputs.attention_mask, ((0, 0), (extra, 0)))
+    full_mask = np.concatenate([mask_np, np.ones((r, n), np.int64)], axis=1)  # [R, S]: new tokens are real
     position_ids = position_ids_from_mask(mask_np)
-    knobs = dict(temperature=np.asarray(temperature, np_cdtype), top_k=np.int32(top_k or 0),
-                 top_p=np.asarray(top_p or 1.0, np_cdtype),
+    to_jax = lambda a, t: jnp.asarray(np.repeat(a, nb, axis=0).astype(t))  # noqa: E731 rows -> rows x beams
+    knobs = dict(temperature=inputs.temperature.astype(np_cdtype), top_k=to_jax(inputs.top_k, np.int32),
+                 top_p=inputs.top_p.astype(np_cdtype), allowed_first=np.ones(r * nb, bool),
                  # length penalties (i + 1) ** lp in numpy, so both twins divide by the same numbers
                  penalties=(np.arange(1, n + 1, dtype=np.float64) ** length_penalty).astype(np_cdtype),
                  hyp_at_max=np.bool_(early_stopping == "never" and length_penalty > 0.0))
-    to_jax = lambda a, t: jnp.asarray(np.repeat(a, nb, axis=0).astype(t))  # rows -> rows x beams
-    allowed = None if allowed_np is None else to_jax(allowed_np, bool)
-    noise = jnp.asarray(sampling_noise(seed, n, b).astype(np_cdtype)) if options.do_sample else None
+    allowed = None if inputs.allowed is None else to_jax(inputs.allowed, bool)
+    noise = jnp.asarray(sampling_noise(seed, n, r).astype(np_cdtype)) if options.do_sample else None
     graphdef, params = nnx.split(model)
     records, used = _generate_compiled(graphdef, params, to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
                                        to_jax(position_ids, np.int32), noise, allowed, knobs, options=options)
-    records = tuple(r[:, :int(used)] for r in records)
-    sequences = jnp.concatenate([jnp.asarray(input_ids, dtype=jnp.int32), records[0]], axis=1)
+    records = tuple(x[:, :int(used)] for x in records)
+    # Beam search returns its best hypotheses per prompt; sampled rows were repeated already.
+    prompt = np.repeat(inputs.input_ids, options.num_return_sequences if nb > 1 else 1, axis=0)
+    sequences = jnp.concatenate([jnp.asarray(prompt, dtype=jnp.int32), records[0]], axis=1)
     if not options.return_scores:
         return sequences
     return GenerationOutput(sequences, *records[1:])

@@ -16,15 +16,20 @@ lives once, here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["GenerationOptions", "TOP_CANDIDATES", "bucket_length", "position_ids_from_mask",
-           "prepare_generation", "sampling_noise"]
+__all__ = ["FILTER_ORDERS", "GenerationInputs", "GenerationOptions", "TOP_CANDIDATES", "bucket_length",
+           "position_ids_from_mask", "prepare_generation", "sampling_noise"]
 
 TOP_CANDIDATES = 8  # candidates reported per step with `return_scores`
 MIN_BUCKET = 16  # shortest prompt bucket of the Flax twin's compiled loop
+# The order of the sampling filters. "generate": temperature, top-k, top-p, then the allowed
+# mask (a row the mask would empty keeps its best allowed token). "grok": temperature, the mask,
+# then top-k and top-p over the allowed tokens only (Grok-1's `sample_token`: temperature, mask,
+# nucleus).
+FILTER_ORDERS = ("generate", "grok")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class GenerationOptions:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     return_scores: bool
+    num_return_sequences: int = 1
+    allowed_first: bool = False  # filter order "grok": the allowed mask before top-k / top-p
 
     @property
     def beams_to_keep(self) -> int:
@@ -80,17 +87,70 @@ def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     return tuple(int(e) for e in eos_token_id)
 
 
-def prepare_generation(input_ids: np.ndarray, attention_mask: np.ndarray | None, vocab_size: int, *,
-                       max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
-                       top_p: float | None, allowed_tokens: np.ndarray | None, num_beams: int,
-                       early_stopping: bool | str, eos_token_id: int | Sequence[int] | None,
-                       pad_token_id: int | None, return_scores: bool
-                       ) -> tuple[GenerationOptions, np.ndarray, np.ndarray | None]:
-    """Check every argument of `generate` and resolve defaults.
+class GenerationInputs(NamedTuple):
+    """Everything `generate` resolved from its arguments, per output row (R = B x
+    `num_return_sequences`; rows of one prompt are adjacent, as HF's `repeat_interleave`)."""
 
-    Returns `(options, attention_mask [B, P] int64, allowed [B, V] bool or None)`. Raises
-    `ValueError` naming the argument for anything the decode loop could not honour.
+    options: GenerationOptions
+    input_ids: np.ndarray  # [R, P] int64
+    attention_mask: np.ndarray  # [R, P] int64
+    allowed: np.ndarray | None  # [R, V] bool
+    temperature: np.ndarray  # [R] float64
+    top_k: np.ndarray  # [R] int64, V where a row has no top-k
+    top_p: np.ndarray  # [R] float64, 1.0 where a row has no top-p
+
+
+def _per_row(name: str, value, b: int) -> list:
+    """A scalar (or None) for every row, or one value per row."""
+    if value is None or np.ndim(value) == 0:
+        return [value] * b
+    values = list(np.asarray(value, dtype=object).reshape(-1))
+    if len(values) != b:
+        raise ValueError(f"{name}: expected one value or {b} (one per prompt row), got {len(values)}")
+    return values
+
+
+def _row_knobs(b: int, vocab_size: int, do_sample: bool, temperature, top_k, top_p
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row (temperature, top-k, top-p), each checked; no top-k is V, no top-p is 1."""
+    temps, ks, ps = _per_row("temperature", temperature, b), _per_row("top_k", top_k, b), _per_row("top_p", top_p, b)
+    for t in temps:
+        if t is None or (do_sample and not float(t) > 0):
+            raise ValueError(f"temperature: must be > 0 when sampling, got {t!r}")
+    for k in ks:
+        if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+            raise ValueError(f"top_k: must be None or an integer >= 1, got {k!r}")
+    for q in ps:
+        if q is not None and not 0.0 < q <= 1.0:
+            raise ValueError(f"top_p: must be None or in (0, 1], got {q!r}")
+    return (np.array([float(t) for t in temps]), np.array([vocab_size if k is None else min(int(k), vocab_size) for k in ks]),
+            np.array([1.0 if q is None else float(q) for q in ps]))
+
+
+def prepare_generation(input_ids: np.ndarray | None, attention_mask: np.ndarray | None, config, *,
+                       max_new_tokens: int, do_sample: bool, temperature, top_k, top_p,
+                       allowed_tokens: np.ndarray | None, num_beams: int, early_stopping: bool | str,
+                       eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, return_scores: bool,
+                       num_return_sequences: int = 1, bos_token_id: int | None = None,
+                       use_config_eos: bool = False, filter_order: str = "generate") -> GenerationInputs:
+    """Check every argument of `generate` against `config` (a `ModelConfig`) and resolve defaults.
+
+    `input_ids` None starts one row from `bos_token_id` (default: the config's), as HF does.
+    `eos_token_id` None means no row ever finishes, unless `use_config_eos` takes the config's.
+    `temperature`, `top_k` and `top_p` are one value or one per prompt row. Raises `ValueError`
+    naming the argument for anything the decode loop could not honour.
     """
+    vocab_size = config.vocab_size
+    if input_ids is None:
+        bos = bos_token_id if bos_token_id is not None else config.bos_token_id
+        if isinstance(bos, (tuple, list)):
+            bos = bos[0]
+        if bos is None:
+            raise ValueError("input_ids: None needs a bos_token_id (none given and the config has none)")
+        if not 0 <= int(bos) < vocab_size:
+            raise ValueError(f"bos_token_id: {bos} is outside the vocabulary [0, {vocab_size})")
+        input_ids, attention_mask = np.full((1, 1), int(bos), np.int64), None
+    input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, prompt] array, got shape {list(input_ids.shape)}")
     b, _ = input_ids.shape
@@ -118,14 +178,21 @@ def prepare_generation(input_ids: np.ndarray, attention_mask: np.ndarray | None,
     if do_sample and num_beams > 1:
         raise ValueError("do_sample with num_beams > 1 (beam sampling) is not implemented; "
                          "use do_sample=False for beam search")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k: must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: must be None or in (0, 1], got {top_p!r}")
+    nrs = num_return_sequences
+    if not isinstance(nrs, (int, np.integer)) or nrs < 1:
+        raise ValueError(f"num_return_sequences: must be an integer >= 1, got {nrs!r}")
+    if nrs > 1 and not do_sample and num_beams == 1:
+        raise ValueError("num_return_sequences > 1 with greedy decoding would repeat one sequence; "
+                         "sample (do_sample=True) or use beam search (num_beams >= num_return_sequences)")
+    if num_beams > 1 and nrs > num_beams:
+        raise ValueError(f"num_return_sequences: {nrs} is more than num_beams ({num_beams})")
+    temps, ks, ps = _row_knobs(b, vocab_size, do_sample, temperature, top_k, top_p)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping: must be True, False or 'never', got {early_stopping!r}")
+    if filter_order not in FILTER_ORDERS:
+        raise ValueError(f"filter_order: must be one of {', '.join(FILTER_ORDERS)}, got {filter_order!r}")
+    if eos_token_id is None and use_config_eos:
+        eos_token_id = config.eos_token_id
     eos = _eos_tuple(eos_token_id)
     for e in eos:
         if not 0 <= e < vocab_size:
@@ -148,8 +215,13 @@ def prepare_generation(input_ids: np.ndarray, attention_mask: np.ndarray | None,
                          f"{max(2, 1 + len(eos))} tokens, the model has {vocab_size}")
     options = GenerationOptions(
         max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
-        use_top_k=bool(do_sample and top_k is not None and top_k < vocab_size),
-        use_top_p=bool(do_sample and top_p is not None and top_p < 1.0),
+        use_top_k=bool(do_sample and (ks < vocab_size).any()), use_top_p=bool(do_sample and (ps < 1.0).any()),
         has_allowed=allowed is not None, num_beams=int(num_beams), early_stopping=early_stopping,
-        eos_token_ids=eos, pad_token_id=int(pad), return_scores=bool(return_scores))
-    return options, attention_mask, allowed
+        eos_token_ids=eos, pad_token_id=int(pad), return_scores=bool(return_scores), num_return_sequences=int(nrs),
+        allowed_first=allowed is not None and filter_order == "grok")
+    # Sampled rows are repeated here, one per returned sequence; beam search returns its best
+    # `num_return_sequences` hypotheses per prompt instead.
+    rep = nrs if num_beams == 1 else 1
+    expand = lambda a: None if a is None else np.repeat(a, rep, axis=0)  # noqa: E731
+    return GenerationInputs(options, expand(input_ids.astype(np.int64)), expand(attention_mask), expand(allowed),
+                            expand(temps), expand(ks), expand(ps))
