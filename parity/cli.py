@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(sub)
     _add_compare(sub)
     _add_explain(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -301,6 +302,53 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     _nonfinite_arg(p)
     p.set_defaults(func=_run_compare)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt with either twin, streaming the text as it comes",
+        description="Load the causal LM in DIR into one twin and continue --prompt (encoded with the "
+        "directory's tokenizer.json or tokenizer.model) through the serving runner, printing each piece "
+        "of text as its token comes. Greedy unless --sample. Stops at the config's eos token unless "
+        "--ignore-eos. Example: twinlm generate reports/demo/checkpoints/llama-causal-lm --prompt "
+        "'The model' --framework flax --sample --temperature 0.8 --top-p 0.9 --seed 7")
+    p.add_argument("dir", metavar="DIR", help="checkpoint directory (config.json, safetensors, a tokenizer)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-ids", help="the prompt as comma-separated token ids (no tokenizer needed; "
+                        "token ids are printed)")
+    p.add_argument("--framework", choices=["torch", "flax"], default="torch", help="twin to run (default torch)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to add at most (default 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-k", type=_positive, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="keep the most likely tokens up to mass p")
+    p.add_argument("--filter-order", choices=["generate", "grok"], default="generate",
+                   help="generate: temperature, top-k, top-p, mask (default); grok: temperature, mask, top-k, top-p")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the config's eos token")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    _setup_jax()
+    from parity.textgen import generate_text
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        ids = None if args.prompt_ids is None else [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        generate_text(args.dir, args.prompt, prompt_ids=ids, framework=args.framework, dtype=args.dtype,
+                      max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, filter_order=args.filter_order,
+                      stop_at_eos=not args.ignore_eos, write=write)
+    except (ValueError,) + _input_errors() as e:
+        return _bad_input("generate", e)
+    write("\n")
+    return 0
 
 
 def _setup_jax() -> None:
