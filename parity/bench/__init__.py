@@ -14,6 +14,7 @@ and `parity.bench.__main__` imports them all, in the order of the table:
 - `side_by_side`: HF transformers against both twins in one process, interleaved (`--device cuda`:
   the 1.1 B bf16 GPU rows);
 - `training`: `train` (`train_step` of the mid-size LLaMA, with and without remat; dropout masks);
+- `serve`: `serve` (continuous against static batching on a Poisson trace, the same model);
 - `vq`: `vq` (Transformer-VQ against full attention at 1k / 4k / 16k tokens).
 
 To add a section, write a function returning `list[Row]` in one of these modules (or a new one
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The section modules, in the order of the table (imported by `python -m parity.bench`).
 SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.check", "parity.bench.generation",
-                   "parity.bench.side_by_side", "parity.bench.training", "parity.bench.vq")
+                   "parity.bench.side_by_side", "parity.bench.training", "parity.bench.serve", "parity.bench.vq")
 
 
 @dataclass(frozen=True)
