@@ -267,7 +267,8 @@ class TorchSide:
 
 def _torch_cache(config: ModelConfig, b: int, t: int, dtype: torch.dtype) -> Any:
     shape = (b, config.resolved_num_key_value_heads, t, config.resolved_head_dim)
-    return torch_impl.KVCache([torch.zeros(shape, dtype=dtype)], [torch.zeros(shape, dtype=dtype)])
+    return torch_impl.KVCache([torch.zeros(shape, dtype=dtype)], [torch.zeros(shape, dtype=dtype)],
+                              torch.zeros(b, dtype=torch.int64))  # one write position per row
 
 
 # ---- the Flax twin, streamed --------------------------------------------------------------
@@ -449,7 +450,8 @@ def _named_grads(state: nnx.State) -> dict[str, np.ndarray]:
 
 def _flax_cache(config: ModelConfig, b: int, t: int, dtype: Any) -> Any:
     shape = (b, config.resolved_num_key_value_heads, t, config.resolved_head_dim)
-    return flax_impl.KVCache((jnp.zeros(shape, dtype),), (jnp.zeros(shape, dtype),), jnp.zeros((), jnp.int32))
+    return flax_impl.KVCache((jnp.zeros(shape, dtype),), (jnp.zeros(shape, dtype),),
+                             jnp.zeros(b, jnp.int32))  # one write position per row
 
 
 # Compiled once per layer shape (every layer shares one graphdef), as users run the Flax twin.
