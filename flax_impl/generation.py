@@ -70,10 +70,10 @@ def filter_mask(scaled: jax.Array, top_k_value: jax.Array | None, top_p_value: j
         keep = keep & (allowed | ~allowed_first[:, None])
     if top_k_value is not None:
         ordered = jnp.sort(jnp.where(keep, scaled, -jnp.inf), axis=-1, descending=True)
-        k = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_k_value), (-1, 1)), (scaled.shape[0], 1))
+        k = jnp.broadcast_to(jnp.asarray(top_k_value).reshape(-1, 1), (scaled.shape[0], 1))
         keep = keep & (scaled >= jnp.take_along_axis(ordered, k - 1, axis=-1))
     if top_p_value is not None:
-        p = jnp.reshape(jnp.asarray(top_p_value, dtype=scaled.dtype), (-1, 1))
+        p = jnp.asarray(top_p_value, dtype=scaled.dtype).reshape(-1, 1)
         probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
         ordered = jnp.sort(probs, axis=-1, descending=True)
         mass_before = jnp.cumsum(ordered, axis=-1) - ordered
@@ -95,7 +95,7 @@ def sampling_weights(logits: jax.Array, temperature: jax.Array, top_k_value: jax
 
     Scaled so that the best kept token has weight 1: no row can underflow to all zeros.
     """
-    scaled = logits / jnp.reshape(jnp.asarray(temperature, dtype=logits.dtype), (-1, 1))
+    scaled = logits / jnp.asarray(temperature, dtype=logits.dtype).reshape(-1, 1)
     keep = filter_mask(scaled, top_k_value, top_p_value, allowed, allowed_first)
     best = jnp.where(keep, scaled, -jnp.inf).max(-1, keepdims=True)
     return jnp.where(keep, jnp.exp(scaled - best), jnp.zeros_like(scaled))

@@ -41,7 +41,7 @@ def make_attention_mask(attention_mask: jax.Array | None, batch_size: int, query
     `[B, past_length + T]` (HF's convention) or `[B, S]`. With `sliding_window` w, the query
     at index i sees only indices j with i - j < w, in the full pass and in cached decoding alike.
     """
-    past = jnp.reshape(jnp.asarray(past_length), (-1, 1, 1))  # [B or 1, 1, 1]
+    past = jnp.asarray(past_length).reshape(-1, 1, 1)  # [B or 1, 1, 1]
     q_index = past + jnp.arange(query_length)[:, None]  # [B or 1, T, 1]
     k_index = jnp.arange(key_length)
     keep = k_index <= q_index  # [B or 1, T, S]
@@ -176,7 +176,7 @@ class DecoderModel(nnx.Module):
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
             # Each row continues from its own cache position.
-            position_ids = jnp.broadcast_to(jnp.reshape(jnp.asarray(past_length, jnp.int32), (-1, 1)) + jnp.arange(t, dtype=jnp.int32),
+            position_ids = jnp.broadcast_to(jnp.asarray(past_length).reshape(-1, 1) + jnp.arange(t, dtype=jnp.int32),
                                             (b, t))
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, w)

@@ -71,7 +71,7 @@ def current_token_mask(attention_mask: jax.Array | None, past_length: jax.Array 
     (`past_length`: one int, or `[B]` when each row has its own cache position)."""
     if attention_mask is None or attention_mask.shape[-1] == query_length:
         return attention_mask
-    index = jnp.reshape(jnp.asarray(past_length), (-1, 1)) + jnp.arange(query_length)
+    index = jnp.asarray(past_length).reshape(-1, 1) + jnp.arange(query_length)
     return jnp.take_along_axis(attention_mask, jnp.broadcast_to(index, (attention_mask.shape[0], query_length)), axis=1)
 
 

@@ -124,7 +124,8 @@ _MODULE_NS = {"nn", "nnx", "torch.nn", "flax.nnx"}
 _RENAMES = {
     "cat": "concatenate", "clamp": "clip", "pow": "power", "unsqueeze": "expand_dims", "permute": "transpose",
     "view": "reshape", "to": "astype", "numel": "size", "dim": "ndim", "new_zeros": "zeros", "mul": "multiply",
-    "div": "divide", "sub": "subtract", "expand": "broadcast_to", "tensor": "asarray", "array": "asarray",
+    "div": "divide", "sub": "subtract", "expand": "broadcast_to", "tensor": "asarray", "as_tensor": "asarray",
+    "array": "asarray",
     "amax": "max", "amin": "min",
 }
 _LAYER_CLASSES = {"Linear": "Linear", "Embedding": "Embed", "Embed": "Embed", "Parameter": "Param",
