@@ -305,13 +305,16 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="continue a prompt with either twin, streaming the text as it comes",
-        description="Load the causal LM in DIR into one twin and continue --prompt (encoded with the "
-        "directory's tokenizer.json or tokenizer.model) through the serving runner, printing each piece "
-        "of text as its token comes. Greedy unless --sample. Stops at the config's eos token unless "
-        "--ignore-eos. Example: twinlm generate reports/demo/checkpoints/llama-causal-lm --prompt "
-        "'The model' --framework flax --sample --temperature 0.8 --top-p 0.9 --seed 7")
+    p = _subparser(
+        sub, "generate", "continue a prompt with either twin, streaming the text as it comes",
+        "Load the causal LM in DIR into one twin and continue --prompt (encoded with the directory's "
+        "tokenizer.json or tokenizer.model) through the serving runner, printing each piece of text as its "
+        "token comes. Greedy unless --sample. Stops at the config's eos token unless --ignore-eos.",
+        ["twinlm generate reports/demo/checkpoints/llama-causal-lm --prompt 'The model'",
+         "twinlm generate path/to/llama --prompt 'The model' --framework flax --sample --temperature 0.8 "
+         "--top-p 0.9 --seed 7",
+         "twinlm generate path/to/llama --prompt-ids 1,415,2229 --max-new-tokens 8"],
+        _EXIT.format(ok="the continuation written", fail="never (no comparison is made)"))
     p.add_argument("dir", metavar="DIR", help="checkpoint directory (config.json, safetensors, a tokenizer)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
@@ -326,7 +329,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="keep the most likely tokens up to mass p")
     p.add_argument("--filter-order", choices=["generate", "grok"], default="generate",
                    help="generate: temperature, top-k, top-p, mask (default); grok: temperature, mask, top-k, top-p")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the config's eos token")
     p.set_defaults(func=_run_generate)
 
@@ -341,12 +344,15 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     try:
         ids = None if args.prompt_ids is None else [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
+    try:
         generate_text(args.dir, args.prompt, prompt_ids=ids, framework=args.framework, dtype=args.dtype,
                       max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, filter_order=args.filter_order,
                       stop_at_eos=not args.ignore_eos, write=write)
-    except (ValueError,) + _input_errors() as e:
-        return _bad_input("generate", e)
+    except ValueError as e:  # a setting the Request refuses (temperature, top-p, a token id out of range)
+        raise UsageError(_one_line(e)) from None
     write("\n")
     return 0
 

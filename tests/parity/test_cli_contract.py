@@ -23,7 +23,7 @@ from parity.cli import build_parser, main
 from tests.helpers.configs import REPO_ROOT, TINY_DEMO
 from weights import load_file, save_file
 
-COMMANDS = ("convert", "check", "demo", "record", "compare", "explain")
+COMMANDS = ("convert", "check", "demo", "record", "compare", "explain", "generate")
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
