@@ -153,6 +153,12 @@ def clip_grad_norm(grads: Any, max_norm: float | None) -> tuple[Any, jax.Array]:
     return jax.tree.map(lambda g: g * clip_coef_clamped.astype(g.dtype), grads), total_norm
 
 
+def _label_keys(model: object) -> tuple[str, ...]:
+    # By the head class among the model's bases: a sharded model may be an instance of a subclass
+    # the engine generated (torch's FSDP2 `fully_shard` makes FSDPForCausalLM).
+    return next(LABEL_KEYS[cls] for cls in type(model).__mro__ if cls in LABEL_KEYS)
+
+
 def train_step(model: nnx.Module, optimizer: Optimizer, batch: Mapping[str, jax.Array], *,
                accumulation_steps: int = 1) -> dict[str, jax.Array]:
     """One optimizer update from `batch` (`input_ids`, optional `attention_mask` / `position_ids`,
@@ -164,10 +170,10 @@ def train_step(model: nnx.Module, optimizer: Optimizer, batch: Mapping[str, jax.
     out on a mesh stay there). Returns arrays (no host sync): `loss` (the whole batch's),
     `grad_norm` (before clipping), `learning_rate` (of this update) and `tokens` (real input tokens).
     """
-    unknown = set(batch) - set(INPUT_KEYS) - set(LABEL_KEYS[type(model)])
+    unknown = set(batch) - set(INPUT_KEYS) - set(_label_keys(model))
     if unknown:
         raise ValueError(f"batch: unexpected keys {sorted(unknown)} for {type(model).__name__}; expected "
-                         f"{INPUT_KEYS} and {LABEL_KEYS[type(model)]}")
+                         f"{INPUT_KEYS} and {_label_keys(model)}")
     split_batch(batch, accumulation_steps)  # checks the rows divide, before compiling
     return _train_step(model, optimizer, dict(batch), accumulation_steps)
 
@@ -177,7 +183,7 @@ def _train_step(model: nnx.Module, optimizer: Optimizer, batch: dict[str, jax.Ar
                 accumulation_steps: int) -> dict[str, jax.Array]:
     hparams = optimizer.hparams
     input_ids = batch["input_ids"]
-    labels = {k: batch[k] for k in LABEL_KEYS[type(model)]}
+    labels = {k: batch[k] for k in _label_keys(model)}
     totals = label_counts(model, labels, input_ids.shape[1])
     micro_batches = split_batch(batch, accumulation_steps)
     rows = input_ids.shape[0] // accumulation_steps

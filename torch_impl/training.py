@@ -140,12 +140,22 @@ def clip_grad_norm(grads: list[torch.Tensor | None], max_norm: float | None) -> 
     their global 2-norm is at most `max_norm` (factor `min(1, max_norm / (norm + 1e-6))`, torch's
     `clip_grad_norm_` written out); returns the norm before."""
     leaves = [g for g in grads if g is not None]
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
+    # A sharded model's gradients are DTensors: each norm is the whole tensor's (reduced across
+    # ranks, as a plain scalar), and each rank scales its own shard.
+    norms = [torch.linalg.vector_norm(g) for g in leaves]
+    total_norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n
+                                                       for n in norms]))
     clip_coef = (math.inf if max_norm is None else max_norm) / (total_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
     for g in leaves:
-        g.mul_(clip_coef_clamped.to(g.dtype))
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(clip_coef_clamped.to(g.dtype))
     return total_norm
+
+
+def _label_keys(model: object) -> tuple[str, ...]:
+    # By the head class among the model's bases: a sharded model may be an instance of a subclass
+    # the engine generated (torch's FSDP2 `fully_shard` makes FSDPForCausalLM).
+    return next(LABEL_KEYS[cls] for cls in type(model).__mro__ if cls in LABEL_KEYS)
 
 
 def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str, torch.Tensor], *,
@@ -158,10 +168,10 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str,
     can read it. Returns tensors (no host sync): `loss` (the whole batch's), `grad_norm` (before
     clipping), `learning_rate` (of this update) and `tokens` (real input tokens).
     """
-    unknown = set(batch) - set(INPUT_KEYS) - set(LABEL_KEYS[type(model)])
+    unknown = set(batch) - set(INPUT_KEYS) - set(_label_keys(model))
     if unknown:
         raise ValueError(f"batch: unexpected keys {sorted(unknown)} for {type(model).__name__}; expected "
-                         f"{INPUT_KEYS} and {LABEL_KEYS[type(model)]}")
+                         f"{INPUT_KEYS} and {_label_keys(model)}")
     split_batch(batch, accumulation_steps)  # checks the rows divide
     return _train_step(model, optimizer, dict(batch), accumulation_steps)
 
@@ -170,7 +180,7 @@ def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, t
                 accumulation_steps: int) -> dict[str, torch.Tensor]:
     hparams = optimizer.hparams
     input_ids = batch["input_ids"]
-    labels = {k: batch[k] for k in LABEL_KEYS[type(model)]}
+    labels = {k: batch[k] for k in _label_keys(model)}
     totals = label_counts(model, labels, input_ids.shape[1])
     micro_batches = split_batch(batch, accumulation_steps)
     rows = input_ids.shape[0] // accumulation_steps
