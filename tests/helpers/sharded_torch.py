@@ -5,7 +5,8 @@
 Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gradients; then
 WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
 on two meshes in turn — tensor parallel (`tensor=WORLD`) and FSDP2 (`fsdp=WORLD`, each rank a
-slice of the batch) — and compare. Prints one JSON line per mesh; exits 1 on a mismatch.
+slice of the batch) — and compare; then 3 training steps from a fresh sharded load against 3
+single-process steps. Prints one JSON line per mesh; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def _resident_bytes(model: torch.nn.Module) -> int:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _train(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    """3 AdamW steps (`torch_impl.training.train_step`) with warmup, decay and clipping."""
+    from torch_impl.training import TrainingHParams, make_optimizer, train_step
+
+    model.train()
+    optimizer = make_optimizer(model, TrainingHParams(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1,
+                                                      max_steps=10))
+    for _ in range(3):
+        train_step(model, optimizer, {"input_ids": input_ids, "labels": input_ids})
 
 
 def _rank(rank: int, world: int, port: int, directory: str) -> None:
@@ -87,6 +99,12 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
                        loss_err=abs(float(loss) - float(want["loss"])), grad_err=grad_err,
                        resident_fraction=_resident_bytes(model) / total)
             row["ok"] = max(row["logits_err"], row["loss_err"], grad_err) <= TOL and split > 0 and not wrong
+            # K = 3 train_step updates from a fresh sharded load: every parameter as one process's.
+            model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
+            _train(model, ids[part])
+            row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
+                                         for n, p in model.named_parameters())
+            row["ok"] = row["ok"] and row["train_param_err"] <= TOL
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
     finally:
@@ -106,8 +124,10 @@ def run_all(directory: str, world: int = 2) -> bool:
     ids = _inputs()
     out = reference(ids, labels=ids)
     out.loss.backward()
+    grads = {"grad." + n: p.grad.numpy().copy() for n, p in reference.named_parameters()}
+    _train(reference, ids)
     np.savez(Path(directory) / "reference.npz", logits=out.logits.detach().numpy(), loss=out.loss.detach().numpy(),
-             **{"grad." + n: p.grad.numpy() for n, p in reference.named_parameters()})
+             **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()})
     mp.spawn(_rank, args=(world, _free_port(), directory), nprocs=world, join=True)
     ok = True
     for rank in range(world):

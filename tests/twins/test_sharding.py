@@ -86,13 +86,15 @@ def test_torch_sharded_equals_unsharded_on_two_ranks(tmp_path):
     """World size 2 on gloo: tensor parallel (`tensor=2`) and FSDP2 (`fsdp=2`, each rank half
     the batch), each loaded sharded (cut on the meta device, each rank reading its slices); every
     parameter placed as the table says, forward logits, loss and every gradient equal to the
-    single-process run to 1e-12, and each rank holding about half the parameter bytes."""
+    single-process run to 1e-12, each rank holding about half the parameter bytes, and the
+    parameters after 3 train_step updates equal the single process's."""
     rows = _run("tests.helpers.sharded_torch", str(tmp_path / "ckpt"), "2")
     assert sorted((r["rank"], tuple(r["mesh"].items())) for r in rows) == [
         (0, (("fsdp", 2),)), (0, (("tensor", 2),)), (1, (("fsdp", 2),)), (1, (("tensor", 2),))]
     for r in rows:
         assert r["ok"] and r["wrong_sharding"] == [], r
         assert max(r["logits_err"], r["loss_err"], r["grad_err"]) <= 1e-12, r
+        assert r["train_param_err"] <= 1e-12, r  # after 3 train_step updates
         # FSDP2 splits every parameter; tensor parallelism leaves the norms whole (0.35% here).
         assert r["resident_fraction"] <= (0.5 if "fsdp" in r["mesh"] else 0.51), r
 
