@@ -33,7 +33,8 @@ class ModelSizes:
 
     total: int  # every parameter
     layer: int  # the largest decoder layer
-    shell: int  # embedding + final norm + head: what a streamed check keeps loaded
+    shell: int  # embedding + final norm + head: what a streamed check loads besides the layers
+    embedding: int  # the token embedding, which a streamed check keeps until its last gradient
     largest: int  # the largest single tensor (the embedding or the LM head, usually)
 
 
@@ -50,7 +51,8 @@ def model_sizes(config: Any, head: str) -> ModelSizes:
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
     total = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
-    return ModelSizes(total, max(layers, default=0), total - sum(layers), largest)
+    return ModelSizes(total, max(layers, default=0), total - sum(layers), model.model.embed_tokens.weight.numel(),
+                      largest)
 
 
 def _activation_bytes(config: Any, batch: int, seq_len: int, itemsize: int, layers: int) -> int:
@@ -76,15 +78,19 @@ def whole_model_bytes(config: Any, head: str, dtype: str, *, gradients: bool, ba
 
 def streamed_bytes(config: Any, head: str, dtype: str, *, gradients: bool, batch: int, seq_len: int,
                    sizes: ModelSizes | None = None) -> int:
-    """Estimated peak of the streamed check: both twins' shells, one layer in each twin (with its
-    gradient in both, and the isolated Flax gradient), two head-sized gradients in flight, and
-    one layer's activations."""
+    """Estimated peak of the streamed check, the larger of its two busiest moments:
+    - the head: both twins' embedding, norm and head, one decoder layer, and with gradients the
+      head's gradient in torch and in Flax;
+    - a layer's backward pass (the head freed): both twins' embeddings, and one layer three times
+      (torch's gradients, the Flax layer, the Flax gradients);
+    plus one layer's activations (twice the batch: chained and isolated inputs)."""
     sizes = sizes or model_sizes(config, head)
     item = _ITEMSIZE[dtype]
-    layer = sizes.layer * item * (2 if gradients else 1)
-    grads = 2 * sizes.largest * item if gradients else 0
+    layer = sizes.layer * item
+    head_phase = 2 * sizes.shell * item + layer + (2 * sizes.largest * item if gradients else 0)
+    backward = 2 * sizes.embedding * item + 3 * layer if gradients else 0
     acts = 2 * _activation_bytes(config, 2 * batch, seq_len, item, 1) * (3 if gradients else 1)
-    return RUNTIME_BYTES + 2 * sizes.shell * item + 2 * layer + grads + acts
+    return RUNTIME_BYTES + max(head_phase, backward) + acts
 
 
 def available_bytes() -> int | None:

@@ -112,6 +112,7 @@ def test_streamed_estimate_does_not_grow_with_depth(dtype, gradients):
     shallow, deep = TINY_DEMO.replace(num_hidden_layers=2), TINY_DEMO.replace(num_hidden_layers=7)
     sizes = {c.num_hidden_layers: model_sizes(c, "causal_lm") for c in (shallow, deep)}
     assert sizes[7].total - sizes[2].total == 5 * sizes[2].layer and sizes[7].shell == sizes[2].shell
+    assert sizes[2].embedding == TINY_DEMO.vocab_size * TINY_DEMO.hidden_size
     kw = dict(gradients=gradients, batch=3, seq_len=16)
     whole = [whole_model_bytes(c, "causal_lm", dtype, sizes=sizes[c.num_hidden_layers], **kw) for c in (shallow, deep)]
     streamed = [streamed_bytes(c, "causal_lm", dtype, sizes=sizes[c.num_hidden_layers], **kw) for c in (shallow, deep)]
