@@ -124,12 +124,33 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     return jnp.matmul(weights, value), weights
 
 
+def attention_fast(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                   scaling: float, num_key_value_groups: int) -> tuple[jax.Array, None]:
+    """The fused path (`jax.nn.dot_product_attention`): `attention_forward`'s output without its
+    weights, held to it by the tolerance table (`tests/twins/test_attention_fast.py`).
+
+    The keep-mask goes in as a mask: the function fills masked scores with a large finite
+    negative, so a padding query (no visible key) gets uniform weights, as on the eager path,
+    not NaN. It takes `[B, T, H, D]`, hence the swaps, and groups the kv heads itself.
+    """
+    out = jax.nn.dot_product_attention(query.swapaxes(1, 2), key.swapaxes(1, 2), value.swapaxes(1, 2), mask=mask,
+                                       scale=scaling)
+    return out.swapaxes(1, 2), None
+
+
 class Attention(nnx.Module):
     """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1).
 
     Family switches: q/k/v bias (`attention_qkv_bias`), o bias (`attention_bias`), the score
     scale (`query_scaling`) and score soft-capping (`attn_logit_softcapping`). A sliding window
     arrives in the mask the model builds for this layer.
+
+    `attn_implementation` "eager" (the default, the reference every check compares) or "fast"
+    (`attention_fast`; no weights: the layer returns None for them) in float32 and bfloat16.
+    Soft-capped scores, dropout (a `dropout_key`), float64 and float16 always take the eager
+    path: the fused kernels cannot cap or drop by our masks, jax's takes its softmax in float32
+    and its float16 dot fails to compile on the CPU.
+    Set it with `set_attn_implementation`.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
@@ -139,6 +160,7 @@ class Attention(nnx.Module):
         self.num_key_value_groups = config.num_key_value_groups
         self.scaling = config.query_scaling
         self.softcap = config.attn_logit_softcapping
+        self.attn_implementation = "eager"
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
         linear = dict(dtype=dtype, param_dtype=param_dtype or dtype,
                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
@@ -163,7 +185,23 @@ class Attention(nnx.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
-        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
-                                         self.softcap, partial(self.attention_dropout, dropout_key=dropout_key))
+        # The fused kernels cannot cap scores or drop weights by this project's masks (dropout_key).
+        fast = self.attn_implementation == "fast" and self.softcap is None and dropout_key is None
+        if fast and query.dtype in (jnp.float32, jnp.bfloat16):
+            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        else:
+            out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
+                                             self.num_key_value_groups, self.softcap,
+                                             partial(self.attention_dropout, dropout_key=dropout_key))
         out = out.swapaxes(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
+
+
+def set_attn_implementation(model: nnx.Module, name: str) -> nnx.Module:
+    """Switch every `Attention` of `model` to `name` ("eager" or "fast"); returns `model`."""
+    if name not in ("eager", "fast"):
+        raise ValueError(f"attn_implementation must be 'eager' or 'fast', got {name!r}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention):
+            module.attn_implementation = name
+    return model

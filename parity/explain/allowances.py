@@ -91,6 +91,10 @@ ALLOWANCES: dict[str, Allowance] = {
                                                                           "dynamic_update_slice"),
     "layers/attention.py:KVCache.advance": Allowance(2, IMMUTABLE_CACHE),
     "layers/attention.py:repeat_kv": Allowance(3, PENDING),
+    "layers/attention.py:attention_fast": Allowance(4, "torch's fused attention takes an additive mask (a boolean one "
+                                                       "gives padding queries NaN) and a GQA flag; jax's takes "
+                                                       "[B, T, H, D] and the boolean mask, and groups heads itself"),
+    "layers/attention.py:set_attn_implementation": Allowance(1, "torch walks model.modules(), NNX nnx.iter_graph"),
     "layers/mlp.py:MLP.__init__": Allowance(1, NNX_BUILD),
     "layers/moe.py:load_balancing_loss": Allowance(1, "torch expand+reshape against jnp.tile for the same "
                                                       "per-layer mask repeat"),

@@ -113,12 +113,35 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.matmul(weights, value), weights
 
 
+def attention_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scaling: float, num_key_value_groups: int) -> tuple[torch.Tensor, None]:
+    """The fused path (`scaled_dot_product_attention`): `attention_forward`'s output without its
+    weights, held to it by the tolerance table (`tests/twins/test_attention_fast.py`).
+
+    The keep-mask becomes an additive bias of the most negative finite value, as the eager
+    path masks: a boolean mask would give a padding query (no visible key) NaN instead of
+    uniform weights, and the NaN would reach every later layer through that row's keys.
+    """
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
+                                                     enable_gqa=num_key_value_groups > 1)
+    return out, None
+
+
 class Attention(nn.Module):
     """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1).
 
     Family switches: q/k/v bias (`attention_qkv_bias`), o bias (`attention_bias`), the score
     scale (`query_scaling`) and score soft-capping (`attn_logit_softcapping`). A sliding window
     arrives in the mask the model builds for this layer.
+
+    `attn_implementation` "eager" (the default, the reference every check compares) or "fast"
+    (`attention_fast`; no weights: the layer returns None for them) in float32 and bfloat16.
+    Soft-capped scores, dropout (a `dropout_key`), float64 and float16 always take the eager
+    path: the fused kernels cannot cap or drop by our masks, jax's takes its softmax in float32
+    and its float16 dot fails to compile on the CPU.
+    Set it with `set_attn_implementation`.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
@@ -128,6 +151,7 @@ class Attention(nn.Module):
         self.num_key_value_groups = config.num_key_value_groups
         self.scaling = config.query_scaling
         self.softcap = config.attn_logit_softcapping
+        self.attn_implementation = "eager"
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
         bias = config.attention_qkv_bias
         self.q_proj = nn.Linear(e, h * d, bias=bias, dtype=dtype)
@@ -150,7 +174,23 @@ class Attention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_value is not None:
             past_key_value, key, value = past_key_value.update(key, value, self.layer_idx)
-        out, weights = attention_forward(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
-                                         self.softcap, partial(self.attention_dropout, dropout_key=dropout_key))
+        # The fused kernels cannot cap scores or drop weights by this project's masks (dropout_key).
+        fast = self.attn_implementation == "fast" and self.softcap is None and dropout_key is None
+        if fast and query.dtype in (torch.float32, torch.bfloat16):
+            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+        else:
+            out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
+                                             self.num_key_value_groups, self.softcap,
+                                             partial(self.attention_dropout, dropout_key=dropout_key))
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
+
+
+def set_attn_implementation(model: nn.Module, name: str) -> nn.Module:
+    """Switch every `Attention` of `model` to `name` ("eager" or "fast"); returns `model`."""
+    if name not in ("eager", "fast"):
+        raise ValueError(f"attn_implementation must be 'eager' or 'fast', got {name!r}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attn_implementation = name
+    return model

@@ -1,0 +1,48 @@
+"""The fused attention path ("fast": torch's scaled_dot_product_attention, jax.nn.dot_product_
+attention) against the eager reference, in every dtype, within the tolerance table: a whole
+GQA model's logits on a left-padded batch (padding queries see no key), and greedy decoding
+through the KV cache. The eager path stays the default."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import flax_impl.layers.attention as f_attention
+import torch_impl.layers.attention as t_attention
+from flax_impl.generation import generate as f_generate
+from tests.helpers.configs import TINY
+from tests.helpers.twins import assert_close, batch, fcall, randomized_pair, run_torch
+from torch_impl.generation import generate as t_generate
+
+# float64 and float16 included: there the switch must keep the eager path (jax's fused softmax is
+# float32; its float16 dot does not compile on the CPU).
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_attention_gives_the_eager_logits(dtype):
+    t_model, f_model = randomized_pair(TINY, dtype=dtype)
+    inputs = {k: v for k, v in batch(TINY, b=2, t=9).items() if k in ("input_ids", "attention_mask")}
+    ids, mask = (jnp.asarray(inputs[k]) for k in ("input_ids", "attention_mask"))
+    eager = (run_torch(t_model, inputs).logits, fcall(f_model, ids, mask).logits)
+    t_attention.set_attn_implementation(t_model, "fast")
+    f_attention.set_attn_implementation(f_model, "fast")
+    fast = (run_torch(t_model, inputs).logits, fcall(f_model, ids, mask).logits)
+    for twin, reference, got in zip(("torch", "Flax"), eager, fast):
+        reference = reference.detach().double().numpy() if twin == "torch" else np.asarray(reference, np.float64)
+        got = got.detach().double().numpy() if twin == "torch" else np.asarray(got, np.float64)
+        assert_close(f"{twin} fast logits", reference, got, dtype, "logits")
+
+
+def test_fast_attention_decodes_the_eager_tokens_and_is_not_the_default():
+    t_model, f_model = randomized_pair(TINY, dtype="float32")
+    assert {m.attn_implementation for m in t_model.modules() if isinstance(m, t_attention.Attention)} == {"eager"}
+    ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 5))
+    eager = t_generate(t_model, torch.from_numpy(ids), max_new_tokens=6).numpy()
+    t_attention.set_attn_implementation(t_model, "fast")
+    f_attention.set_attn_implementation(f_model, "fast")
+    np.testing.assert_array_equal(t_generate(t_model, torch.from_numpy(ids), max_new_tokens=6).numpy(), eager)
+    np.testing.assert_array_equal(np.asarray(f_generate(f_model, ids, max_new_tokens=6)), eager)
+    with pytest.raises(ValueError, match="'eager' or 'fast'"):
+        t_attention.set_attn_implementation(t_model, "sdpa")
