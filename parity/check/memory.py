@@ -76,19 +76,27 @@ def whole_model_bytes(config: Any, head: str, dtype: str, *, gradients: bool, ba
     return RUNTIME_BYTES + 2 * params + grads + acts
 
 
+# A layer's backward pass holds the layer in each twin, torch's gradients, the Flax chained and
+# isolated gradients (5 copies), plus the float32 copies made from the bf16 checkpoint, jax.vjp's
+# residuals and XLA's temporaries: 7 in all, measured (bench `check` / `check7b`, float32: 2.69 GB
+# for TinyLlama-1.1B, 7.73 GB for Llama-2-7B, whose layers are 4.6x larger; 3 copies estimated
+# 5.1 GB for the latter).
+_BACKWARD_LAYERS = 7
+
+
 def streamed_bytes(config: Any, head: str, dtype: str, *, gradients: bool, batch: int, seq_len: int,
                    sizes: ModelSizes | None = None) -> int:
     """Estimated peak of the streamed check, the larger of its two busiest moments:
     - the head: both twins' embedding, norm and head, one decoder layer, and with gradients the
       head's gradient in torch and in Flax;
-    - a layer's backward pass (the head freed): both twins' embeddings, and one layer three times
-      (torch's gradients, the Flax layer, the Flax gradients);
+    - a layer's backward pass (the head freed): both twins' embeddings, and one layer
+      `_BACKWARD_LAYERS` times;
     plus one layer's activations (twice the batch: chained and isolated inputs)."""
     sizes = sizes or model_sizes(config, head)
     item = _ITEMSIZE[dtype]
     layer = sizes.layer * item
     head_phase = 2 * sizes.shell * item + layer + (2 * sizes.largest * item if gradients else 0)
-    backward = 2 * sizes.embedding * item + 3 * layer if gradients else 0
+    backward = 2 * sizes.embedding * item + _BACKWARD_LAYERS * layer if gradients else 0
     acts = 2 * _activation_bytes(config, 2 * batch, seq_len, item, 1) * (3 if gradients else 1)
     return RUNTIME_BYTES + max(head_phase, backward) + acts
 
