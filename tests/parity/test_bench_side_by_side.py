@@ -19,6 +19,10 @@ def test_hf_torch_runs_the_twins_weights_with_the_same_results():
     reference = twin.forward(ids)().numpy()
     assert_close("HF torch logits", reference, hf.forward(ids)().numpy(), "float32")
     assert_close("Flax twin logits", reference, np.asarray(flax.forward(ids)()), "float32")
+    fast = side_by_side._torch_twin(t_model, "cpu", "fast"), side_by_side._flax_twin(f_model, "fast")
+    assert [s.name for s in fast] == ["torch twin (fast)", "Flax twin (fast)"]
+    for system in fast:
+        assert_close(f"{system.name} logits", reference, np.asarray(system.forward(ids)()), "float32")
     tokens = twin.decode(ids, 4)().numpy()
     np.testing.assert_array_equal(hf.decode(ids, 4)().numpy(), tokens)
     np.testing.assert_array_equal(flax.decode(ids, 4)(), tokens)
