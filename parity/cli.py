@@ -336,7 +336,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     _setup_jax()
-    from parity.textgen import generate_text
+    from parity.text.generate import generate_text
 
     def write(text: str) -> None:
         sys.stdout.write(text)

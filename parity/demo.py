@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from weights.config import ModelConfig, RopeScaling
 
-from .demo_text import save_demo_tokenizer
+from .text.demo_tokenizer import save_demo_tokenizer
 from .explain.report_html import write_html
 from .inputs import HEADS
 from .report import Report
@@ -84,7 +84,7 @@ def build_checkpoint(model: DemoModel, directory: str | os.PathLike, seed: int =
 
     Norm gains and biases get seeded noise too (HF's init leaves them at 1 and 0, which would
     let a twin that ignores them pass). A causal LM also gets the demo's tokenizer
-    (`parity.demo_text`: a tiny BPE trained on a few paragraphs in the repo), so `twinlm
+    (`parity.text.demo_tokenizer`: a tiny BPE trained on a few paragraphs in the repo), so `twinlm
     generate` takes text."""
     import torch
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from parity.demo_text import CORPUS, demo_tokenizer_json, save_demo_tokenizer
+from parity.text.demo_tokenizer import CORPUS, demo_tokenizer_json, save_demo_tokenizer
 from weights.errors import CheckpointError
 from weights.tokenizer import StreamDecoder, load_tokenizer
 

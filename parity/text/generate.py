@@ -17,7 +17,7 @@ from weights.shared.generation import bucket_length
 from weights.shared.serving import Request, TokenEvent
 from weights.tokenizer import StreamDecoder, load_tokenizer
 
-from .loading import BadInputError, detect_head, load_flax, load_torch, read_config
+from ..loading import BadInputError, detect_head, load_flax, load_torch, read_config
 
 __all__ = ["generate_text"]
 

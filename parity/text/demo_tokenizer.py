@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["CORPUS", "SPECIAL_TOKENS", "demo_tokenizer_json", "save_demo_tokenizer"]
 
-CORPUS = Path(__file__).resolve().parent / "data" / "demo_corpus.txt"
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo_corpus.txt"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
