@@ -11,6 +11,7 @@ time) against the full forward pass in each twin and across twins, and greedy ge
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from jax.sharding import Mesh
 
 import flax_impl
 import torch_impl
@@ -328,8 +330,6 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     if announce is not None:
         announce(mode.describe() + (f"; Flax twin sharded over mesh {dict(mesh)}" if mesh is not None else ""))
     if mesh is not None:
-        from .sharded import check_sharded
-
         report = check_sharded(directory, dtype, batch, mesh, head=head, sections=sections, title=f"{directory}",
                                tolerances=tolerances, phases=Phases(progress))
     elif mode.streamed:
@@ -359,3 +359,59 @@ def _describe_config(config: Any) -> str:
     kv = config.resolved_num_key_value_heads
     return (f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, "
             f"{config.num_attention_heads} heads / {kv} kv heads, vocab {config.vocab_size}")
+
+
+# ---- `twinlm check --mesh`: the Flax twin sharded over a device mesh ------------------------
+# The rows are the unsharded check's (torch twin against the sharded Flax twin), plus the sharded
+# Flax twin against itself on one device (logits and loss): sharding may only reorder sums. On CPU
+# the devices are simulated (the CLI sets --xla_force_host_platform_device_count before JAX
+# starts). The torch twin's sharded runs need several processes (torchrun, see the README) and
+# are tested against one process in tests/twins/test_sharding.py.
+
+def device_mesh(axes: Mapping[str, int]) -> Mesh:
+    """A `Mesh` of the first prod(sizes) devices, shaped and named as `axes` ({axis: size})."""
+    count = math.prod(axes.values())
+    devices = jax.devices()
+    if len(devices) < count:
+        raise BadInputError(f"--mesh {','.join(f'{a}={n}' for a, n in axes.items())} needs {count} devices; "
+                            f"JAX sees {len(devices)} {devices[0].platform} device(s) (on CPU, set "
+                            f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before JAX starts)")
+    return Mesh(np.asarray(devices[:count]).reshape(tuple(axes.values())), tuple(axes))
+
+
+def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: Mapping[str, int], *,
+                  head: str, sections: Iterable[str], title: str, tolerances: Mapping[str, float] | None = None,
+                  phases: Phases | None = None) -> Report:
+    """Both twins whole, the Flax twin also loaded sharded over `axes`; `check_pair` of torch
+    against the sharded Flax twin, then the sharded Flax twin against the unsharded one."""
+    mesh = device_mesh(axes)
+    phases = phases or Phases(None)
+    with phases("load", total=2, unit="model") as bar:
+        twins = load_twins(directory, dtype, head, allow_nonfinite=True)  # checked by the caller
+        bar.update()
+        try:
+            sharded = getattr(flax_impl, HEADS[head]).from_pretrained(directory, dtype=dtype, mesh=mesh)
+        except ValueError as e:  # a dimension the mesh does not divide, named by the table
+            raise BadInputError(" ".join(str(e).split())) from None
+        bar.update()
+    labels = {k: to_jax(v) for k, v in batch.head_labels(head).items()}
+    args = (to_jax(batch.input_ids), to_jax(batch.attention_mask), to_jax(batch.position_ids))
+    one = flax_forward(twins.flax_model, args, labels)
+    with jax.set_mesh(mesh):
+        report = check_pair(twins.torch_model, sharded, batch, dtype=dtype, sections=sections, title=title,
+                            tolerances=tolerances, phases=phases)
+        many = flax_forward(sharded, args, labels)
+    tol = lambda quantity: tolerance_for(dtype, quantity, tolerances)  # noqa: E731
+    names = ("start_logits", "end_logits") if head == "question_answering" else ("logits",)
+    note = f"mesh {dict(axes)}: the Flax twin sharded vs itself on one device"
+    rows = [Row("head", "logits", compare(f"flax sharded vs unsharded ({n})", getattr(one, n), getattr(many, n),
+                                          tol("logits")), note=note) for n in names]
+    if one.loss is not None:
+        rows.append(Row("head", "loss", compare("flax sharded vs unsharded (loss)", one.loss, many.loss, tol("loss")),
+                        note=note))
+    # After the head rows, so the table shows one [head] section.
+    heads = [i for i, r in enumerate(report.rows) if r.section == "head"]
+    at = heads[-1] + 1 if heads else len(report.rows)
+    report.rows[at:at] = rows
+    report.meta["mesh"] = dict(axes)
+    return report
