@@ -28,7 +28,7 @@ from weights.families import FAMILIES
 
 from .inputs import HEADS, Batch, head_labels
 
-__all__ = ["Batch", "batches", "configs", "data", "dtypes", "family_examples",
+__all__ = ["Batch", "batches", "cases", "configs", "data", "dtypes", "family_examples",
            "family_switches", "heads", "rope_scalings"]
 
 
@@ -157,12 +157,20 @@ def family_examples() -> dict[str, ModelConfig]:
 
 @st.composite
 def batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 10,
-            far_positions: bool = True) -> Batch:
+            far_positions: bool = True, min_len: int = 1) -> Batch:
     """Token ids with left, right or no padding per row, position ids that may start far from 0
-    (up to `max_position_embeddings`, past it for dynamic rope), and labels for every head
-    (`batch.head_labels(head)` gives a head's loss arguments)."""
+    (up to `max_position_embeddings`; for dynamic rope past it half the time, where its base
+    changes), and labels for every head (`batch.head_labels(head)` gives a head's loss arguments).
+
+    A row padded on a side has at least one pad slot and one real token. Left padding is the
+    first choice (where hypothesis starts and shrinks to): it is where mask and position bugs
+    hide. `min_len=2` keeps the math that a single token leaves vacuous (rotary, causal mask,
+    softmax, next-token loss) in every example.
+    """
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len} and {max_len}")
     b = draw(st.integers(1, max_batch))
-    t = draw(st.integers(1, max_len))
+    t = draw(st.integers(min_len, max_len))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -172,20 +180,34 @@ def batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int = 10,
     mask = np.ones((b, t), np.int64)
     sides = []
     for row in range(b):
-        side = draw(st.sampled_from(["none", "left", "right"])) if config.pad_token_id is not None else "none"
+        can_pad = config.pad_token_id is not None and t > 1
+        side = draw(st.sampled_from(["left", "right", "none"])) if can_pad else "none"
         sides.append(side)
-        n_pad = draw(st.integers(0, t - 1)) if side != "none" else 0
+        n_pad = draw(st.integers(1, t - 1)) if side != "none" else 0
         if side == "left":
             mask[row, :n_pad] = 0
-        elif side == "right" and n_pad:
+        elif side == "right":
             mask[row, t - n_pad:] = 0
     ids = np.where(mask == 1, ids, pad_id)
     position_ids = None
     if far_positions and draw(st.booleans()):
-        limit = config.max_position_embeddings + (64 if config.rope.rope_type == "dynamic" else 0)
-        start = draw(st.integers(0, max(0, limit - t)))
+        max_pos = config.max_position_embeddings
+        if config.rope.rope_type == "dynamic" and draw(st.booleans()):
+            # The last position past max_position_embeddings: the NTK base grows with the length.
+            start = draw(st.integers(max(0, max_pos - t + 1), max_pos + 64))
+        else:
+            start = draw(st.integers(0, max(0, max_pos - t)))
         position_ids = np.broadcast_to(start + np.arange(t, dtype=np.int64), (b, t)).copy()
     return Batch(ids, mask, position_ids, padding=tuple(sides), **head_labels(config, mask, ids, rng))
+
+
+def cases(config_strategy: st.SearchStrategy[ModelConfig] | None = None,
+          **batch_kwargs) -> st.SearchStrategy[tuple[ModelConfig, Batch]]:
+    """`(config, batch)` drawn as one value (`configs()` by default; `batch_kwargs` go to
+    `batches`). Unlike drawing the batch from `data()` inside the test, this lets a test pin
+    the cases that matter with `@example(case=(config, batch))`."""
+    config_strategy = configs() if config_strategy is None else config_strategy
+    return config_strategy.flatmap(lambda c: batches(c, **batch_kwargs).map(lambda b: (c, b)))
 
 
 def heads() -> st.SearchStrategy[str]:

@@ -71,6 +71,9 @@ def test_strategy_batches_carry_valid_labels_for_every_head(config, head, data):
     kwargs = batch.head_labels(head)
     b, t = batch.input_ids.shape
     assert len(batch.padding) == b and head in HEADS
+    for side, row in zip(batch.padding, batch.attention_mask):  # a padded side has a pad and a token
+        assert row.any() and (side == "none") == row.all()
+        assert side != "left" or row[0] == 0 and row[-1] == 1
     if head == "question_answering":
         assert np.all((0 <= kwargs["start_positions"]) & (kwargs["start_positions"] <= kwargs["end_positions"]))
         assert np.all(kwargs["end_positions"] < t)
