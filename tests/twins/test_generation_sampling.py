@@ -20,6 +20,7 @@ import flax_impl.generation as fg
 import torch_impl.generation as tg
 from tests.helpers.generation import run_both, twin_pair, uncached_logits
 from tests.helpers.numpy_reference import softmax
+from tests.helpers.stats import chi2_sf, chi_square
 from weights.config import ModelConfig
 
 B, V = 6, 24
@@ -93,36 +94,6 @@ def test_filtered_token_is_never_chosen(case):
         np.testing.assert_array_equal(np.asarray(fg.greedy(jnp.asarray(case["logits"]), jnp.asarray(allowed))), best)
 
 
-def chi2_sf(stat: float, df: int) -> float:
-    """P(X >= stat) for X ~ chi-square(df): the regularised upper incomplete gamma Q(df/2, stat/2),
-    by its power series below a + 1 and Lentz's continued fraction above (Numerical Recipes 6.2)."""
-    a, x = df / 2.0, stat / 2.0
-    prefactor = math.exp(-x + a * math.log(x) - math.lgamma(a)) if x > 0 else 0.0
-    if x < a + 1:
-        term = total = 1.0 / a
-        n = 0
-        while abs(term) > abs(total) * 1e-16:
-            n += 1
-            term *= x / (a + n)
-            total += term
-        return 1.0 - prefactor * total
-    tiny = 1e-300
-    b = x + 1.0 - a
-    c, d = 1.0 / tiny, 1.0 / b
-    h = d
-    for i in range(1, 10_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = b + an / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        if abs(d * c - 1.0) < 1e-16:
-            break
-    return prefactor * h
-
-
 def test_chi2_sf_known_values():
     # Critical values of the chi-square table: P(X >= 3.841 | df 1) = 0.05, P(X >= 18.307 | df 10) = 0.05,
     # P(X >= 29.588 | df 10) = 0.001; and df 2 is exponential: P(X >= s) = exp(-s / 2).
@@ -130,16 +101,6 @@ def test_chi2_sf_known_values():
     assert abs(chi2_sf(18.307038, 10) - 0.05) < 1e-6
     assert abs(chi2_sf(29.588298, 10) - 0.001) < 1e-7
     assert abs(chi2_sf(7.0, 2) - math.exp(-3.5)) < 1e-12
-
-
-def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
-    """Pearson's statistic and degrees of freedom, pooling tokens expected fewer than 5 times."""
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = np.append(counts[~small], counts[small].sum())
-    exp_ = np.append(expected[~small], expected[small].sum())
-    obs, exp_ = obs[exp_ > 0], exp_[exp_ > 0]
-    return float(((obs - exp_) ** 2 / exp_).sum()), len(obs) - 1
 
 
 def test_unfiltered_sampling_follows_the_model_distribution():
