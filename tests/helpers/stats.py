@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-__all__ = ["chi2_sf", "chi_square"]
+__all__ = ["chi2_sf", "chi_square", "chi_square_uniform"]
 
 
 def chi2_sf(stat: float, df: int) -> float:
@@ -48,3 +48,13 @@ def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
     obs, exp_ = obs[exp_ > 0], exp_[exp_ > 0]
     return float(((obs - exp_) ** 2 / exp_).sum()), len(obs) - 1
 
+
+def chi_square_uniform(samples: np.ndarray, bins: int) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom of `samples [N, k]` in [0, 1)^k against the
+    uniform distribution on `bins`^k equal cells: k = 1 tests uniformity, k = 2 independence of
+    the two coordinates as well."""
+    samples = np.atleast_2d(np.asarray(samples).T).T
+    cells = np.minimum((samples * bins).astype(np.int64), bins - 1)
+    flat = np.ravel_multi_index(tuple(cells.T), (bins,) * samples.shape[1])
+    counts = np.bincount(flat, minlength=bins ** samples.shape[1])
+    return chi_square(counts, np.full(counts.shape, 1.0 / counts.size))
