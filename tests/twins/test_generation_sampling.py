@@ -1,6 +1,7 @@
 """The sampler of both twins: a filtered-out token is never chosen, the kept set is what an
 independent numpy reading of each filter's definition keeps, the twins pick the same token for
-the same noise, and unfiltered sampling follows the model's distribution (chi-square).
+the same noise, and unfiltered sampling follows the model's distribution with fresh noise at
+every step (chi-square).
 
 The filter functions run eagerly on fixed shapes `[B, V]`, so the Flax side compiles each
 primitive once for the whole test; hypothesis varies the values, the ties and the settings.
@@ -20,7 +21,7 @@ import flax_impl.generation as fg
 import torch_impl.generation as tg
 from tests.helpers.generation import run_both, twin_pair, uncached_logits
 from tests.helpers.numpy_reference import softmax
-from tests.helpers.stats import chi2_sf, chi_square
+from tests.helpers.stats import chi2_sf, chi_square, chi_square_uniform
 from weights.config import ModelConfig
 
 B, V = 6, 24
@@ -104,22 +105,37 @@ def test_chi2_sf_known_values():
 
 
 def test_unfiltered_sampling_follows_the_model_distribution():
-    """top_p=1, top_k=None, temperature=1: 4000 rows with one prompt each draw one token; their
-    counts must fit the model's softmax (chi-square, p > 0.001), and must not fit the same model
-    at temperature 2 (the test can tell distributions apart)."""
+    """top_p=1, top_k=None, temperature=1: 4000 rows with one prompt each draw 3 tokens.
+
+    Step 0's counts must fit the model's softmax (chi-square, p > 0.001), and must not fit the
+    same model at temperature 2 (the test can tell distributions apart). Every step must draw
+    fresh noise: mapping each token to a uniform inside its slice of the inverse CDF it was drawn
+    from (the probability integral transform, with its own fixed random offset) must give
+    numbers uniform and independent from one step to the next (6 x 6 grid, p > 0.001), which
+    noise reused across steps (each row's tokens then share one uniform) cannot."""
     config = ModelConfig(vocab_size=12, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5)
     pair = twin_pair(config, dtype="float64")
-    n = 4000
+    n, steps = 4000, 3
     ids = np.tile(np.array([[3, 1, 4]]), (n, 1))
-    t, f = run_both(pair, ids, np.ones_like(ids), max_new_tokens=1, do_sample=True, seed=1234,
+    p = ids.shape[1]
+    t, f = run_both(pair, ids, np.ones_like(ids), max_new_tokens=steps, do_sample=True, seed=1234,
                     temperature=1.0, top_k=None, top_p=1.0)
     np.testing.assert_array_equal(t, f)
-    counts = np.bincount(t[:, -1], minlength=config.vocab_size)
-    logits = uncached_logits(pair[0], ids[:1], np.ones_like(ids[:1]))[0, -1]
-    stat, df = chi_square(counts, softmax(logits))
+    counts = np.bincount(t[:, p], minlength=config.vocab_size)
+    logits = uncached_logits(pair[0], t, np.ones_like(ids))
+    stat, df = chi_square(counts, softmax(logits[0, p - 1]))
     p_value = chi2_sf(stat, df)
     print(f"chi-square {stat:.1f} on {df} df, p = {p_value:.3f}")
     assert p_value > 1e-3
-    wrong_stat, wrong_df = chi_square(counts, softmax(logits / 2.0))
+    wrong_stat, wrong_df = chi_square(counts, softmax(logits[0, p - 1] / 2.0))
     assert chi2_sf(wrong_stat, wrong_df) < 1e-6
+    # Inverse CDF in vocabulary order: token k was drawn by a u in [F(k - 1), F(k)).
+    probs = softmax(logits[:, p - 1:-1])  # [n, steps, V]: the distribution of each new token
+    tokens = t[:, p:, None]
+    upper = np.take_along_axis(np.cumsum(probs, -1), tokens, -1)[..., 0]
+    lower = upper - np.take_along_axis(probs, tokens, -1)[..., 0]
+    v = lower + np.random.default_rng(0).random(lower.shape) * (upper - lower)
+    for i in range(steps - 1):
+        stat, df = chi_square_uniform(v[:, i:i + 2], 6)
+        assert chi2_sf(stat, df) > 1e-3, f"steps {i} and {i + 1}: chi-square {stat:.1f} on {df} df"
