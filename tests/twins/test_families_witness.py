@@ -7,9 +7,14 @@ norms and alternating windows, Mixtral's routing and load-balancing loss. The to
 its checkpoint with `save_pretrained`; transformers loads it (eager attention, eager experts)
 and runs the same batch.
 
-The bound is 1e-5, not float64's 1e-10: transformers computes RMSNorm statistics and rotary
-frequencies in float32 even in a float64 model, where twinlm keeps float64 (measured: 1.7e-7
-to 7.5e-7 on these examples). Every switch matters far above it: measured against the same
+The bound is 2e-6, not float64's: transformers computes RMSNorm statistics and rotary
+frequencies in float32 even in a float64 model, where twinlm keeps float64. Measured on these
+examples (transformers 5.24): logits 1.3e-7 (llama3) to 7.5e-7 (gemma2), losses 3.8e-8 to
+3.2e-7, Mixtral's aux loss 4.8e-8 and router logits 3.5e-7; 2e-6 keeps 2.7x above the worst.
+At this bound the RMSNorm with its epsilon outside the square root, x / (sqrt(var) + eps),
+fails for six of the seven families (8.5e-6 to 1.4e-4; Gemma, whose sqrt(E)-scaled residual
+dwarfs eps, moves by 8.0e-7 only: the float64 numpy witness catches it there). Every switch
+matters far above it: measured against the same
 transformers runs, dropping Gemma 2's attention cap moves the logits by 3.9e-1, its final cap
 5.9e-1, its window 1.2, its query scalar 8.1e-2; Mixtral with Grok-1 routing 1.8e-1; Gemma
 without its norm offset / embedding scale 7.7e-1, with the exact instead of the tanh GELU
@@ -20,18 +25,21 @@ query row into NaN, which then reaches that row's later positions through zero-w
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import torch_impl
 from parity import strategies as tst
+from tests.helpers.transformers import require_transformers
 from tests.helpers.twins import batch
 
-transformers = pytest.importorskip("transformers")
-
 EXAMPLES = tst.family_examples()
-BOUND = 1e-5  # see the module docstring: transformers' float32 norm statistics and rotary angles
+# Measured worst 7.5e-7 (gemma2 logits): transformers' float32 norm statistics and rotary angles
+# (module docstring); 2.7x headroom.
+BOUND = 2e-6
 
 
 def torch_twin(config, seed: int = 0) -> torch.nn.Module:
@@ -48,6 +56,7 @@ def torch_twin(config, seed: int = 0) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", sorted(EXAMPLES))
 def test_torch_twin_matches_transformers(family, tmp_path):
+    transformers = require_transformers()
     config = EXAMPLES[family]
     twin = torch_twin(config)
     twin.save_pretrained(tmp_path)
@@ -68,6 +77,17 @@ def test_torch_twin_matches_transformers(family, tmp_path):
     loss_err = abs(ref.loss.item() - got.loss.item())
     assert loss_err <= BOUND, f"{family}: loss differs from transformers by {loss_err:.2e}"
     if config.is_moe and config.output_router_logits:
-        assert abs(ref.aux_loss.item() - got.aux_loss.item()) <= BOUND
-        for a, b in zip(ref.router_logits, got.router_logits):
-            assert (a - b).abs().max().item() <= BOUND
+        aux_err = abs(ref.aux_loss.item() - got.aux_loss.item())
+        assert aux_err <= BOUND, f"{family}: aux loss differs from transformers by {aux_err:.2e}"
+        for i, (a, b) in enumerate(zip(ref.router_logits, got.router_logits, strict=True)):
+            router_err = (a - b).abs().max().item()
+            assert router_err <= BOUND, f"{family}: router logits [{i}] differ from transformers by {router_err:.2e}"
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_transformers_fails_under_ci(monkeypatch, ci, outcome):
+    """Without transformers the witnesses skip on a developer's machine and fail in CI."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="transformers is not installed"):
+        require_transformers()
