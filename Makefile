@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean constraints
+.PHONY: demo test bench mutants clean constraints
 
 # Installs the versions the suite was last run with (constraints.txt); pyproject.toml keeps
 # ranges, so twinlm installed elsewhere still resolves. `make constraints` refreshes the file.
@@ -36,6 +36,12 @@ constraints:
 	.venv-constraints/bin/python -m pip install -q -e '.[test]'
 	.venv-constraints/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > constraints.txt
 	rm -rf .venv-constraints
+
+# Plant each bug of tests/mutation/mutants.py in a temporary copy and run the suite against it
+# (CI profile, -x, the mutant's guard tests first); exit 0 only when every mutant is caught.
+# Not part of `make test`: one suite run per uncaught mutant. ARGS passes options (e.g. ARGS=--check).
+mutants: $(STAMP)
+	$(PY) -m tests.mutation $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
