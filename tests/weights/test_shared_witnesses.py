@@ -145,10 +145,11 @@ def test_position_ids_count_real_tokens(mask):
     ([7, 3], 4, 4),  # an explicit pad token wins
 ])
 def test_pad_token_falls_back_to_the_first_eos(eos, pad, expected):
-    options, _, _ = prepare_generation(
-        np.array([[1, 2]]), None, 10, max_new_tokens=2, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+    config = rope_config(2, 10000.0, 16, None)  # vocabulary 8: every id above fits
+    options = prepare_generation(
+        np.array([[1, 2]]), None, config, max_new_tokens=2, do_sample=False, temperature=1.0, top_k=None, top_p=None,
         allowed_tokens=None, num_beams=1, early_stopping=False, eos_token_id=eos, pad_token_id=pad,
-        return_scores=False)
+        return_scores=False).options
     assert options.pad_token_id == expected
     assert options.eos_token_ids == (() if eos is None else tuple(np.atleast_1d(eos).tolist()))
 
