@@ -65,9 +65,11 @@ def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, qu
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a clear error for token ids outside `[0, vocab_size)` (torch would raise deep inside)."""
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
-        raise ValueError(f"input_ids: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    if not input_ids.numel():
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids: token id {int(input_ids[bad][0])} is outside the vocabulary [0, {vocab_size})")
 
 
 def init_weights(module: nn.Module, config: ModelConfig) -> None:

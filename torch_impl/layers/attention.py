@@ -80,8 +80,7 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """`[B, K, S, D] -> [B, K * n_rep, S, D]`, each kv head repeated for its query group."""
     if n_rep == 1:
         return hidden_states
-    b, k, s, d = hidden_states.shape
-    return hidden_states[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)
+    return torch.repeat_interleave(hidden_states, n_rep, dim=1)
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:

@@ -38,18 +38,20 @@ class TransformerLayer(nn.Module):
         """[state of sublayer 1, state of sublayer 2]."""
         return [VQAttention.initial_state(config, batch_size), VQAttention.initial_state(config, batch_size)]
 
-    def _sublayer(self, attn: VQAttention, x: torch.Tensor, state: dict, vq_specs: list[VQSpec] | None,
+    def _sublayer(self, attn: VQAttention, x: torch.Tensor, state: dict, vq_specs: VQSpec | None,
                   is_train: bool, rng: torch.Generator | None):
-        """Scan one sublayer over the N blocks of x [N,B,L,E]; returns ([N,B,L,E], state, aux)."""
+        """Scan one sublayer over the N blocks of x [N,B,L,E]; returns ([N,B,L,E], state, aux).
+        `vq_specs` holds a [N,B,L] loss mask (blocks first)."""
         c = self.config
         n_block, bsz, block_len, _ = x.shape
         # "timeless" masks: drawn once per call, shared by every block.
         dropsin = dropout_mask((c.mem_len + block_len, c.d_model), c.p_dropsin,
                                at_least_float32(self.dtype), rng) if is_train else None
         droplyr = dropout_mask((1, bsz, 1, 1), c.p_droplyr, self.dtype, rng) if is_train else None
+        masks = None if vq_specs is None else vq_specs.loss_mask
         res, outs = [], []
         for k in range(n_block):
-            spec = None if vq_specs is None else vq_specs[k]
+            spec = None if vq_specs is None else VQSpec(vq_specs.n_device, vq_specs.n_block_per_update, masks[k])
             state, out = attn(state, x[k], spec, is_train=is_train, dropsin=dropsin, rng=rng)
             res.append(out.pop("res"))
             outs.append(out)
@@ -58,7 +60,7 @@ class TransformerLayer(nn.Module):
             r = r * droplyr
         return x + r, state, mean_over_blocks(outs)
 
-    def forward(self, x: torch.Tensor, state: list[dict], vq_specs: list[VQSpec] | None = None, *,
+    def forward(self, x: torch.Tensor, state: list[dict], vq_specs: VQSpec | None = None, *,
                 is_train: bool = False, rng: torch.Generator | None = None) -> dict:
         """x [N,B,L,E] -> {output_features, attn_state, l_commit, l_codebook, metrics}."""
         state1, state2 = state

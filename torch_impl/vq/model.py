@@ -33,12 +33,12 @@ def get_sequence_from_blocks(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(bsz, n_block * block_len, *suffix)
 
 
-def get_blocks_of_vq_spec(vq_spec: VQSpec | None, block_len: int) -> list[VQSpec] | None:
-    """One VQSpec per block: the loss mask cut into [B, L] pieces, the scalars shared."""
+def get_blocks_of_vq_spec(vq_spec: VQSpec | None, block_len: int) -> VQSpec | None:
+    """The loss mask cut into blocks, [N, B, L]; the scalars shared by all blocks."""
     if vq_spec is None:
         return None
     masks = get_blocks_from_sequence(vq_spec.loss_mask, block_len)
-    return [VQSpec(vq_spec.n_device, vq_spec.n_block_per_update, m) for m in masks]
+    return VQSpec(vq_spec.n_device, vq_spec.n_block_per_update, masks)
 
 
 class Transformer(nn.Module):

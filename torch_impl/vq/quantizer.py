@@ -45,10 +45,7 @@ def get_shortcodes(vecs: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Te
 
 def get_codewords(shortcodes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """z [B,H,L], codebook [H,C,d] -> codewords [B,H,L,d] (a gather along C)."""
-    b, h, l = shortcodes.shape
-    cb = codebook[None].expand(b, -1, -1, -1)
-    idx = shortcodes.long()[..., None].expand(b, h, l, codebook.shape[-1])
-    return torch.gather(cb, 2, idx)
+    return torch.take_along_dim(codebook[None], shortcodes.long()[..., None], dim=2)
 
 
 def get_codebook(c_sum: torch.Tensor, c_count: torch.Tensor) -> torch.Tensor:
