@@ -17,8 +17,9 @@ from weights.names import IGNORE_INDEX
 from .checkpoint import Pretrained, Trainable
 from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
+from .layers.linear import linear
 from .layers.moe import current_token_mask, load_balancing_loss
-from .layers.precision import compute_dtype
+from .layers.precision import DEFAULT_PRECISION, compute_dtype
 from .model import DecoderModel
 
 
@@ -120,26 +121,25 @@ def last_token_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Arra
     return jnp.argmax(jnp.arange(t, dtype=jnp.int32) * non_pad, axis=-1)
 
 
-def _linear(config: ModelConfig, n_in: int, n_out: int, use_bias: bool, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype or dtype,
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-
-
 class ForCausalLM(Pretrained, Trainable, nnx.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.precision = precision
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.model = DecoderModel(config, **kw)
         # One assignment: NNX fixes an attribute as data or static at its first assignment.
-        self.lm_head = None if config.tie_word_embeddings else _linear(
-            config, config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs)
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config, config.hidden_size, config.vocab_size, False, **kw)
 
     def logits(self, hidden_states: jax.Array) -> jax.Array:
         """`[B, T, E] -> [B, T, V]`, soft-capped with `final_logit_softcapping` (Gemma 2)."""
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden_states)
+        if self.lm_head is None:  # tied: the embedding table, cast at use like every weight
+            table = self.model.embed_tokens.embedding[...].astype(hidden_states.dtype)
+            logits = jnp.matmul(hidden_states, table.T, precision=self.precision)
         else:
             logits = self.lm_head(hidden_states)
         if self.config.final_logit_softcapping is not None:
@@ -177,10 +177,12 @@ class ForSequenceClassification(Pretrained, Trainable, nnx.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = _linear(config, config.hidden_size, config.num_labels, False, dtype, param_dtype, rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.model = DecoderModel(config, **kw)
+        self.score = linear(config, config.hidden_size, config.num_labels, False, **kw)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, past_key_values: KVCache | None = None,
@@ -201,10 +203,12 @@ class ForQuestionAnswering(Pretrained, Trainable, nnx.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qa_outputs = _linear(config, config.hidden_size, 2, True, dtype, param_dtype, rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.model = DecoderModel(config, **kw)
+        self.qa_outputs = linear(config, config.hidden_size, 2, True, **kw)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, start_positions: jax.Array | None = None,

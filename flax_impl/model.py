@@ -16,6 +16,7 @@ from .layers.dropout import Dropout
 from .layers.mlp import MLP
 from .layers.moe import SparseMoeBlock
 from .layers.norm import RMSNorm
+from .layers.precision import DEFAULT_PRECISION
 from .layers.rope import RotaryEmbedding
 from .sharding import constrain_activations
 
@@ -85,17 +86,18 @@ class DecoderLayer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
-        self.self_attn = Attention(config, layer_idx, **kw, rngs=rngs)
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, precision=precision, rngs=rngs)
+        self.self_attn = Attention(config, layer_idx, **kw)
         self.attention_output_dropout = Dropout(config.hidden_dropout, layer_idx, "attention_output")
         self.mlp_output_dropout = Dropout(config.hidden_dropout, layer_idx, "mlp_output")
         self.is_moe = config.is_moe
         if self.is_moe:
-            self.block_sparse_moe = SparseMoeBlock(config, **kw, rngs=rngs)
+            self.block_sparse_moe = SparseMoeBlock(config, **kw)
         else:
-            self.mlp = MLP(config, **kw, rngs=rngs)
-        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, **kw)
+            self.mlp = MLP(config, **kw)
+        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, param_dtype=param_dtype or dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.sandwich_norm = config.sandwich_norm
@@ -134,25 +136,30 @@ class DecoderModel(nnx.Module):
     """Token embedding, the decoder layers and the final norm (HF `LlamaModel`)."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype  # the activation dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, precision=precision, rngs=rngs)
+        # HF's init: normal(0, initializer_range), and a zero row at `pad_token_id`. Embed's own
+        # dtype is the table's: the cast to the activation dtype is written in `embed`.
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=kw["param_dtype"],
+                                      param_dtype=kw["param_dtype"],
                                       embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
         if config.pad_token_id is not None:
             table = self.embed_tokens.embedding
             table[...] = table[...].at[config.pad_token_id].set(0)
-        self.layers = nnx.List([DecoderLayer(config, i, **kw, rngs=rngs) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, **kw)
+        self.layers = nnx.List([DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, param_dtype=kw["param_dtype"])
         self.rotary_emb = RotaryEmbedding(config)
         self.embed_dropout = Dropout(config.hidden_dropout, -1, "embeddings")
         self.gradient_checkpointing = False  # remat each decoder layer in the backward pass
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings `[B, T, E]`; like torch's `padding_idx`, the pad row gets no gradient
-        from the positions that look it up."""
-        embeds = self.embed_tokens(input_ids)
+        """Token embeddings `[B, T, E]` in the activation dtype (the table is cast at use, row by
+        row); like torch's `padding_idx`, the pad row gets no gradient from the positions that
+        look it up."""
+        embeds = self.embed_tokens(input_ids).astype(self.dtype)
         if self.config.pad_token_id is None:
             return embeds
         is_pad = (input_ids == self.config.pad_token_id)[..., None]

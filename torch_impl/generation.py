@@ -338,8 +338,8 @@ def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
     Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[R, N, ...]` and how many
     of the N new-token columns are in use."""
-    cache = KVCache.init(model.config, input_ids.shape[0], attention_mask.shape[1],
-                         dtype=model.model.embed_tokens.weight.dtype, device=input_ids.device)
+    cache = KVCache.init(model.config, input_ids.shape[0], attention_mask.shape[1], dtype=model.model.dtype,
+                         device=input_ids.device)
     if options.num_beams == 1:
         state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache)
         return (state.tokens, state.token_logprobs, state.top_tokens, state.top_probs), state.step
@@ -380,7 +380,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         return_scores=return_scores, num_return_sequences=num_return_sequences, bos_token_id=bos_token_id,
         use_config_eos=use_config_eos, filter_order=filter_order)
     options = inputs.options
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.dtype  # the activation dtype
     np_cdtype = np.float64 if compute_dtype(dtype) == torch.float64 else np.float32
     r = inputs.input_ids.shape[0]
     n, nb = options.max_new_tokens, options.num_beams

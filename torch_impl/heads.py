@@ -18,9 +18,10 @@ from weights.names import IGNORE_INDEX
 from .checkpoint import Pretrained, Trainable
 from .generation import GenerationOutput, generate
 from .layers.attention import KVCache, soft_cap
+from .layers.linear import linear
 from .layers.moe import current_token_mask, load_balancing_loss
 from .layers.precision import compute_dtype
-from .model import DecoderModel, init_weights
+from .model import DecoderModel
 
 
 @dataclass
@@ -124,19 +125,20 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
 class ForCausalLM(Pretrained, Trainable, nn.Module):
     """Decoder + `lm_head` (no bias); with `tie_word_embeddings` the head is the embedding matrix."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype)
-        self.lm_head = None
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-            init_weights(self.lm_head, config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.model = DecoderModel(config, **kw)
+        # One assignment, as in the Flax twin (where it must be: NNX fixes an attribute's kind at its first).
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config, config.hidden_size, config.vocab_size, False, **kw)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[B, T, E] -> [B, T, V]`, soft-capped with `final_logit_softcapping` (Gemma 2)."""
-        if self.lm_head is None:
-            logits = F.linear(hidden_states, self.model.embed_tokens.weight)
+        if self.lm_head is None:  # tied: the embedding table, cast at use like every weight
+            logits = F.linear(hidden_states, self.model.embed_tokens.weight.to(hidden_states.dtype))
         else:
             logits = self.lm_head(hidden_states)
         if self.config.final_logit_softcapping is not None:
@@ -173,12 +175,13 @@ class ForCausalLM(Pretrained, Trainable, nn.Module):
 class ForSequenceClassification(Pretrained, Trainable, nn.Module):
     """Decoder + `score` (no bias) read at each row's last non-pad token."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
-        init_weights(self.score, config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.model = DecoderModel(config, **kw)
+        self.score = linear(config, config.hidden_size, config.num_labels, False, **kw)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
@@ -198,12 +201,13 @@ class ForSequenceClassification(Pretrained, Trainable, nn.Module):
 class ForQuestionAnswering(Pretrained, Trainable, nn.Module):
     """Decoder + `qa_outputs` (hidden -> 2, with bias) giving start and end logits per token."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2, bias=True, dtype=dtype)
-        init_weights(self.qa_outputs, config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.model = DecoderModel(config, **kw)
+        self.qa_outputs = linear(config, config.hidden_size, 2, True, **kw)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,

@@ -72,24 +72,6 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids: token id {int(input_ids[bad][0])} is outside the vocabulary [0, {vocab_size})")
 
 
-def init_weights(module: nn.Module, config: ModelConfig) -> None:
-    """HF's init: normal(0, initializer_range) for linear and embedding weights, zero biases,
-    a zero embedding row at `pad_token_id`, ones for norms."""
-    std = config.initializer_range
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, RMSNorm):
-            (nn.init.zeros_ if m.unit_offset else nn.init.ones_)(m.weight)  # Gemma: scale is 1 + weight
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 
@@ -99,17 +81,19 @@ class DecoderLayer(nn.Module):
     `SparseMoeBlock` named `block_sparse_moe` (HF Mixtral).
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, dtype=dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
+        self.self_attn = Attention(config, layer_idx, **kw)
         self.attention_output_dropout = Dropout(config.hidden_dropout, layer_idx, "attention_output")
         self.mlp_output_dropout = Dropout(config.hidden_dropout, layer_idx, "mlp_output")
         self.is_moe = config.is_moe
         if self.is_moe:
-            self.block_sparse_moe = SparseMoeBlock(config, dtype=dtype)
+            self.block_sparse_moe = SparseMoeBlock(config, **kw)
         else:
-            self.mlp = MLP(config, dtype=dtype)
-        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, dtype=dtype)
+            self.mlp = MLP(config, **kw)
+        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, param_dtype=param_dtype or dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.sandwich_norm = config.sandwich_norm
@@ -147,21 +131,30 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Token embedding, the decoder layers and the final norm (HF `LlamaModel`)."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
         self.dtype = dtype  # the activation dtype
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, dtype=dtype)
-        self.layers = nn.ModuleList([DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, dtype=dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype or dtype)
+        # HF's init: normal(0, initializer_range), and a zero row at `pad_token_id`. Built on the
+        # meta device then given memory, so the table is drawn once (no N(0, 1) draw first).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
+                                         dtype=kw["param_dtype"], device="meta").to_empty(device=torch.get_default_device())
+        with torch.no_grad():
+            self.embed_tokens.weight.normal_(0.0, config.initializer_range)
+            if config.pad_token_id is not None:
+                self.embed_tokens.weight[config.pad_token_id] = 0
+        self.layers = nn.ModuleList([DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, param_dtype=kw["param_dtype"])
         self.rotary_emb = RotaryEmbedding(config)
         self.embed_dropout = Dropout(config.hidden_dropout, -1, "embeddings")
         self.gradient_checkpointing = False  # remat each decoder layer in the backward pass
-        init_weights(self, config)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings `[B, T, E]`; `padding_idx` keeps the pad row's gradient at zero."""
-        return self.embed_tokens(input_ids)
+        """Token embeddings `[B, T, E]` in the activation dtype (the table is cast at use, row by
+        row); `padding_idx` keeps the pad row's gradient at zero."""
+        return self.embed_tokens(input_ids).to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,

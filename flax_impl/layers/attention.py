@@ -17,7 +17,8 @@ from flax import nnx
 from weights.config import ModelConfig
 
 from .dropout import Dropout
-from .precision import compute_dtype
+from .linear import linear
+from .precision import DEFAULT_PRECISION, compute_dtype
 from .rope import apply_rotary_pos_emb
 
 
@@ -47,12 +48,13 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
-             dtype: jnp.dtype = jnp.float32) -> "KVCache":
+             dtype: jnp.dtype = jnp.float32, device: jax.Device | None = None) -> "KVCache":
         """An empty cache with room for `max_length` positions in each of `batch_size` rows."""
         shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
         layers = range(config.num_hidden_layers)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.zeros(batch_size, jnp.int32))
+        return cls(tuple(jnp.zeros(shape, dtype, device=device) for _ in layers),
+                   tuple(jnp.zeros(shape, dtype, device=device) for _ in layers),
+                   jnp.zeros(batch_size, jnp.int32, device=device))
 
     @property
     def capacity(self) -> int:
@@ -102,7 +104,8 @@ def soft_cap(x: jax.Array, cap: float) -> jax.Array:
 
 def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
                       scaling: float, num_key_value_groups: int, softcap: float | None = None,
-                      dropout: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                      dropout: Callable[[jax.Array], jax.Array] | None = None,
+                      precision: jax.lax.PrecisionLike = DEFAULT_PRECISION) -> tuple[jax.Array, jax.Array]:
     """Eager attention. q `[B, H, T, D]`, k/v `[B, K, S, D]`, boolean keep-mask `[B, 1, T, S]`;
     `softcap` caps the scores before the mask (HF Gemma 2); `dropout` (train mode) drops
     attention probabilities after the softmax, as HF does.
@@ -111,7 +114,7 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     """
     key = repeat_kv(key, num_key_value_groups)
     value = repeat_kv(value, num_key_value_groups)
-    scores = jnp.matmul(query, jnp.swapaxes(key, 2, 3)) * scaling
+    scores = jnp.matmul(query, jnp.swapaxes(key, 2, 3), precision=precision) * scaling
     if softcap is not None:
         scores = soft_cap(scores, softcap)  # in the activation dtype, before the upcast, as HF does
     cdtype = compute_dtype(query.dtype)
@@ -121,7 +124,7 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.matmul(weights, value), weights
+    return jnp.matmul(weights, value, precision=precision), weights
 
 
 def attention_fast(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
@@ -154,7 +157,8 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.layer_idx = layer_idx
         self.head_dim = config.resolved_head_dim
         self.num_key_value_groups = config.num_key_value_groups
@@ -162,13 +166,13 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcapping
         self.attn_implementation = "eager"
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
-        linear = dict(dtype=dtype, param_dtype=param_dtype or dtype,
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        self.precision = precision
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         bias = config.attention_qkv_bias
-        self.q_proj = nnx.Linear(e, h * d, use_bias=bias, **linear)
-        self.k_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
-        self.v_proj = nnx.Linear(e, k * d, use_bias=bias, **linear)
-        self.o_proj = nnx.Linear(h * d, e, use_bias=config.attention_bias, **linear)
+        self.q_proj = linear(config, e, h * d, bias, **kw)
+        self.k_proj = linear(config, e, k * d, bias, **kw)
+        self.v_proj = linear(config, e, k * d, bias, **kw)
+        self.o_proj = linear(config, h * d, e, config.attention_bias, **kw)
         self.attention_dropout = Dropout(config.attention_dropout, layer_idx, "attention")
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
@@ -192,7 +196,8 @@ class Attention(nnx.Module):
         else:
             out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
                                              self.num_key_value_groups, self.softcap,
-                                             partial(self.attention_dropout, dropout_key=dropout_key))
+                                             partial(self.attention_dropout, dropout_key=dropout_key),
+                                             self.precision)
         out = out.swapaxes(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
 

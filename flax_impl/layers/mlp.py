@@ -10,6 +10,9 @@ from flax import nnx
 
 from weights.config import ModelConfig
 
+from .linear import linear
+from .precision import DEFAULT_PRECISION
+
 # HF `ACT2FN` names -> functions. The tanh GELUs are one formula under two HF names.
 ACT2FN: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -25,13 +28,13 @@ class MLP(nnx.Module):
     """The feed-forward block of every decoder layer."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
-        e, i = config.hidden_size, config.intermediate_size
-        linear = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype or dtype,
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-        self.gate_proj = nnx.Linear(e, i, **linear)
-        self.up_proj = nnx.Linear(e, i, **linear)
-        self.down_proj = nnx.Linear(i, e, **linear)
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
+        e, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.gate_proj = linear(config, e, i, bias, **kw)
+        self.up_proj = linear(config, e, i, bias, **kw)
+        self.down_proj = linear(config, i, e, bias, **kw)
         self.act_fn = ACT2FN[config.mlp_activation]  # gemma: hidden_activation, tanh GELU fallback
 
     def __call__(self, x: jax.Array) -> jax.Array:

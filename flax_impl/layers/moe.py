@@ -22,8 +22,9 @@ from flax import nnx
 
 from weights.config import ModelConfig
 
+from .linear import linear
 from .mlp import ACT2FN
-from .precision import compute_dtype
+from .precision import DEFAULT_PRECISION, compute_dtype
 
 
 def top_k_lowest_index(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -79,13 +80,13 @@ class ExpertMLP(nnx.Module):
     """One expert: `w2(act(w1(x)) * w3(x))` (HF `MixtralBlockSparseTop2MLP`), no biases."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         e, i = config.hidden_size, config.intermediate_size
-        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype or dtype,
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-        self.w1 = nnx.Linear(e, i, **linear)
-        self.w2 = nnx.Linear(i, e, **linear)
-        self.w3 = nnx.Linear(e, i, **linear)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.w1 = linear(config, e, i, False, **kw)
+        self.w2 = linear(config, i, e, False, **kw)
+        self.w3 = linear(config, e, i, False, **kw)
         self.act_fn = ACT2FN[config.mlp_activation]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,15 +98,16 @@ class SparseMoeBlock(nnx.Module):
     """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.dtype = dtype
-        self.gate = nnx.Linear(config.hidden_size, self.num_experts, use_bias=False, dtype=dtype,
-                               param_dtype=param_dtype or dtype,
-                               kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-        self.experts = nnx.List([ExpertMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.precision = precision
+        self.gate = linear(config, config.hidden_size, self.num_experts, False, dtype=dtype, param_dtype=param_dtype,
+                           precision=precision, rngs=rngs)
+        self.experts = nnx.List([ExpertMLP(config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
                                  for _ in range(self.num_experts)])
         self.act_fn = ACT2FN[config.mlp_activation]
 
@@ -117,13 +119,15 @@ class SparseMoeBlock(nnx.Module):
         routing_weights, selected = route(router_logits, self.top_k, self.norm_topk_prob)
         routing_weights = routing_weights.astype(x.dtype)
         # [N, X]: each token's weight for every expert, zero for the experts it was not routed to.
-        dense_weights = jnp.einsum("nk,nkx->nx", routing_weights, jax.nn.one_hot(selected, self.num_experts, dtype=x.dtype))
-        # The experts' kernels stacked on a leading X axis, cast as nnx.Linear casts them.
+        dense_weights = jnp.einsum("nk,nkx->nx", routing_weights, jax.nn.one_hot(selected, self.num_experts, dtype=x.dtype),
+                                   precision=self.precision)
+        # The experts' kernels stacked on a leading X axis, cast at use as `Linear` casts them.
         w1 = jnp.stack([ex.w1.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
         w3 = jnp.stack([ex.w3.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
         w2 = jnp.stack([ex.w2.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, I, E]
-        h = self.act_fn(jnp.einsum("ne,xei->xni", x, w1)) * jnp.einsum("ne,xei->xni", x, w3)
-        y = jnp.einsum("xni,xie->xne", h, w2)  # every expert on every token
+        h = (self.act_fn(jnp.einsum("ne,xei->xni", x, w1, precision=self.precision))
+             * jnp.einsum("ne,xei->xni", x, w3, precision=self.precision))
+        y = jnp.einsum("xni,xie->xne", h, w2, precision=self.precision)  # every expert on every token
         # Weight then sum over experts, as HF does per expert (products rounded in the dtype).
         out = (dense_weights.T[:, :, None] * y).sum(axis=0)
         return out.reshape(b, t, e), router_logits

@@ -30,8 +30,10 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
 
 def layer_pair(name: str, *args: Any, dtype: str, seed: int = 0) -> tuple[torch.nn.Module, nnx.Module]:
     """One layer class built in both twins from the same constructor args, weights shared."""
-    t_mod = getattr(torch_impl, name)(*args, dtype=torch_dtype(dtype))
-    f_mod = getattr(flax_impl, name)(*args, dtype=jax_dtype(dtype), rngs=nnx.Rngs(seed))
+    # A norm has no activation dtype of its own (its output follows its input): only `param_dtype`.
+    key = "param_dtype" if name == "RMSNorm" else "dtype"
+    t_mod = getattr(torch_impl, name)(*args, **{key: torch_dtype(dtype)})
+    f_mod = getattr(flax_impl, name)(*args, **{key: jax_dtype(dtype)}, rngs=nnx.Rngs(seed))
     randomize(t_mod, seed)
     if name == "RMSNorm":
         # A bare norm's only tensor is named "weight", with no module name for the table to

@@ -1,9 +1,11 @@
 """The twins mirror each other: same module files, public classes and functions, call
-signatures, and parameter names (the torch state-dict key maps onto the Flax path by the
-`weights.names` table and nothing else), and each twin's parameters are exactly the ones
-`weights.names.hf_shapes` says a config implies."""
+signatures with the same defaults, the same attributes assigned in the same order, one factory
+building (and initialising) every projection, and parameter names (the torch state-dict key maps
+onto the Flax path by the `weights.names` table and nothing else), and each twin's parameters
+are exactly the ones `weights.names.hf_shapes` says a config implies."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -17,19 +19,29 @@ from tests.helpers.configs import REPO_ROOT
 from weights.config import ModelConfig
 from weights.names import flax_path, hf_name, hf_shapes, is_transposed
 
-# Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`; Flax constructors
-# take `param_dtype` and `rngs` besides `dtype`; torch allocations take a `device`.
+# Framework idiom the mirror allows: torch's `forward` is Flax's `__call__`.
 CALL = {"forward": "__call__"}
-ONE_SIDED_PARAMS = {"param_dtype", "rngs", "device"}
+# Parameters (and the attributes holding them) that one twin has for a framework reason; every
+# other parameter, `dtype` / `param_dtype` / `device` / `dispatch` included, is in both twins.
+FRAMEWORK_PARAMS = {
+    "rngs": "NNX modules draw their initial values from explicit RNG streams; torch from its global generator",
+    "precision": "XLA takes a matmul precision per dot; torch's is process-wide (layers/precision.py: "
+                 "matmul_precision sets it for a block)",
+}
+# One parameter of one function that only torch has: its tensors are created on an explicit
+# device, JAX's on the default device or wherever jit places them.
+TORCH_ONLY_ARGS = {("model.py", "make_attention_mask"): {"device"}}
 # Public helpers that exist on one side only, each for a framework difference.
 ONE_SIDED = {
     "checkpoint.py": {"tensor_to_numpy", "numpy_to_tensor"},  # torch has no bfloat16 <-> numpy bridge
-    "model.py": {"init_weights"},  # torch re-initialises after construction; NNX takes initializers
     "layers/attention.py": {"concrete_int"},  # only JAX has traced values under jit
     # torch's optimizer applies the gradients in `.grad` and needs them zeroed before accumulating;
     # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
     "training.py": {"Optimizer.update", "Optimizer.zero_grad"},
+    "layers/precision.py": {"dot_precision"},  # only XLA takes a precision per dot
 }
+# Writing one framework's dtype or module name in the other's spelling.
+_FRAMEWORK_PREFIX = re.compile(r"\b(torch|jnp|jax\.numpy|nn|nnx)\.")
 
 
 def module_files(pkg: str) -> set[str]:
@@ -49,9 +61,30 @@ def public_defs(path: Path) -> dict[str, ast.AST]:
     return out
 
 
-def arg_names(fn: ast.FunctionDef) -> list[str]:
+def arg_names(fn: ast.FunctionDef, skip: set[str] = frozenset()) -> list[str]:
     a = fn.args
-    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ONE_SIDED_PARAMS]
+    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in FRAMEWORK_PARAMS.keys() | skip]
+
+
+def arg_defaults(fn: ast.FunctionDef, skip: set[str] = frozenset()) -> dict[str, str]:
+    """Parameter -> its default, framework prefixes dropped (`torch.float32` == `jnp.float32`)."""
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+    pairs += [(x, d) for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+    return {x.arg: _FRAMEWORK_PREFIX.sub("", ast.unparse(d)) for x, d in pairs if x.arg not in FRAMEWORK_PARAMS.keys() | skip}
+
+
+def self_assignments(fn: ast.FunctionDef) -> list[str]:
+    """The attributes a method assigns on `self`, in source order (a module's structure)."""
+    names = []
+    for node in ast.walk(fn):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            for el in t.elts if isinstance(t, ast.Tuple) else [t]:
+                if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.value.id == "self":
+                    names.append((el.lineno, el.col_offset, el.attr))
+    return [n for _, _, n in sorted(names) if n not in FRAMEWORK_PARAMS]
 
 
 def test_same_module_files():
@@ -68,7 +101,32 @@ def test_same_public_names_and_signatures(rel):
     assert sorted(t_names) == sorted(f_names), f"{rel}: public names differ"
     for name, node in t_defs.items():
         if isinstance(node, ast.FunctionDef) and name in f_defs:
-            assert arg_names(node) == arg_names(f_defs[name]), f"{rel}:{name}: signatures differ"
+            skip = TORCH_ONLY_ARGS.get((rel, name), set())
+            assert arg_names(node, skip) == arg_names(f_defs[name]), f"{rel}:{name}: signatures differ"
+            assert arg_defaults(node, skip) == arg_defaults(f_defs[name]), f"{rel}:{name}: defaults differ"
+
+
+@pytest.mark.parametrize("rel", sorted(module_files("torch_impl")))
+def test_same_attributes_in_the_same_order(rel):
+    """Each mirrored method assigns the same `self.` attributes in the same order, so the two
+    constructors (and the code between them) line up statement by statement."""
+    t_defs, f_defs = public_defs(REPO_ROOT / "torch_impl" / rel), public_defs(REPO_ROOT / "flax_impl" / rel)
+    for name, node in t_defs.items():
+        if isinstance(node, ast.FunctionDef) and isinstance(f_defs.get(name), ast.FunctionDef):
+            assert self_assignments(node) == self_assignments(f_defs[name]), f"{rel}:{name}: attributes differ"
+
+
+@pytest.mark.parametrize("twin", ["torch_impl", "flax_impl"])
+def test_every_projection_comes_from_the_one_factory(twin):
+    """Parameter init in one place: outside `layers/linear.py` no file of the LLaMA-family twin
+    builds a framework dense layer itself (the Transformer-VQ twin keeps its reference's init)."""
+    for path in sorted((REPO_ROOT / twin).rglob("*.py")):
+        rel = path.relative_to(REPO_ROOT / twin)
+        if rel.parts[0] == "vq" or str(rel) == "layers/linear.py":
+            continue
+        source = path.read_text()
+        assert not re.search(r"\b(nn|nnx)\.Linear\(", source), f"{twin}/{rel} builds a Linear outside the factory"
+        assert "init_weights" not in source and "nn.init." not in source, f"{twin}/{rel} re-initialises parameters"
 
 
 def test_same_exports():

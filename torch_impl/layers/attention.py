@@ -15,6 +15,7 @@ from torch import nn
 from weights.config import ModelConfig
 
 from .dropout import Dropout
+from .linear import linear
 from .precision import compute_dtype
 from .rope import apply_rotary_pos_emb
 
@@ -143,7 +144,8 @@ class Attention(nn.Module):
     Set it with `set_attn_implementation`.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.resolved_head_dim
@@ -152,11 +154,12 @@ class Attention(nn.Module):
         self.softcap = config.attn_logit_softcapping
         self.attn_implementation = "eager"
         e, h, k, d = config.hidden_size, config.num_attention_heads, config.resolved_num_key_value_heads, self.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         bias = config.attention_qkv_bias
-        self.q_proj = nn.Linear(e, h * d, bias=bias, dtype=dtype)
-        self.k_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
-        self.v_proj = nn.Linear(e, k * d, bias=bias, dtype=dtype)
-        self.o_proj = nn.Linear(h * d, e, bias=config.attention_bias, dtype=dtype)
+        self.q_proj = linear(config, e, h * d, bias, **kw)
+        self.k_proj = linear(config, e, k * d, bias, **kw)
+        self.v_proj = linear(config, e, k * d, bias, **kw)
+        self.o_proj = linear(config, h * d, e, config.attention_bias, **kw)
         self.attention_dropout = Dropout(config.attention_dropout, layer_idx, "attention")
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],

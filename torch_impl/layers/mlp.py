@@ -10,6 +10,8 @@ from torch import nn
 
 from weights.config import ModelConfig
 
+from .linear import linear
+
 # HF `ACT2FN` names -> functions. The tanh GELUs are one formula under two HF names.
 ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -24,12 +26,14 @@ ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class MLP(nn.Module):
     """The feed-forward block of every decoder layer."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         e, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(e, i, bias=bias, dtype=dtype)
-        self.up_proj = nn.Linear(e, i, bias=bias, dtype=dtype)
-        self.down_proj = nn.Linear(i, e, bias=bias, dtype=dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = linear(config, e, i, bias, **kw)
+        self.up_proj = linear(config, e, i, bias, **kw)
+        self.down_proj = linear(config, i, e, bias, **kw)
         self.act_fn = ACT2FN[config.mlp_activation]  # gemma: hidden_activation, tanh GELU fallback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from weights.config import ModelConfig
 
+from .linear import linear
 from .mlp import ACT2FN
 from .precision import compute_dtype
 
@@ -76,12 +77,14 @@ def current_token_mask(attention_mask: torch.Tensor | None, past_length: torch.T
 class ExpertMLP(nn.Module):
     """One expert: `w2(act(w1(x)) * w3(x))` (HF `MixtralBlockSparseTop2MLP`), no biases."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         e, i = config.hidden_size, config.intermediate_size
-        self.w1 = nn.Linear(e, i, bias=False, dtype=dtype)
-        self.w2 = nn.Linear(i, e, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(e, i, bias=False, dtype=dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.w1 = linear(config, e, i, False, **kw)
+        self.w2 = linear(config, i, e, False, **kw)
+        self.w3 = linear(config, e, i, False, **kw)
         self.act_fn = ACT2FN[config.mlp_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,13 +95,17 @@ class ExpertMLP(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False, dtype=dtype)
-        self.experts = nn.ModuleList([ExpertMLP(config, dtype=dtype) for _ in range(self.num_experts)])
+        self.dtype = dtype
+        self.gate = linear(config, config.hidden_size, self.num_experts, False, dtype=dtype, param_dtype=param_dtype)
+        self.experts = nn.ModuleList([ExpertMLP(config, dtype=dtype, param_dtype=param_dtype)
+                                      for _ in range(self.num_experts)])
+        self.act_fn = ACT2FN[config.mlp_activation]
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden `[B, T, E]` -> (output `[B, T, E]`, router logits `[N, X]`)."""

@@ -10,7 +10,8 @@ from .precision import compute_dtype
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32 (float64 for float64 input);
-    with `unit_offset`, `(1 + weight) * ...` (Gemma)."""
+    with `unit_offset`, `(1 + weight) * ...` (Gemma). The result is in the input's (activation)
+    dtype whatever the weight's, so float32 weights never leak float32 into the residual stream."""
     input_dtype = hidden_states.dtype
     x = hidden_states.to(compute_dtype(input_dtype))
     variance = x.pow(2).mean(-1, keepdim=True)
@@ -18,8 +19,9 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, unit
     if unit_offset:
         # Gemma multiplies by (1 + weight) in float32 and casts back *after* (HF GemmaRMSNorm).
         return (x * (1.0 + weight.to(x.dtype))).to(input_dtype)
-    # HF casts back to the activation dtype *before* the weight multiply (LLaMA convention).
-    return weight * x.to(input_dtype)
+    # HF casts back to the activation dtype *before* the weight multiply (LLaMA convention); the
+    # weight is cast to it at use.
+    return weight.to(input_dtype) * x.to(input_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -27,9 +29,9 @@ class RMSNorm(nn.Module):
     zeros with `unit_offset`, where the scale is `1 + weight`)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False, *,
-                 dtype: torch.dtype = torch.float32):
+                 param_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = nn.Parameter((torch.zeros if unit_offset else torch.ones)(hidden_size, dtype=dtype))
+        self.weight = nn.Parameter((torch.zeros if unit_offset else torch.ones)(hidden_size, dtype=param_dtype))
         self.variance_epsilon = eps
         self.unit_offset = unit_offset
 
