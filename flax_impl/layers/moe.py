@@ -7,11 +7,14 @@ float64 models), top-k, renormalised to sum 1 (`norm_topk_prob`; Grok-1 keeps th
 probabilities). Ties between equal probabilities go to the lower expert index, in both twins:
 the top-k is a stable descending sort, never an unspecified `topk`.
 
-This twin has no loop over tokens: every expert runs on every token in one einsum over the
-stacked expert weights, and a dense `[N, X]` weight matrix (zero for unchosen experts) combines
-them. That costs X / k times the FLOPs of sparse dispatch — the price of a static shape under
-jit; a sort/segment dispatch would be the serving path. Each expert keeps one `nnx.Linear` per
-checkpoint tensor (stacked inside the forward), so the converter stays a table.
+Two dispatches, the same in both twins. "dense" (the reference, the default): every expert runs
+on every token in one einsum over the stacked expert weights, and a dense `[N, X]` weight matrix
+(zero for unchosen experts) combines them: X / k times the FLOPs of routing, but one formula,
+static shapes, and nothing to get wrong. "sparse" (a fast path, `set_moe_dispatch`): each expert
+runs on its own tokens only; in the torch twin as HF does (`index_add`, one expert at a time),
+here as grouped products over tokens sorted by expert (`jax.lax.ragged_dot`, static shapes under
+jit). Tests hold the sparse path to the dense one in each twin. Each expert keeps one `Linear`
+per checkpoint tensor (stacked inside the forward), so the converter stays a table.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from weights.config import ModelConfig
 from .linear import linear
 from .mlp import ACT2FN
 from .precision import DEFAULT_PRECISION, compute_dtype
+
+DISPATCHES = ("dense", "sparse")
 
 
 def top_k_lowest_index(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -98,12 +103,15 @@ class SparseMoeBlock(nnx.Module):
     """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype | None = None, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
-                 rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype | None = None, dispatch: str = "dense",
+                 precision: jax.lax.PrecisionLike = DEFAULT_PRECISION, rngs: nnx.Rngs):
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.dtype = dtype
+        self.dispatch = dispatch
         self.precision = precision
         self.gate = linear(config, config.hidden_size, self.num_experts, False, dtype=dtype, param_dtype=param_dtype,
                            precision=precision, rngs=rngs)
@@ -118,9 +126,18 @@ class SparseMoeBlock(nnx.Module):
         router_logits = self.gate(x)  # [N, X]
         routing_weights, selected = route(router_logits, self.top_k, self.norm_topk_prob)
         routing_weights = routing_weights.astype(x.dtype)
-        # [N, X]: each token's weight for every expert, zero for the experts it was not routed to.
-        dense_weights = jnp.einsum("nk,nkx->nx", routing_weights, jax.nn.one_hot(selected, self.num_experts, dtype=x.dtype),
-                                   precision=self.precision)
+        if self.dispatch == "sparse":
+            out = self.sparse_experts(x, routing_weights, selected)
+        else:
+            out = self.dense_experts(x, routing_weights, selected)
+        return out.reshape(b, t, e), router_logits
+
+    def dense_experts(self, x: jax.Array, routing_weights: jax.Array, selected: jax.Array) -> jax.Array:
+        """The reference: every expert on every token `x [N, E]`, weighted by `routing_weights
+        [N, k]` for the experts `selected [N, k]` and by zero for the others -> `[N, E]`."""
+        # [N, X]: each token's weight for every expert, zero for the experts it was not routed to
+        # (a sum with one nonzero term: exact, no product rounds).
+        dense_weights = (routing_weights[:, :, None] * jax.nn.one_hot(selected, self.num_experts, dtype=x.dtype)).sum(1)
         # The experts' kernels stacked on a leading X axis, cast at use as `Linear` casts them.
         w1 = jnp.stack([ex.w1.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
         w3 = jnp.stack([ex.w3.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
@@ -129,5 +146,33 @@ class SparseMoeBlock(nnx.Module):
              * jnp.einsum("ne,xei->xni", x, w3, precision=self.precision))
         y = jnp.einsum("xni,xie->xne", h, w2, precision=self.precision)  # every expert on every token
         # Weight then sum over experts, as HF does per expert (products rounded in the dtype).
-        out = (dense_weights.T[:, :, None] * y).sum(axis=0)
-        return out.reshape(b, t, e), router_logits
+        return (dense_weights.T[:, :, None] * y).sum(axis=0)
+
+    def sparse_experts(self, x: jax.Array, routing_weights: jax.Array, selected: jax.Array) -> jax.Array:
+        """The fast path: each expert on the tokens routed to it only; same arguments and result
+        as `dense_experts`. The N * k (token, expert) rows are sorted by expert (stable: tokens
+        in order within an expert, as the torch twin's loop visits them), each weight is one
+        grouped product over its expert's rows, and the rows are added back to their tokens."""
+        k = selected.shape[1]
+        flat = selected.reshape(-1)  # [N * k]
+        order = jnp.argsort(flat, stable=True)
+        token_idx = order // k
+        group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)  # [X]
+        xs = x[token_idx]  # [N * k, E], grouped by expert
+        w1 = jnp.stack([ex.w1.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
+        w3 = jnp.stack([ex.w3.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, E, I]
+        w2 = jnp.stack([ex.w2.kernel[...] for ex in self.experts]).astype(self.dtype)  # [X, I, E]
+        dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, precision=self.precision)  # noqa: E731
+        h = self.act_fn(dot(xs, w1)) * dot(xs, w3)
+        y = dot(h, w2) * routing_weights.reshape(-1)[order][:, None]
+        return jnp.zeros_like(x).at[token_idx].add(y)
+
+
+def set_moe_dispatch(model: nnx.Module, dispatch: str) -> nnx.Module:
+    """Switch every `SparseMoeBlock` of `model` to `dispatch` ("dense" or "sparse"); returns it."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, SparseMoeBlock):
+            module.dispatch = dispatch
+    return model

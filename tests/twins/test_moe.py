@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 from hypothesis import given, settings
@@ -44,7 +45,8 @@ def block_pair(config: ModelConfig, seed: int = 0):
     with torch.no_grad():
         for p in t_block.parameters():
             p.normal_(0.0, 0.5)
-    f_block = fmoe.SparseMoeBlock(config, dtype=jnp.float64, rngs=nnx.Rngs(seed))
+    # Shapes only (no eager random init to compile), then the torch weights.
+    f_block = nnx.eval_shape(lambda: fmoe.SparseMoeBlock(config, dtype=jnp.float64, rngs=nnx.Rngs(seed)))
     copy_weights(t_block, f_block)
     return t_block, f_block
 
@@ -115,6 +117,57 @@ def test_moe_block_forward_and_gradients(experts, data, norm_topk_prob, tokens, 
         assert_close(f"grad {name}", p.grad.T, f_grads[path], "float64", "gradients")  # the router's `gate` included
     witness = moe_numpy(t_block, x.reshape(-1, config.hidden_size), top_k, norm_topk_prob, act_name)
     assert_close("numpy witness", witness, t_out.detach().reshape(-1, config.hidden_size), "float64")
+
+
+def _block_outputs(block, x: np.ndarray, r: np.ndarray, framework: str) -> dict[str, np.ndarray]:
+    """Output, input gradient and parameter gradients (HF names, [out, in]) of `sum(out * r)`."""
+    if framework == "torch":
+        block.zero_grad(set_to_none=True)
+        xt = torch.tensor(x, requires_grad=True)
+        out, _ = block(xt)
+        (out * torch.from_numpy(r)).sum().backward()
+        return {"out": to_numpy(out), "x": to_numpy(xt.grad),
+                **{n: to_numpy(p.grad) for n, p in block.named_parameters()}}
+    (_, out), (g_block, g_x) = _flax_block_grads(block, jnp.asarray(x), jnp.asarray(r))
+    grads = {".".join(map(str, path[:-1])) + ".weight": np.asarray(v[...]).T for path, v in nnx.to_flat_state(g_block)}
+    return {"out": np.asarray(out), "x": np.asarray(g_x), **grads}
+
+
+@nnx.jit
+def _flax_block_grads(block, x, r):
+    def loss(b, xj):
+        out, _ = b(xj)
+        return (out * r).sum(), out
+
+    return nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(block, x)
+
+
+def test_sparse_dispatch_equals_the_dense_reference():
+    """The fast path (torch: HF's per-expert loop; Flax: tokens sorted by expert, `ragged_dot`)
+    against the reference formula in each twin: same output and gradients, an expert that gets
+    no token included (three tokens, top-2 of five: its gradient is zero either way)."""
+    experts, top_k, tokens = 5, 2, 3
+    config = moe_config(experts, top_k)
+    t_block, f_block = block_pair(config, seed=experts + top_k)
+    rng = np.random.default_rng(tokens)
+    x, r = rng.standard_normal((1, tokens, config.hidden_size)), rng.standard_normal((1, tokens, config.hidden_size))
+    for framework, block, switch in (("torch", t_block, tmoe.set_moe_dispatch), ("flax", f_block, fmoe.set_moe_dispatch)):
+        dense = _block_outputs(switch(block, "dense"), x, r, framework)
+        sparse = _block_outputs(switch(block, "sparse"), x, r, framework)
+        assert dense.keys() == sparse.keys()
+        for name in dense:
+            assert_close(f"{framework} sparse vs dense: {name}", dense[name], sparse[name], "float64",
+                         "activations" if name == "out" else "gradients")
+        idle = [j for j in range(experts) if not np.any(dense[f"experts.{j}.w1.weight"])]
+        assert idle, "the example should leave an expert without tokens"
+
+
+def test_dispatch_is_checked():
+    config = moe_config(2, 1)
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        tmoe.SparseMoeBlock(config, dispatch="fast")
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        fmoe.set_moe_dispatch(nnx.eval_shape(lambda: fmoe.SparseMoeBlock(config, rngs=nnx.Rngs(0))), "fast")
 
 
 @settings(max_examples=10, deadline=None)

@@ -16,9 +16,11 @@ from flax import nnx
 import flax_impl
 import torch_impl
 from flax_impl.layers import precision as fprec
+from flax_impl.layers.moe import set_moe_dispatch as flax_dispatch
 from parity import strategies as tst
 from parity.loading import copy_weights
 from torch_impl.layers import precision as tprec
+from torch_impl.layers.moe import set_moe_dispatch as torch_dispatch
 
 EXAMPLES = tst.family_examples()
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -100,11 +102,11 @@ def _same(found, precision) -> bool:
     return found == precision or found == (precision, precision)
 
 
-@pytest.mark.parametrize("family, precision", [
-    ("llama3", HIGHEST), ("qwen2", TF32),  # untied and tied LM heads
-    ("gemma2", TF32), ("mixtral", TF32),
-], ids=["llama3-highest", "qwen2-tied-tf32", "gemma2-tf32", "mixtral-tf32"])
-def test_precision_reaches_every_dot(family, precision):
+@pytest.mark.parametrize("family, dispatch, precision", [
+    ("llama3", "dense", HIGHEST), ("qwen2", "dense", TF32),  # untied and tied LM heads
+    ("gemma2", "dense", TF32), ("mixtral", "dense", HIGHEST), ("mixtral", "sparse", TF32),
+], ids=["llama3-highest", "qwen2-tied-tf32", "gemma2-tf32", "mixtral-dense-highest", "mixtral-sparse-tf32"])
+def test_precision_reaches_every_dot(family, dispatch, precision):
     """Forward with every output, its gradient, one cached decode step and `generate_records`:
     each dot (projections, attention's two matmuls, tied or untied LM head, router, experts)
     carries the model's precision. Traced only, so TF32 needs no GPU."""
@@ -112,7 +114,7 @@ def test_precision_reaches_every_dot(family, precision):
     from weights.shared.generation import prepare_generation
 
     config = EXAMPLES[family]
-    model = flax_impl.ForCausalLM(config, precision=precision, rngs=nnx.Rngs(0))
+    model = flax_dispatch(flax_impl.ForCausalLM(config, precision=precision, rngs=nnx.Rngs(0)), dispatch)
     ids = jnp.ones((2, 5), jnp.int32)
 
     def loss(m, x):

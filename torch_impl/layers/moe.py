@@ -7,8 +7,13 @@ float64 models), top-k, renormalised to sum 1 (`norm_topk_prob`; Grok-1 keeps th
 probabilities). Ties between equal probabilities go to the lower expert index, in both twins:
 the top-k is a stable descending sort, never an unspecified `topk`.
 
-This twin runs each expert on the tokens routed to it (`index_add`), as HF does; the Flax twin
-runs every expert densely and masks. Both give the same numbers.
+Two dispatches, the same in both twins. "dense" (the reference, the default): every expert runs
+on every token in one einsum over the stacked expert weights, and a dense `[N, X]` weight matrix
+(zero for unchosen experts) combines them: X / k times the FLOPs of routing, but one formula,
+static shapes, and nothing to get wrong. "sparse" (a fast path, `set_moe_dispatch`): each expert
+runs on its own tokens only; here as HF does (`index_add`, one expert at a time), in the Flax twin
+as grouped products over tokens sorted by expert (`jax.lax.ragged_dot`, static shapes under jit).
+Tests hold the sparse path to the dense one in each twin.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from weights.config import ModelConfig
 from .linear import linear
 from .mlp import ACT2FN
 from .precision import compute_dtype
+
+DISPATCHES = ("dense", "sparse")
 
 
 def top_k_lowest_index(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,12 +103,15 @@ class SparseMoeBlock(nn.Module):
     """Router `gate` (hidden -> num_local_experts, no bias) and the `experts`."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                 param_dtype: torch.dtype | None = None):
+                 param_dtype: torch.dtype | None = None, dispatch: str = "dense"):
         super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.dtype = dtype
+        self.dispatch = dispatch
         self.gate = linear(config, config.hidden_size, self.num_experts, False, dtype=dtype, param_dtype=param_dtype)
         self.experts = nn.ModuleList([ExpertMLP(config, dtype=dtype, param_dtype=param_dtype)
                                       for _ in range(self.num_experts)])
@@ -114,10 +124,44 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(x)  # [N, X]
         routing_weights, selected = route(router_logits, self.top_k, self.norm_topk_prob)
         routing_weights = routing_weights.to(x.dtype)
+        if self.dispatch == "sparse":
+            out = self.sparse_experts(x, routing_weights, selected)
+        else:
+            out = self.dense_experts(x, routing_weights, selected)
+        return out.reshape(b, t, e), router_logits
+
+    def dense_experts(self, x: torch.Tensor, routing_weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The reference: every expert on every token `x [N, E]`, weighted by `routing_weights
+        [N, k]` for the experts `selected [N, k]` and by zero for the others -> `[N, E]`."""
+        # [N, X]: each token's weight for every expert, zero for the experts it was not routed to
+        # (a sum with one nonzero term: exact, no product rounds).
+        dense_weights = (routing_weights[:, :, None] * F.one_hot(selected, self.num_experts).to(x.dtype)).sum(1)
+        # The experts' weights stacked on a leading X axis, cast at use as `Linear` casts them.
+        w1 = torch.stack([ex.w1.weight for ex in self.experts]).to(self.dtype)  # [X, I, E]
+        w3 = torch.stack([ex.w3.weight for ex in self.experts]).to(self.dtype)  # [X, I, E]
+        w2 = torch.stack([ex.w2.weight for ex in self.experts]).to(self.dtype)  # [X, E, I]
+        h = self.act_fn(torch.einsum("ne,xie->xni", x, w1)) * torch.einsum("ne,xie->xni", x, w3)
+        y = torch.einsum("xni,xei->xne", h, w2)  # every expert on every token
+        # Weight then sum over experts, as HF does per expert (products rounded in the dtype).
+        return (dense_weights.T[:, :, None] * y).sum(dim=0)
+
+    def sparse_experts(self, x: torch.Tensor, routing_weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The fast path: each expert on the tokens routed to it only (HF's loop); same
+        arguments and result as `dense_experts`."""
         out = torch.zeros_like(x)
         for expert_idx, expert in enumerate(self.experts):
             # An expert with no tokens still runs (on zero rows), so every expert gets a gradient.
             token_idx, slot = torch.where(selected == expert_idx)
             y = expert(x[token_idx]) * routing_weights[token_idx, slot, None]
             out = out.index_add(0, token_idx, y)
-        return out.reshape(b, t, e), router_logits
+        return out
+
+
+def set_moe_dispatch(model: nn.Module, dispatch: str) -> nn.Module:
+    """Switch every `SparseMoeBlock` of `model` to `dispatch` ("dense" or "sparse"); returns it."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.dispatch = dispatch
+    return model
