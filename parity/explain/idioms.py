@@ -66,6 +66,9 @@ IDIOMS: dict[str, Idiom] = {i.id: i for i in [
           "a torch tensor carries its autograd history; a JAX array never does"),
     Idiom("device", "torch.zeros(..., device=d)", "jnp.zeros(...)",
           "torch allocates on an explicit device; JAX places arrays by `jax.default_device` / `device_put`"),
+    Idiom("precision", "torch.matmul(a, b)  (precision: process-wide switches)", "jnp.matmul(a, b, precision=p)",
+          "XLA takes a matmul precision per dot, so the Flax twin passes its module's `precision` to each; "
+          "torch's float32 matmul mode is process-wide (layers/precision.py: `matmul_precision`)"),
     Idiom("inplace-write", "buf[:, :, start:end] = x   /   x[i] = v", "lax.dynamic_update_slice(buf, x, index)  /  x.at[i].set(v)",
           "JAX arrays are immutable: an update returns a new array (XLA reuses the buffer under jit); "
           "a traced start index needs `dynamic_update_slice`"),
@@ -144,8 +147,8 @@ _ARRAY_FUNCS = {
 _AXIS_SECOND = {"mean", "sum", "max", "min", "any", "all", "argmax", "argmin", "cumsum", "softmax",
                 "log_softmax", "flip", "sort", "argsort", "concatenate", "stack", "squeeze", "prod",
                 "logsumexp", "expand_dims", "cumprod", "std", "var", "norm"}
-_DROP_KWARGS = {"device", "rngs", "param_dtype", "kernel_init", "bias_init", "embedding_init"}
-_ONE_SIDED_PARAMS = {"param_dtype", "rngs", "device"}
+_DROP_KWARGS = {"device", "rngs", "param_dtype", "kernel_init", "bias_init", "embedding_init", "precision"}
+_ONE_SIDED_PARAMS = {"param_dtype", "rngs", "device", "precision"}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -261,7 +264,8 @@ class Normaliser(ast.NodeTransformer):
                 k.arg, k.value = "axis", k.value.elts[0]
         dropped = [k for k in node.keywords if k.arg in _DROP_KWARGS]
         if dropped:
-            self.used.add("device" if any(k.arg == "device" for k in dropped) else "rngs")
+            names = {k.arg for k in dropped}
+            self.used.add("device" if "device" in names else "precision" if names == {"precision"} else "rngs")
             node.keywords = [k for k in node.keywords if k.arg not in _DROP_KWARGS]
         func = node.func
         # method calls
@@ -520,6 +524,7 @@ ONE_SIDED_IDIOMS: list[tuple[str, str, re.Pattern]] = [
     ("torch", "device", re.compile(r"^\s*with torch\.device\(")),
     ("torch", "rngs", re.compile(r"^\s*(nn\.init\.\w+_|init_weights)\(")),
     ("flax", "rngs", re.compile(r"^\s*\w+ = (nnx\.initializers\.|dict\([^)]*\b(rngs|kernel_init)=)", re.S)),
+    ("flax", "precision", re.compile(r"^\s*self\.precision = precision\s*$")),
     ("torch", "autograd", re.compile(r"^\s*\w+\.(zero_grad|backward|step)\(\)\s*$")),
     ("torch", "train-mode", re.compile(r"^\s*\w+\.(eval|train)\(\)\s*$")),
     ("flax", "rng", re.compile(r"^\s*\w+ = (None if \w+ is None else )?jax\.random\.(fold_in|split)\(")),
