@@ -69,7 +69,9 @@ def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
 
     Under jit the ids are traced and cannot be checked; callers validate before compiling.
     """
-    if isinstance(input_ids, jax.core.Tracer) or not input_ids.size:
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    if not input_ids.size:
         return
     bad = (input_ids < 0) | (input_ids >= vocab_size)
     if bool(bad.any()):

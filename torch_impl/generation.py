@@ -333,7 +333,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
 
 def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                      noise: torch.Tensor | None, allowed: torch.Tensor | None, knobs: dict,
-                     options: GenerationOptions) -> tuple[tuple[torch.Tensor, ...], int]:
+                     options: GenerationOptions) -> tuple[tuple[torch.Tensor, ...], int | torch.Tensor]:
     """Prefill and the whole decode loop on rows already expanded to `[B * num_beams, ...]`.
 
     Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[R, N, ...]` and how many
@@ -344,7 +344,7 @@ def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache)
         return (state.tokens, state.token_logprobs, state.top_tokens, state.top_probs), state.step
     records, lengths = beam_search(model, input_ids, attention_mask, position_ids, allowed, knobs, options, cache)
-    return records, int(lengths.max())
+    return records, lengths.max()
 
 
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -401,7 +401,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                                          options)
     # Cloned outside inference mode: inference tensors could not be saved for a later backward
     # pass (training on generated sequences).
-    records = tuple(x[:, :used].clone() for x in records)
+    records = tuple(x[:, :int(used)].clone() for x in records)
     # Beam search returns its best hypotheses per prompt; sampled rows were repeated already.
     prompt = torch.from_numpy(np.repeat(inputs.input_ids, options.num_return_sequences if nb > 1 else 1, axis=0))
     id_dtype = input_ids.dtype if input_ids is not None else torch.int64

@@ -138,7 +138,8 @@ class ForCausalLM(Pretrained, Trainable, nn.Module):
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[B, T, E] -> [B, T, V]`, soft-capped with `final_logit_softcapping` (Gemma 2)."""
         if self.lm_head is None:  # tied: the embedding table, cast at use like every weight
-            logits = F.linear(hidden_states, self.model.embed_tokens.weight.to(hidden_states.dtype))
+            table = self.model.embed_tokens.weight.to(hidden_states.dtype)
+            logits = torch.matmul(hidden_states, table.T)
         else:
             logits = self.lm_head(hidden_states)
         if self.config.final_logit_softcapping is not None:

@@ -197,7 +197,7 @@ class Attention(nnx.Module):
             out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
                                              self.num_key_value_groups, self.softcap,
                                              partial(self.attention_dropout, dropout_key=dropout_key),
-                                             self.precision)
+                                             precision=self.precision)
         out = out.swapaxes(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
 

@@ -23,10 +23,10 @@ class Linear(nnx.Linear):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[..., in] -> [..., out]`."""
         # Parameters cast to the activation dtype at use (a no-op when the dtypes agree).
-        kernel = self.kernel[...].astype(self.dtype)
-        bias = None if self.bias is None else self.bias[...].astype(self.dtype)
-        y = jnp.matmul(x.astype(self.dtype), kernel, precision=self.precision)
-        return y if bias is None else y + bias
+        w = self.kernel[...].astype(self.dtype)
+        b = None if self.bias is None else self.bias[...].astype(self.dtype)
+        y = jnp.matmul(x.astype(self.dtype), w, precision=self.precision)
+        return y if b is None else y + b
 
 
 def linear(config: ModelConfig, in_features: int, out_features: int, bias: bool, *,
