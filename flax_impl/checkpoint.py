@@ -27,6 +27,7 @@ from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
 from . import sharding
+from .layers.precision import MATMUL_PRECISIONS, dot_precision
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -80,8 +81,9 @@ def _expected(params: Mapping[str, tuple[tuple, Any]]) -> dict[str, tuple[tuple[
     return out
 
 
-def _device_array(array: np.ndarray, name: str, dtype: np.dtype) -> jax.Array:
-    """One checkpoint tensor on the device in Flax layout and `dtype`, read once.
+def _device_array(array: np.ndarray, name: str, dtype: np.dtype, device: jax.Device | None = None) -> jax.Array:
+    """One checkpoint tensor on `device` (default: JAX's default device) in Flax layout and
+    `dtype`, read once.
 
     Kernels are transposed (tile by tile) into a fresh buffer; the copy from the memory-mapped
     view happens before the call returns, so the view's pages can be released and the file
@@ -89,8 +91,8 @@ def _device_array(array: np.ndarray, name: str, dtype: np.dtype) -> jax.Array:
     """
     if is_transposed(name) or array.dtype != dtype:
         host = contiguous(array.T if is_transposed(name) else array, dtype)
-        return jax.device_put(host).block_until_ready()
-    return jax.device_put(array, may_alias=False).block_until_ready()
+        return jax.device_put(host, device).block_until_ready()
+    return jax.device_put(array, device, may_alias=False).block_until_ready()
 
 
 def _sharded_array(array: np.ndarray, name: str, dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
@@ -107,19 +109,20 @@ def _sharded_array(array: np.ndarray, name: str, dtype: np.dtype, sharding: Name
 
 
 def load_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
-    """Load a checkpoint directory into `model`'s parameters, tensor by tensor (see
-    `torch_impl.checkpoint.load_checkpoint`: same matching, same casts)."""
+    """Load a checkpoint directory into `model`'s parameters, tensor by tensor, on the device
+    each lives on (see `torch_impl.checkpoint.load_checkpoint`: same matching, same casts)."""
     params = _hf_params(nnx.state(model, nnx.Param))
     expected = _expected(params)
 
     def put(name: str, array: np.ndarray) -> None:
         var = params[name][1]
-        var[...] = _device_array(array, name, np.dtype(var[...].dtype))
+        value = var[...]
+        # Onto the device the parameter already lives on.
+        var[...] = _device_array(array, name, np.dtype(value.dtype), next(iter(value.devices())))
 
     with CheckpointReader(directory) as reader:
         return load_into(reader, expected, put, tie_word_embeddings=model.config.tie_word_embeddings,
                          strict=strict)
-
 
 
 def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -> M:
@@ -145,25 +148,36 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
         reader.release(key)
     return module
 
-def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
-                    strict: bool = True, mesh: Mesh | None = None,
+
+def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+                    strict: bool = True, device: jax.Device | None = None,
+                    precision: str | jax.lax.PrecisionLike = "highest", mesh: Mesh | None = None,
                     rules: Sequence[Rule] | None = None) -> M | tuple[M, LoadReport]:
-    """Build `cls` from `<directory>/config.json` and load its weights, never holding a second
-    copy of the model: the module is first built abstractly (`nnx.eval_shape`, no memory), then
-    each parameter is read from the memory-mapped file, transposed if a kernel, and placed on the
-    device one at a time.
+    """Build `cls` from `<directory>/config.json` and load its weights onto `device`, never
+    holding a second copy of the model: the module is first built abstractly (`nnx.eval_shape`,
+    no memory), then each parameter is read from the memory-mapped file, transposed if a
+    kernel, and placed on the device one at a time.
 
-    `dtype` (parameters and activations; a name such as "bfloat16" or a jnp dtype) defaults to
-    the checkpoint's own, so bf16 and fp16 weights stay bit-exact. With `strict=False`, loads
-    what matches and returns `(model, report)`; parameters the checkpoint lacks are initialised.
+    `dtype` (activations; a name such as "bfloat16" or a jnp dtype) defaults to the checkpoint's
+    own, so bf16 and fp16 weights stay bit-exact; `param_dtype` (stored parameters) defaults to
+    `dtype`. `device` defaults to JAX's default device (of its default backend). `precision`
+    is every dot's: a matmul mode of `layers.precision.MATMUL_PRECISIONS` (resolved for
+    `dtype` and the device's platform by `dot_precision`) or any `jax.lax.PrecisionLike`.
+    With `strict=False`, loads what matches and returns `(model, report)`; parameters the
+    checkpoint lacks are initialised.
 
-    With a `jax.sharding.Mesh`, every parameter is placed as `rules` (default
-    `sharding.PARTITION_RULES`) say, and each device reads only its own slice of the file.
+    With a `jax.sharding.Mesh` (instead of `device`), every parameter is placed as `rules`
+    (default `sharding.PARTITION_RULES`) say, and each device reads only its own slice of the file.
     """
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else numpy_dtype(dtype),
                                        strict=strict, processes=sharding.process_count(mesh))
-    build = lambda: cls(config, dtype=np_dtype, param_dtype=np_dtype, rngs=nnx.Rngs(0))  # noqa: E731
+    np_param_dtype = np_dtype if param_dtype is None else numpy_dtype(param_dtype)
+    device = device or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])  # its platform sets `precision`
+    if isinstance(precision, str) and precision in MATMUL_PRECISIONS:
+        precision = dot_precision(precision, np_dtype, device.platform)
+    build = lambda: cls(config, dtype=np_dtype, param_dtype=np_param_dtype, precision=precision,  # noqa: E731
+                        rngs=nnx.Rngs(0))
     abstract = nnx.eval_shape(build)
     abstract.eval()  # inference mode (dropout off), as the torch twin's and HF's from_pretrained
     params = _hf_params(nnx.state(abstract, nnx.Param))
@@ -173,9 +187,9 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
 
     def put(name: str, array: np.ndarray) -> None:
         if mesh is not None:
-            loaded[params[name][0]] = _sharded_array(array, name, np_dtype, shardings[name])
+            loaded[params[name][0]] = _sharded_array(array, name, np_param_dtype, shardings[name])
         else:
-            loaded[params[name][0]] = _device_array(array, name, np_dtype)
+            loaded[params[name][0]] = _device_array(array, name, np_param_dtype, device)
 
     with CheckpointReader(directory) as reader:
         report = load_into(reader, _expected(params), put, tie_word_embeddings=config.tie_word_embeddings,
@@ -187,8 +201,9 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
             var.set_value(loaded.pop(path))
         return nnx.merge(graphdef, state) if strict else (nnx.merge(graphdef, state), report)
     # Something the checkpoint cannot fill (a parameter it lacks, or a non-parameter variable):
-    # build the model for real, then overwrite what was loaded.
-    model = build()
+    # build the model for real on the device, then overwrite what was loaded.
+    with jax.default_device(device):
+        model = build()
     model.eval()
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path in loaded:
@@ -214,13 +229,17 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_s
 
 class Pretrained:
     """Mixin giving the heads HF's loading API: `Head.from_pretrained(dir, dtype=None,
-    strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
+    param_dtype=None, strict=True, device=None, precision="highest", mesh=None, rules=None)` and
+    `head.save_pretrained(dir, max_shard_size="5GB")`."""
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True,
-                        mesh: Mesh | None = None, rules: Sequence[Rule] | None = None) -> Any:
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+                        strict: bool = True, device: jax.Device | None = None,
+                        precision: str | jax.lax.PrecisionLike = "highest", mesh: Mesh | None = None,
+                        rules: Sequence[Rule] | None = None) -> Any:
         """See `flax_impl.checkpoint.from_pretrained`."""
-        return from_pretrained(cls, directory, dtype=dtype, strict=strict, mesh=mesh, rules=rules)
+        return from_pretrained(cls, directory, dtype=dtype, param_dtype=param_dtype, strict=strict, device=device,
+                               precision=precision, mesh=mesh, rules=rules)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """See `flax_impl.checkpoint.save_pretrained`."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from weights import dtypes
-from weights.blockcopy import copy_into
+from weights.blockcopy import copy_into, row_blocks
 from weights.checkpoint import CheckpointReader
 from weights.partition import Rule
 from weights.pretrained import load_into, open_pretrained, save_checkpoint
@@ -126,23 +126,29 @@ def _copy_shard(param: torch.Tensor, array: np.ndarray) -> None:
 
 
 def load_checkpoint(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
-    """Load a checkpoint directory into `model`'s parameters, tensor by tensor.
+    """Load a checkpoint directory into `model`'s parameters, tensor by tensor, on whatever
+    device they live.
 
     Values are cast to each parameter's dtype (numpy casts, the same in both twins); with equal
-    dtypes the bits are copied unchanged. Strict: any missing, unexpected or mis-shaped tensor
-    raises a `StateMismatchError` listing all of them; otherwise the report is returned.
+    dtypes the bits are copied unchanged. A parameter on the CPU is written in place; one on an
+    accelerator is filled block by block through one small host buffer (`_copy_to_device`).
+    Strict: any missing, unexpected or mis-shaped tensor raises a `StateMismatchError` listing
+    all of them; otherwise the report is returned.
     """
     state = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     expected = {k: (tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in state.items()}
 
     def put(name: str, array: np.ndarray) -> None:
+        param = state[name].data
         with torch.no_grad():
-            _copy_shard(state[name], array)
+            if _in_host_memory(param):
+                _copy_shard(state[name], array)  # in place; a DTensor's own slice only
+            else:
+                _copy_to_device(param, array)
 
     with CheckpointReader(directory) as reader:
         return load_into(reader, expected, put, tie_word_embeddings=model.config.tie_word_embeddings,
                          strict=strict)
-
 
 
 def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -> M:
@@ -170,13 +176,35 @@ def load_module(module: M, reader: CheckpointReader, names: Mapping[str, str]) -
         reader.release(key)
     return module
 
-def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None,
-                    strict: bool = True, mesh: DeviceMesh | None = None,
-                    rules: Sequence[Rule] | None = None) -> M | tuple[M, LoadReport]:
-    """Build `cls` from `<directory>/config.json` and load its weights.
 
-    `dtype` (a torch dtype or a name such as "bfloat16") defaults to the checkpoint's own, so
-    bf16 and fp16 weights stay bit-exact. With `strict=False`, loads what matches and returns
+def _in_host_memory(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _copy_to_device(param: torch.Tensor, array: np.ndarray) -> None:
+    """Copy a checkpoint tensor into a parameter off the CPU, one row block (`BLOCK_BYTES`, 8 MB)
+    at a time through one reused host buffer: the host holds a block, never the tensor."""
+    flat, offset, host = param.view(-1), 0, None
+    for block in row_blocks(array, _numpy_dtype(param.dtype)):
+        if host is None or host.numel() < block.size:  # only a row wider than a block needs more
+            host = torch.empty(block.size, dtype=param.dtype)
+        staged = host[:block.size]
+        copy_into(_writable_view(staged), block.reshape(-1))
+        flat[offset:offset + block.size].copy_(staged)  # synchronous: the buffer is reused next
+        offset += block.size
+
+
+def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+                    strict: bool = True, device: torch.device | str | None = None,
+                    mesh: DeviceMesh | None = None, rules: Sequence[Rule] | None = None) -> M | tuple[M, LoadReport]:
+    """Build `cls` from `<directory>/config.json` and load its weights onto `device`.
+
+    `dtype` (activations; a torch dtype or a name such as "bfloat16") defaults to the
+    checkpoint's own, so bf16 and fp16 weights stay bit-exact; `param_dtype` (stored parameters)
+    defaults to `dtype`. `device` (default: the CPU) gets the weights straight from the file:
+    the model is built on the meta device (no memory, no random init), given uninitialised
+    memory on `device`, then filled one checkpoint tensor at a time (off the CPU in 8 MB blocks),
+    so the host never holds the model. With `strict=False`, loads what matches and returns
     `(model, report)`; parameters the checkpoint lacks keep their initial values.
 
     With a `DeviceMesh` (every rank calls this), the model is cut as `rules` (default
@@ -185,18 +213,22 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     # Header against config, and memory, checked before anything of the model's size exists.
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else _numpy_dtype(dtype),
                                        strict=strict, processes=sharding.process_count(mesh))
-    torch_dtype = precision.to_dtype(dtypes.dtype_name(np_dtype))
+    np_param_dtype = np_dtype if param_dtype is None else _numpy_dtype(param_dtype)
+    device = torch.device("cpu" if device is None else device)
+    to_torch = lambda d: precision.to_dtype(dtypes.dtype_name(d))  # noqa: E731
+    build = lambda: cls(config, dtype=to_torch(np_dtype), param_dtype=to_torch(np_param_dtype))  # noqa: E731
     with torch.device("meta"):  # shapes only: no memory, no random init
-        model = cls(config, dtype=torch_dtype)
+        model = build()
     rules = sharding.PARTITION_RULES if rules is None else rules
     if mesh is not None and strict and not list(model.buffers()):  # cut while only shapes: each rank allocates its shards
         sharding.shard_model(model, mesh, rules)
     if strict and not list(model.buffers()):
         # Strict loading fills every parameter (or raises), so uninitialised memory is never
         # seen: skip the random init of a model about to be overwritten.
-        model = model.to_empty(device="cpu")
+        model = model.to_empty(device=device)
     else:
-        model = cls(config, dtype=torch_dtype)  # what the checkpoint lacks keeps its init values
+        with torch.device(device):
+            model = build()  # what the checkpoint lacks keeps its init values
         if mesh is not None:
             sharding.shard_model(model, mesh, rules)
     model.eval()
@@ -215,13 +247,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_si
 
 class Pretrained:
     """Mixin giving the heads HF's loading API: `Head.from_pretrained(dir, dtype=None,
-    strict=True)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
+    param_dtype=None, strict=True, device=None, mesh=None, rules=None)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, strict: bool = True,
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+                        strict: bool = True, device: torch.device | str | None = None,
                         mesh: DeviceMesh | None = None, rules: Sequence[Rule] | None = None) -> Any:
         """See `torch_impl.checkpoint.from_pretrained`."""
-        return from_pretrained(cls, directory, dtype=dtype, strict=strict, mesh=mesh, rules=rules)
+        return from_pretrained(cls, directory, dtype=dtype, param_dtype=param_dtype, strict=strict, device=device,
+                               mesh=mesh, rules=rules)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """See `torch_impl.checkpoint.save_pretrained`."""

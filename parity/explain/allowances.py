@@ -46,13 +46,15 @@ ALLOWANCES: dict[str, Allowance] = {
     # checkpoint.py: the two frameworks' parameter containers
     "checkpoint.py:state_to_numpy": Allowance(7, STATE),
     "checkpoint.py:load_numpy_state": Allowance(11, STATE),
-    "checkpoint.py:load_checkpoint": Allowance(6, STATE),
+    "checkpoint.py:load_checkpoint": Allowance(11, STATE + "; a torch parameter off the CPU is filled block by "
+                                                       "block through a host buffer, a JAX array is put on its device"),
     "checkpoint.py:load_module": Allowance(5, "torch gives a meta-built module memory (to_empty) and copies into "
                                               "each parameter in place; NNX parameters, abstract or not, are "
                                               "replaced by the loaded arrays, kernels transposed"),
-    "checkpoint.py:from_pretrained": Allowance(31, "torch builds on the meta device then to_empty; NNX builds an "
-                                                   "abstract model with nnx.eval_shape and merges the loaded state; "
-                                                   "with a mesh torch cuts the meta model, NNX reads slices per device"),
+    "checkpoint.py:from_pretrained": Allowance(31, "torch builds on the meta device then to_empty(device); NNX builds "
+                                                   "an abstract model with nnx.eval_shape, merges the loaded state, "
+                                                   "and resolves its dots' precision for the device; with a mesh "
+                                                   "torch cuts the meta model, NNX reads slices per device"),
     "checkpoint.py:save_pretrained": Allowance(7, STATE),
     # generation.py
     "generation.py:top_k": Allowance(10, "jax.lax.top_k breaks ties by index; torch.topk's tie order is "
