@@ -191,6 +191,19 @@ def _nonfinite_arg(p: argparse.ArgumentParser) -> None:
                    help="load a checkpoint holding NaN or infinite weights (default: refuse it, naming them)")
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """How and where the twins run (check, record, compare)."""
+    p.add_argument("--param-dtype", choices=_DTYPES, default=None,
+                   help="dtype the parameters are stored in (default: --dtype); e.g. --dtype bfloat16 "
+                   "--param-dtype float32 for mixed precision, weights cast at use")
+    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="device of the torch twin (default cpu)")
+    p.add_argument("--jax-platform", choices=["cpu", "gpu", "tpu"], default=None,
+                   help="platform of the Flax twin (default: JAX's default backend)")
+    p.add_argument("--matmul-precision", choices=["highest", "tf32", "bf16x3"], default=None,
+                   help="float32 matmuls of both twins: highest (full float32; the default), tf32 (GPUs), "
+                   "bf16x3 (XLA's 3-pass bfloat16; torch stays float32); set for the run, restored after")
+
+
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = _subparser(
         sub, "check", "load a checkpoint into both twins and measure every difference",
@@ -206,6 +219,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         _PARITY_EXIT)
     p.add_argument("dir", metavar="DIR", nargs="?", help="checkpoint directory (config.json + safetensors)")
     _inputs_args(p, "compute dtype of both twins (default float32)")
+    _run_args(p)
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with a per-layer plot")
     p.add_argument("--explain", metavar="DIR", help="with --html: also write the `twinlm explain` site, with "
@@ -280,6 +294,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     _inputs_args(p, "compute dtype of the twin that runs (default float32)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     _nonfinite_arg(p)
+    _run_args(p)
     p.set_defaults(func=_run_record)
 
 
@@ -301,6 +316,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     _nonfinite_arg(p)
+    _run_args(p)
     p.set_defaults(func=_run_compare)
 
 
@@ -391,6 +407,12 @@ def _before_models(args: argparse.Namespace, *, twins: int, new_tokens: int = 0,
         raise UsageError(str(e)) from None
 
 
+def _run_kwargs(args: argparse.Namespace, precision_default: str | None = "highest") -> dict:
+    """The `_run_args` flags as keyword arguments (compare: precision defaults to the recorded one)."""
+    return dict(param_dtype=args.param_dtype, device=args.device, jax_platform=args.jax_platform,
+                matmul_precision=args.matmul_precision or precision_default)
+
+
 def _run_check(args: argparse.Namespace) -> int:
     if args.tolerances:
         from parity.tolerances import format_table
@@ -424,7 +446,7 @@ def _run_check(args: argparse.Namespace) -> int:
                               memory_budget=args.memory_budget, progress=False if args.no_progress else None,
                               announce=lambda mode: _err(f"twinlm check: {mode}"),
                               allow_nonfinite_weights=True,  # scanned by _before_models, as asked
-                              mesh=mesh)
+                              mesh=mesh, **_run_kwargs(args))
     for s in skipped:
         report.skipped[s] = f"--skip {next(k for k, v in _SKIPPABLE.items() if v == s)}"
     _out(report.format_table())
@@ -507,7 +529,8 @@ def _run_record(args: argparse.Namespace) -> int:
 
     path = record(args.dir, args.out, framework=args.framework, dtype=args.dtype, seq_len=args.seq_len,
                   batch_size=args.batch, seed=args.seed, force=args.force,
-                  allow_nonfinite_weights=True)  # scanned by _before_models, as asked
+                  allow_nonfinite_weights=True,  # scanned by _before_models, as asked
+                  **_run_kwargs(args))
     _out(f"wrote {path} ({args.framework} twin, {args.dtype}, batch {args.batch} x {args.seq_len})")
     return 0
 
@@ -521,7 +544,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     from parity.record import compare_reference
 
     report = compare_reference(args.dir, args.ref, framework=args.framework, rtol=args.rtol, atol=args.atol,
-                               allow_nonfinite_weights=args.allow_nonfinite_weights)
+                               allow_nonfinite_weights=args.allow_nonfinite_weights,
+                               **_run_kwargs(args, precision_default=None))
     for warning in report.meta.get("warnings", []):
         _err(f"twinlm compare: warning: {warning}")
     _out(report.format_table())

@@ -41,8 +41,9 @@ class Twins:
     head: str  # a key of `parity.inputs.HEADS` (or a twin class name, e.g. "DecoderModel")
     torch_model: Any  # torch_impl.For...
     flax_model: Any  # flax_impl.For...
-    dtype: str
+    dtype: str  # activations
     directory: Path
+    param_dtype: str | None = None  # stored parameters; None: as `dtype`
 
     @property
     def pair(self) -> tuple[Any, Any]:
@@ -134,29 +135,34 @@ def inspect_checkpoint(directory: str | os.PathLike, dtype: str, head: str | Non
 
 
 def load_torch(directory: str | os.PathLike, dtype: str, head: str | None = None, *,
-               allow_nonfinite: bool = False) -> Any:
-    """The torch twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`,
-    after `inspect_checkpoint`."""
+               param_dtype: str | None = None, device: Any = None, allow_nonfinite: bool = False) -> Any:
+    """The torch twin of the checkpoint's head (`from_pretrained`) on `device` (default: CPU),
+    activations in `dtype`, parameters in `param_dtype` (default: `dtype`), after
+    `inspect_checkpoint`."""
     import torch_impl
 
-    _, head = inspect_checkpoint(directory, dtype, head, allow_nonfinite=allow_nonfinite)
-    return _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype).eval()
+    _, head = inspect_checkpoint(directory, param_dtype or dtype, head, allow_nonfinite=allow_nonfinite)
+    return _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype=dtype, param_dtype=param_dtype,
+                            device=device).eval()
 
 
 def load_flax(directory: str | os.PathLike, dtype: str, head: str | None = None, *,
+              param_dtype: str | None = None, device: Any = None, precision: str = "highest",
               allow_nonfinite: bool = False) -> Any:
-    """The Flax twin of the checkpoint's head (`from_pretrained`), weights cast to `dtype`, after
-    `inspect_checkpoint`. `directory` may be in HF layout or in twinlm's Flax layout
-    (`twinlm convert --layout flax`)."""
+    """The Flax twin of the checkpoint's head (`from_pretrained`) on the `jax.Device` `device`
+    (default: JAX's default), activations in `dtype`, parameters in `param_dtype` (default:
+    `dtype`), every dot at the matmul `precision`, after `inspect_checkpoint`. `directory` may be
+    in HF layout or in twinlm's Flax layout (`twinlm convert --layout flax`)."""
     import flax_impl
 
-    _, head = inspect_checkpoint(directory, dtype, head, allow_nonfinite=allow_nonfinite)
-    return _from_pretrained(getattr(flax_impl, HEADS[head]), directory, dtype)
+    _, head = inspect_checkpoint(directory, param_dtype or dtype, head, allow_nonfinite=allow_nonfinite)
+    return _from_pretrained(getattr(flax_impl, HEADS[head]), directory, dtype=dtype, param_dtype=param_dtype,
+                            device=device, precision=precision)
 
 
-def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
+def _from_pretrained(cls: Any, directory: str | os.PathLike, **kwargs: Any) -> Any:
     try:
-        return cls.from_pretrained(directory, dtype=dtype)
+        return cls.from_pretrained(directory, **kwargs)
     except _INPUT_ERRORS as e:
         raise BadInputError(" ".join(str(e).split())) from None
     except (MemoryError, RuntimeError) as e:
@@ -168,7 +174,7 @@ def _from_pretrained(cls: Any, directory: str | os.PathLike, dtype: str) -> Any:
         raise
 
 
-def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
+def abstract_flax_model(config: ModelConfig, head: str, dtype: str, param_dtype: str | None = None) -> Any:
     """A Flax twin whose parameters are shapes only (`nnx.eval_shape`): the random init is
     traced, never run, so nothing is allocated or compiled until real weights are loaded. In
     inference mode (`.eval()`), like the torch twin beside it. `head` is a key of `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`)."""
@@ -177,7 +183,8 @@ def abstract_flax_model(config: ModelConfig, head: str, dtype: str) -> Any:
     import flax_impl
 
     cls = getattr(flax_impl, HEADS.get(head, head))
-    model = nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: cls(config, dtype=jax_dtype(dtype), param_dtype=jax_dtype(param_dtype or dtype),
+                                       rngs=nnx.Rngs(0)))
     model.eval()  # inference mode (dropout off), as the torch twins' .eval()
     return model
 
@@ -199,10 +206,11 @@ def copy_weights(source: Any, target: Any) -> None:
 
 
 def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str = "float64",
-                      seed: int = 0) -> Twins:
+                      seed: int = 0, param_dtype: str | None = None) -> Twins:
     """Both twins of a config with the torch twin's seeded HF init, copied into the Flax twin
     through the HF names (the path a checkpoint takes, without the disk). `head` is a key of
-    `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`); `.pair` is (torch, Flax)."""
+    `HEADS` or a class name (`ForCausalLM`, ..., `DecoderModel`); `.pair` is (torch, Flax).
+    Activations in `dtype`, parameters in `param_dtype` (default: `dtype`)."""
     import torch
 
     import torch_impl
@@ -215,23 +223,43 @@ def twins_from_config(config: ModelConfig, head: str = "causal_lm", dtype: str =
         except LOAD_ERRORS as e:
             raise BadInputError(str(e)) from None
     torch.manual_seed(seed)
-    t_model = getattr(torch_impl, HEADS.get(head, head))(config, dtype=torch_dtype(dtype)).eval()
-    f_model = abstract_flax_model(config, head, dtype)
+    t_model = getattr(torch_impl, HEADS.get(head, head))(
+        config, dtype=torch_dtype(dtype), param_dtype=torch_dtype(param_dtype or dtype)).eval()
+    f_model = abstract_flax_model(config, head, dtype, param_dtype)
     copy_weights(t_model, f_model)
-    return Twins(config, head, t_model, f_model, dtype, Path("."))
+    return Twins(config, head, t_model, f_model, dtype, Path("."), param_dtype)
 
 
 def load_twins(directory: str | os.PathLike, dtype: str = "float32", head: str | None = None,
-               flax_directory: str | os.PathLike | None = None, *, allow_nonfinite: bool = False) -> Twins:
-    """Load `directory` into both twins in `dtype` (the Flax twin from `flax_directory` when
-    given, e.g. the same checkpoint converted to twinlm's Flax layout). Everything
-    `inspect_checkpoint` checks is refused before either twin is built."""
-    config, head = inspect_checkpoint(directory, dtype, head, twins=2, allow_nonfinite=allow_nonfinite)
+               flax_directory: str | os.PathLike | None = None, *, param_dtype: str | None = None,
+               device: Any = None, jax_device: Any = None, precision: str = "highest",
+               allow_nonfinite: bool = False) -> Twins:
+    """Load `directory` into both twins, activations in `dtype` and parameters in `param_dtype`
+    (default: `dtype`): the torch twin onto `device` (a `torch.device`; default CPU), the Flax
+    twin onto `jax_device` (default: JAX's default) with every dot at the matmul `precision`,
+    from `flax_directory` when given (e.g. the same checkpoint in twinlm's Flax layout).
+    Everything `inspect_checkpoint` checks is refused before either twin is built."""
+    if dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    # The parameters are what the memory holds: checked in the dtype they are stored in.
+    config, head = inspect_checkpoint(directory, param_dtype or dtype, head, twins=2, allow_nonfinite=allow_nonfinite)
     if flax_directory is not None:
-        inspect_checkpoint(flax_directory, dtype, head, allow_nonfinite=allow_nonfinite)
+        inspect_checkpoint(flax_directory, param_dtype or dtype, head, allow_nonfinite=allow_nonfinite)
     import flax_impl
     import torch_impl
 
-    t_model = _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype).eval()
-    f_model = _from_pretrained(getattr(flax_impl, HEADS[head]), flax_directory or directory, dtype)
-    return Twins(config, head, t_model, f_model, dtype, Path(directory))
+    t_model = _from_pretrained(getattr(torch_impl, HEADS[head]), directory, dtype=dtype, param_dtype=param_dtype,
+                               device=device).eval()
+    f_model = _from_pretrained(getattr(flax_impl, HEADS[head]), flax_directory or directory, dtype=dtype,
+                               param_dtype=param_dtype, device=jax_device, precision=precision)
+    return Twins(config, head, t_model, f_model, dtype, Path(directory), param_dtype)
+
+
+def _tensor_names(directory: str | os.PathLike) -> list[str]:
+    from weights.checkpoint import CheckpointReader
+
+    try:
+        with CheckpointReader(directory) as reader:
+            return list(reader.keys())
+    except _INPUT_ERRORS as e:
+        raise BadInputError(" ".join(str(e).split())) from None

@@ -12,39 +12,28 @@ difference against the tolerance table, or against `--rtol/--atol` (elementwise,
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .compare import compare, compare_allclose, to_numpy
+from .environment import (MATMUL_PRECISIONS, current_environment, jax_device, run_environment, torch_device,
+                          versions)
 from .inputs import HEADS, Batch, check_run_size, seeded_batch
 from .loading import DTYPES, BadInputError, detect_head, load_flax, load_torch, read_config
 from .paths import check_output_file
 from .report import Report, Row
-from .tolerances import tolerance
+from .tolerances import TOLERANCES, row_name, tolerance
 
 __all__ = ["FORMAT", "compare_reference", "display_name", "fingerprint", "record", "run_twin",
            "validate_reference", "versions"]
 
 FORMAT = "twinlm-reference/1"
 FRAMEWORKS = ("torch", "flax")
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produces the numbers (python, numpy, torch, jax, jaxlib, flax, twinlm)."""
-    out = {"python": platform.python_version()}
-    for dist in ("numpy", "torch", "jax", "jaxlib", "flax", "twinlm"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def run_twin(model: Any, framework: str, inputs: dict[str, np.ndarray], head: str) -> dict[str, np.ndarray]:
@@ -56,7 +45,8 @@ def run_twin(model: Any, framework: str, inputs: dict[str, np.ndarray], head: st
     if framework == "torch":
         import torch
 
-        conv = lambda a: torch.from_numpy(np.array(a, order="C"))
+        device = next(model.parameters()).device
+        conv = lambda a: torch.from_numpy(np.array(a, order="C")).to(device)  # noqa: E731
     else:
         import jax.numpy as jnp
 
@@ -80,13 +70,18 @@ def run_twin(model: Any, framework: str, inputs: dict[str, np.ndarray], head: st
 
 
 def _load(directory: str | os.PathLike, framework: str, dtype: str, head: str | None,
-          allow_nonfinite: bool = False) -> Any:
+          allow_nonfinite: bool = False, param_dtype: str | None = None, device: Any = None,
+          jax_device_: Any = None, matmul_precision: str = "highest") -> Any:
     if framework not in FRAMEWORKS:
         raise BadInputError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
-    if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return (load_torch if framework == "torch" else load_flax)(directory, dtype, head,
-                                                               allow_nonfinite=allow_nonfinite)
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
+        if value not in DTYPES:
+            raise BadInputError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+    if framework == "torch":
+        return load_torch(directory, dtype, head, param_dtype=param_dtype, device=device,
+                          allow_nonfinite=allow_nonfinite)
+    return load_flax(directory, dtype, head, param_dtype=param_dtype, device=jax_device_, precision=matmul_precision,
+                     allow_nonfinite=allow_nonfinite)
 
 
 def fingerprint(directory: str | os.PathLike) -> str:
@@ -109,13 +104,23 @@ def fingerprint(directory: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def _devices(device: str | None, jax_platform: str | None) -> tuple[Any, Any]:
+    try:
+        return torch_device(device), jax_device(jax_platform)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+
+
 def record(directory: str | os.PathLike, out_path: str | os.PathLike, *, framework: str = "torch",
            dtype: str = "float32", seq_len: int = 16, batch_size: int = 3, seed: int = 0,
-           force: bool = False, allow_nonfinite_weights: bool = False) -> Path:
-    """Write the reference file of `directory` run by `framework` in `dtype` to `out_path`.
-
-    An existing `out_path` is replaced only with `force`; it is checked before the model is
-    loaded, and so are the batch shape and the config (`BadInputError`).
+           force: bool = False, allow_nonfinite_weights: bool = False, param_dtype: str | None = None,
+           device: str | None = None, jax_platform: str | None = None, matmul_precision: str = "highest") -> Path:
+    """Write the reference file of `directory` run by `framework` to `out_path`: activations in
+    `dtype`, parameters in `param_dtype` (default: `dtype`), on `device` (torch) or
+    `jax_platform` (Flax), matmuls in `matmul_precision`; all of it, with the devices and
+    library versions, goes into the file's metadata. An existing `out_path` is replaced only
+    with `force`; it is checked before the model is loaded, and so are the batch shape and the
+    config (`BadInputError`).
     """
     from weights import save_file
 
@@ -126,15 +131,22 @@ def record(directory: str | os.PathLike, out_path: str | os.PathLike, *, framewo
         batch = seeded_batch(config, batch_size, seq_len, seed)
     except ValueError as e:
         raise BadInputError(str(e)) from None
-    model = _load(directory, framework, dtype, None, allow_nonfinite_weights)
-    head = detect_head(config, [n for n, _ in _named_params(model, framework)])
-    inputs = _batch_arrays(batch, head)
+    t_device, j_device = _devices(device, jax_platform)
+    with run_environment(matmul_precision, t_device, j_device) as run:
+        model = _load(directory, framework, dtype, None, allow_nonfinite_weights, param_dtype, t_device, j_device,
+                      matmul_precision)
+        head = detect_head(config, [n for n, _ in _named_params(model, framework)])
+        inputs = _batch_arrays(batch, head)
+        outputs = run_twin(model, framework, inputs, head)
+        environment = current_environment(*((model, None) if framework == "torch" else (None, model)))
     tensors = {f"input.{k}": v for k, v in inputs.items()}
-    tensors.update({f"output.{k}": np.array(v, order="C") for k, v in run_twin(model, framework, inputs, head).items()})
-    meta = {"format": FORMAT, "framework": framework, "dtype": dtype, "head": head, "seed": str(seed),
-            "seq_len": str(seq_len), "batch": str(batch_size), "checkpoint": str(directory),
+    tensors.update({f"output.{k}": np.array(v, order="C") for k, v in outputs.items()})
+    meta = {"format": FORMAT, "framework": framework, "dtype": dtype, "param_dtype": param_dtype or dtype,
+            "matmul_precision": run["mode"], "device": environment["devices"][framework], "head": head,
+            "seed": str(seed), "seq_len": str(seq_len), "batch": str(batch_size), "checkpoint": str(directory),
             "fingerprint": fingerprint(directory),
-            "padding": ",".join(batch.padding), "versions": json.dumps(versions(), sort_keys=True)}
+            "padding": ",".join(batch.padding), "versions": json.dumps(versions(), sort_keys=True),
+            "environment": json.dumps(environment, sort_keys=True)}
     out_path = Path(out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,8 +337,12 @@ def _reading_order(name: str) -> tuple[int, int]:
 
 def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike, *,
                       framework: str | None = None, rtol: float | None = None,
-                      atol: float | None = None, allow_nonfinite_weights: bool = False) -> Report:
-    """Rerun the reference's inputs on `directory` and compare every recorded output.
+                      atol: float | None = None, allow_nonfinite_weights: bool = False,
+                      param_dtype: str | None = None, device: str | None = None, jax_platform: str | None = None,
+                      matmul_precision: str | None = None) -> Report:
+    """Rerun the reference's inputs on `directory` and compare every recorded output. The dtypes
+    and matmul precision default to the recorded ones; `device` / `jax_platform` say where to
+    rerun (default: the CPU / JAX's default).
 
     Rows carry `twinlm check`'s names (`model.layers.N (output)`, ...). A reference recorded from
     a different checkpoint (its fingerprint differs) is compared all the same, with a warning in
@@ -346,12 +362,25 @@ def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike,
             Path(meta["checkpoint"]).resolve() != Path(directory).resolve():
         warnings.append(f"the reference was recorded from {meta['checkpoint']}, not {directory} "
                         "(no fingerprint recorded: re-record to compare contents)")
-    model = _load(directory, framework, dtype, head, allow_nonfinite_weights)
-    try:
-        got = run_twin(model, framework, inputs, head)
-    except (KeyError, ValueError, TypeError) as e:
-        raise BadInputError(f"{ref_path}: the reference does not fit {directory}: {str(e)[:200]}") from None
-    report = Report(f"{directory} vs {ref_path}", dtype, head)
+    param_dtype = param_dtype or meta.get("param_dtype", dtype)
+    matmul_precision = matmul_precision or meta.get("matmul_precision", "highest")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise BadInputError(f"{ref_path}: matmul precision {matmul_precision[:40]!r} is not one of "
+                            f"{', '.join(MATMUL_PRECISIONS)}")
+    row = row_name(dtype, param_dtype, matmul_precision)
+    if row not in TOLERANCES and rtol is None and atol is None:
+        raise BadInputError(f"no tolerance row for {row!r}; rows: {', '.join(TOLERANCES)} (or pass --rtol/--atol)")
+    t_device, j_device = _devices(device, jax_platform)
+    with run_environment(matmul_precision, t_device, j_device):
+        model = _load(directory, framework, dtype, head, allow_nonfinite_weights, param_dtype, t_device, j_device,
+                      matmul_precision)
+        try:
+            got = run_twin(model, framework, inputs, head)
+        except (KeyError, ValueError, TypeError) as e:
+            raise BadInputError(f"{ref_path}: the reference does not fit {directory}: {str(e)[:200]}") from None
+        environment = current_environment(*((model, None) if framework == "torch" else (None, model)))
+    environment["matmul_precision"]["mode"] = matmul_precision
+    report = Report(f"{directory} vs {ref_path}", row, head)
     now = versions()
     changed = {k: f"{recorded.get(k)} -> {now.get(k)}" for k in now if recorded.get(k) != now.get(k)}
     describe = {"reference": f"recorded by the {meta.get('framework')} twin, compared with the {framework} twin",
@@ -361,7 +390,7 @@ def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike,
     if warnings:
         describe["WARNING"] = "; ".join(warnings)
     report.meta = {"reference": str(ref_path), "recorded_with": meta, "versions_now": now,
-                   "warnings": warnings, "describe": describe}
+                   "environment": environment, "warnings": warnings, "describe": describe}
     n_layers = config.num_hidden_layers
     for name in sorted((k[len("output."):] for k in tensors if k.startswith("output.")), key=_reading_order):
         ref = tensors["output." + name]
@@ -371,7 +400,7 @@ def compare_reference(directory: str | os.PathLike, ref_path: str | os.PathLike,
         if name not in got:
             c = compare(shown, ref, np.full(ref.shape, np.nan), 0.0)
         elif rtol is None and atol is None:
-            c = compare(shown, ref, got[name], tolerance(dtype, quantity))
+            c = compare(shown, ref, got[name], tolerance(row, quantity))
         else:
             c = compare_allclose(shown, ref, got[name], rtol or 0.0, atol or 0.0)
         section = "forward" if name.startswith("hidden_states") else "head"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compare import Comparison
+from ..compare import Comparison, to_numpy
 from ..inputs import Batch
 from ..report import Row
 
@@ -56,9 +56,10 @@ def generation_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, 
     ids, mask = left_aligned(batch)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     kw = dict(max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=pad, return_scores=True)
-    t_out = torch_generate(torch_model, torch.from_numpy(ids), torch.from_numpy(mask), **kw)
+    dev = next(torch_model.parameters()).device
+    t_out = torch_generate(torch_model, torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev), **kw)
     f_out = flax_generate(flax_model, jnp.asarray(ids), jnp.asarray(mask), **kw)
-    t_seq = np.asarray(t_out.sequences)[:, ids.shape[1]:]
+    t_seq = to_numpy(t_out.sequences)[:, ids.shape[1]:]
     f_seq = np.asarray(f_out.sequences)[:, ids.shape[1]:]
     shape = tuple(t_seq.shape)
     if t_seq.shape != f_seq.shape:
@@ -70,8 +71,7 @@ def generation_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, 
         c = Comparison("greedy tokens", 0.0, 0.0, (), 0.0, True, shape)
         return [Row("generation", "tokens", c, note=f"{n_tokens} new tokens identical")]
     # Each diverging row: is its first mismatch a near-tie in the reference's scores?
-    top = np.asarray(t_out.top_probs.float() if hasattr(t_out.top_probs, "float") else t_out.top_probs,
-                     dtype=np.float64)
+    top = to_numpy(t_out.top_probs)
     ties, real = [], []
     for r in np.flatnonzero(differ.any(axis=1)):
         step = int(np.argmax(differ[r]))

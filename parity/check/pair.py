@@ -27,10 +27,12 @@ import torch_impl
 from torch_impl.layers.precision import dtype_name
 from weights.names import hf_name, is_transposed
 
-from ..compare import Comparison, compare
+from ..compare import Comparison, compare, to_numpy
+from ..environment import current_environment, jax_device, run_environment, torch_device
 from ..inputs import HEADS, Batch, check_run_size, seeded_batch
 from ..loading import DTYPES, BadInputError, inspect_checkpoint, load_twins, read_config
 from ..report import SECTIONS, Report, Row
+from ..tolerances import TOLERANCES, row_name
 from .generation import generation_rows
 from .progress import Phases
 from .rows import (capped_logit_scale, describe_batch, head_rows, kv_cache_rows, layer_of, to_jax, to_torch,
@@ -39,6 +41,10 @@ from .rows import (capped_logit_scale, describe_batch, head_rows, kv_cache_rows,
 __all__ = ["check_checkpoint", "check_pair", "flax_forward", "to_jax", "to_torch"]
 
 _GENERATED = 8  # new tokens of the generation section
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _head_of(model: Any) -> str:
@@ -67,7 +73,8 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     head = _head_of(torch_model)
     if _head_of(flax_model) != head:
         raise TypeError(f"the twins differ in head: {type(torch_model).__name__} vs {type(flax_model).__name__}")
-    dtype = dtype or dtype_name(next(torch_model.parameters()).dtype)
+    # The table row of the activation dtype (and of the parameters' when they differ).
+    dtype = dtype or row_name(dtype_name(torch_model.model.dtype), dtype_name(next(torch_model.parameters()).dtype))
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")
@@ -76,6 +83,7 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     report = Report(title, dtype, head)
     report.meta["describe"] = {"inputs": describe_batch(batch)}
     report.skipped.update((s, "not requested") for s in SECTIONS if s not in sections)
+    report.meta["environment"] = current_environment(torch_model, flax_model)  # devices, precision, versions
 
     want_grads = "gradients" in sections
     phases = phases or Phases(progress)
@@ -110,7 +118,7 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
 
 def _logits(out: Any, head: str) -> np.ndarray:
     x = out.start_logits if head == "question_answering" else out.logits
-    return x.detach().double().numpy()
+    return to_numpy(x)
 
 
 # ---- running each twin -------------------------------------------------------------------
@@ -120,7 +128,8 @@ def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: 
     also its backward pass, each parameter's gradient compared with the Flax one the moment it is
     accumulated and then dropped (both sides), so no full set of torch gradients is ever held.
     Returns the outputs and the gradient rows in parameter order."""
-    labels = {k: to_torch(v) for k, v in batch.head_labels(head).items()}
+    dev = _device(model)  # inputs follow the torch twin's device
+    labels = {k: to_torch(v, dev) for k, v in batch.head_labels(head).items()}
     model.zero_grad(set_to_none=True)
     grads = flax_grads is not None
     rows: dict[str, Row] = {}
@@ -135,8 +144,8 @@ def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: 
         if grads else []
     try:
         with torch.set_grad_enabled(grads):
-            out = model(to_torch(batch.input_ids), to_torch(batch.attention_mask), to_torch(batch.position_ids),
-                        **labels, output_hidden_states=True, output_attentions=True)
+            out = model(to_torch(batch.input_ids, dev), to_torch(batch.attention_mask, dev),
+                        to_torch(batch.position_ids, dev), **labels, output_hidden_states=True, output_attentions=True)
             if grads:
                 out.loss.backward()
     finally:
@@ -225,12 +234,13 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
     f_model = flax_model if causal else flax_model.model
     pick = (lambda o: o.logits) if causal else (lambda o: o.last_hidden_state)
     config = torch_model.config
-    dtype = next(torch_model.parameters()).dtype
+    dtype = torch_model.model.dtype  # the cache holds activations
 
     with torch.no_grad():
-        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype)
-        t_cached = torch.cat(list(_decode(t_model, batch, cache, to_torch, pick, bar)), dim=1)
-    cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.embed_tokens.dtype)
+        dev = _device(torch_model)
+        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype, device=dev)
+        t_cached = torch.cat(list(_decode(t_model, batch, cache, lambda a: to_torch(a, dev), pick, bar)), dim=1)
+    cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.dtype)
     f_cached = jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick, bar)), axis=1)
     return kv_cache_rows(batch, head, t_out, f_out, t_cached, f_cached, tol, capped)
 
@@ -272,14 +282,23 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                      batch_size: int = 3, seed: int = 0, head: str | None = None,
                      flax_directory: str | os.PathLike | None = None,
                      sections: Iterable[str] = SECTIONS,
-                     tolerances: Mapping[str, float] | None = None, stream: bool | None = None,
+                     tolerances: Mapping[str, float] | None = None, param_dtype: str | None = None,
+                     device: str | None = None, jax_platform: str | None = None,
+                     matmul_precision: str = "highest", stream: bool | None = None,
                      memory_budget: int | None = None, progress: bool | None = None,
                      announce: Callable[[str], None] | None = None,
                      allow_nonfinite_weights: bool = False, mesh: Mapping[str, int] | None = None) -> Report:
-    """Load `directory` into both twins in `dtype` and run `check_pair` on `seeded_batch`, or
-    stream it layer by layer (`check_streamed`) when the whole-model check would not fit.
+    """Load `directory` into both twins and run `check_pair` on `seeded_batch`, or stream it layer
+    by layer (`check_streamed`) when the whole-model check would not fit: activations in `dtype`,
+    parameters in `param_dtype` (default: `dtype`), the torch twin on `device` ("cpu", "cuda",
+    "cuda:N"), the Flax twin on the first device of `jax_platform` ("cpu", "gpu", "tpu"; default:
+    JAX's default), matmuls of both in `matmul_precision` for the whole run. The tolerance row
+    follows (`parity.tolerances.row_name`); the report records devices, precision settings and
+    library versions under `meta["environment"]`. The streamed check runs on the CPU, parameters
+    in `dtype`, matmuls `highest`: other settings need the whole-model check.
     With `mesh` ({axis: size}, e.g. {"data": 2, "tensor": 4}) the Flax twin runs sharded over a
-    device mesh and is also compared with itself unsharded (`parity.check.sharded`).
+    device mesh and is also compared with itself unsharded (`parity.check.sharded`); like the
+    streamed check, it runs on the CPU with the default settings.
 
     `stream` forces the mode (None: choose). The choice compares the whole-model check's
     estimated peak (`memory.whole_model_bytes`) with `memory_budget` bytes (default: a fraction
@@ -302,6 +321,14 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")
+    row = row_name(dtype, param_dtype, matmul_precision)
+    if row not in TOLERANCES and not tolerances:
+        raise BadInputError(f"no tolerance row for {row!r} (dtype {dtype}, parameters {param_dtype or dtype}, "
+                            f"matmuls {matmul_precision}); rows: {', '.join(TOLERANCES)}")
+    try:
+        t_device, j_device = torch_device(device), jax_device(jax_platform)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
     sections = tuple(sections)
     try:
         check_run_size(read_config(directory), batch_size, seq_len, dtype,
@@ -311,43 +338,65 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     # The header against the config and the NaN scan, once for both modes; the memory of two
     # whole twins only where they will be built whatever the estimate says (the mode choice
     # below weighs it otherwise).
-    config, head = inspect_checkpoint(directory, dtype, head, twins=2 if stream is False else 0,
+    # (The parameters are what the memory holds: sized in the dtype they are stored in.)
+    config, head = inspect_checkpoint(directory, param_dtype or dtype, head, twins=2 if stream is False else 0,
                                       allow_nonfinite=allow_nonfinite_weights)
     if flax_directory is not None:
-        inspect_checkpoint(flax_directory, dtype, head, twins=0, allow_nonfinite=allow_nonfinite_weights)
+        inspect_checkpoint(flax_directory, param_dtype or dtype, head, twins=0,
+                           allow_nonfinite=allow_nonfinite_weights)
     batch = seeded_batch(config, batch_size, seq_len, seed)
     note = None
     if head == "sequence_classification" and config.pad_token_id is None:
         # Without a pad id the classifier cannot find each row's last token (HF allows batch 1 only).
         batch = seeded_batch(config, 1, seq_len, seed, paddings=("none",))
         note = "config has no pad_token_id: sequence classification runs one unpadded row (as HF)"
-    estimate = whole_model_bytes(config, head, dtype, gradients="gradients" in sections,
+    # Parameters dominate the peak: sized in the dtype they are stored in.
+    estimate = whole_model_bytes(config, head, param_dtype or dtype, gradients="gradients" in sections,
                                  batch=batch.input_ids.shape[0], seq_len=seq_len, sizes=model_sizes(config, head))
     budget, budget_note = (memory_budget, "--memory-budget") if memory_budget is not None else default_budget()
     if mesh is not None and stream:
         raise BadInputError("--mesh checks whole models (each twin sharded across devices): drop --stream")
     mode = choose_mode(estimate, budget, False if mesh is not None else stream, budget_note)
+    off_default = [flag for flag, used in (("--param-dtype", param_dtype not in (None, dtype)),
+                                           ("--device", t_device.type != "cpu"),
+                                           ("--jax-platform", j_device.platform != "cpu"),
+                                           ("--matmul-precision", matmul_precision != "highest")) if used]
+    if mesh is not None and off_default:
+        raise BadInputError(f"the sharded check (--mesh) runs on the CPU with parameters in --dtype and matmuls "
+                            f"'highest'; {', '.join(off_default)} need the check without --mesh")
+    if mode.streamed and off_default:
+        raise BadInputError(f"the layer-streamed check ({mode.describe()}) runs on the CPU with parameters in "
+                            f"--dtype and matmuls 'highest'; {', '.join(off_default)} need the whole-model check "
+                            f"(--no-stream, with the memory it needs)")
     if announce is not None:
         announce(mode.describe() + (f"; Flax twin sharded over mesh {dict(mesh)}" if mesh is not None else ""))
-    if mesh is not None:
-        report = check_sharded(directory, dtype, batch, mesh, head=head, sections=sections, title=f"{directory}",
-                               tolerances=tolerances, phases=Phases(progress))
-    elif mode.streamed:
-        report = check_streamed(directory, dtype, batch, config=config, head=head, flax_directory=flax_directory,
-                                sections=sections, title=f"{directory}", tolerances=tolerances, progress=progress)
-    else:
-        phases = Phases(progress)
-        with phases("load", total=1, unit="checkpoint") as bar:
-            # Header, memory and NaN weights were checked above: not a second scan of every weight.
-            twins = load_twins(directory, dtype, head, flax_directory, allow_nonfinite=True)
-            bar.update()
-        report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=dtype, sections=sections,
-                            title=f"{directory}", tolerances=tolerances, phases=phases)
+    with run_environment(matmul_precision, t_device, j_device) as environment:
+        if mesh is not None:
+            report = check_sharded(directory, dtype, batch, mesh, head=head, sections=sections, title=f"{directory}",
+                                   tolerances=tolerances, phases=Phases(progress))
+        elif mode.streamed:
+            report = check_streamed(directory, dtype, batch, config=config, head=head, flax_directory=flax_directory,
+                                    sections=sections, title=f"{directory}", tolerances=tolerances,
+                                    progress=progress)
+            report.meta["environment"] = current_environment()
+            report.meta["environment"]["devices"] = environment["devices"]
+        else:
+            phases = Phases(progress)
+            with phases("load", total=1, unit="checkpoint") as bar:
+                # Header, memory and NaN weights were checked above: not a second scan of every weight.
+                twins = load_twins(directory, dtype, head, flax_directory, param_dtype=param_dtype, device=t_device,
+                                   jax_device=j_device, precision=matmul_precision, allow_nonfinite=True)
+                bar.update()
+            report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=row, sections=sections,
+                                title=f"{directory}", tolerances=tolerances, phases=phases)
     report.meta["checkpoint"] = str(directory)
     if flax_directory is not None:
         report.meta["flax_checkpoint"] = str(flax_directory)
+    report.meta["environment"]["matmul_precision"]["mode"] = environment["mode"]
+    devices = report.meta["environment"]["devices"]
     report.meta["describe"] = {"inputs": describe_batch(batch), "model": _describe_config(config),
-                               "mode": mode.describe()}
+                               "mode": mode.describe(),
+                               "run on": f"torch {devices['torch']}, flax {devices['flax']}; matmuls {matmul_precision}"}
     if note:
         report.meta["describe"]["note"] = note
     report.meta["mode"] = mode.as_dict()

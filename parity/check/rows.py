@@ -19,9 +19,9 @@ __all__ = ["capped_logit_scale", "describe_batch", "head_rows", "kv_cache_rows",
            "tolerance_for"]
 
 
-def to_torch(a: np.ndarray | None) -> torch.Tensor | None:
-    """numpy -> torch, bits and dtype unchanged."""
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+def to_torch(a: np.ndarray | None, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """numpy -> torch on `device` (default: the CPU), bits and dtype unchanged."""
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")
 
 
 def to_jax(a: np.ndarray | None) -> jax.Array | None:
