@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutants clean constraints
+.PHONY: demo test bench mutants gpu-check clean constraints
 
 # Installs the versions the suite was last run with (constraints.txt); pyproject.toml keeps
 # ranges, so twinlm installed elsewhere still resolves. `make constraints` refreshes the file.
@@ -42,6 +42,13 @@ constraints:
 # Not part of `make test`: one suite run per uncaught mutant. ARGS passes options (e.g. ARGS=--check).
 mutants: $(STAMP)
 	$(PY) -m tests.mutation $(ARGS)
+
+# Both twins on one GPU, every family and head, float32 and bfloat16, then `pytest -m gpu`; one
+# summary table, under 4 minutes. Needs a CUDA build of torch and jax[cuda12] in the venv
+# (`pip install -e '.[gpu]'` plus torch from https://download.pytorch.org/whl/cu126); without
+# a GPU it says so and runs the same checks on the CPU.
+gpu-check: $(STAMP)
+	$(PY) -m parity.check.gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -38,3 +38,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _no_gpu_reason() -> str | None:
+    """Why the `gpu` tests cannot run here, or None when torch and JAX both see a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no GPU: torch {torch.__version__} sees no CUDA device"
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        return "no GPU: JAX has no gpu backend (install jax[cuda12])"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, saying why, on a machine without a GPU for both twins."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    reason = _no_gpu_reason() if gpu_items else None
+    for item in gpu_items if reason else ():
+        item.add_marker(pytest.mark.skip(reason=reason))

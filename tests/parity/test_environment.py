@@ -105,3 +105,18 @@ def test_a_missing_device_is_a_clear_error(checkpoint, capsys, flags, message):
         pytest.skip("this machine has a CUDA device")
     assert main(["check", str(checkpoint), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_gpu_check_falls_back_to_the_cpu_and_says_so(checkpoint, tmp_path, capsys, monkeypatch):
+    """The script's CPU path (this machine has no GPU): the banner, one table row per check."""
+    from parity.check import gpu
+
+    monkeypatch.setattr(gpu, "gpu_available", lambda: (False, "test: no GPU"))
+    monkeypatch.setattr("parity.demo.DEMO_MODELS", [m for m in __import__("parity.demo").demo.DEMO_MODELS
+                                                    if m.name == "llama-tied-causal-lm"])
+    assert gpu.main(["--out", str(tmp_path), "--dtypes", "float32", "--no-pytest", "--skip", "gradients",
+                     "--skip", "kv-cache", "--skip", "generation"]) == 0
+    out = capsys.readouterr().out
+    assert "NO GPU (test: no GPU)" in out and "the GPU rows are unmeasured" in out
+    assert "llama-tied-causal-lm  causal_lm  float32  torch cpu, flax cpu:0 (cpu)" in out
+    assert gpu.main(["--require-gpu", "--no-pytest"]) == 3

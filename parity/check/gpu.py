@@ -1,0 +1,150 @@
+"""`make gpu-check`: both twins on the GPU, every family and head, float32 and bfloat16.
+
+Builds the demo checkpoints (every family; LLaMA with every head), runs `twinlm check` on each
+in float32 (matmuls pinned to full float32, tolerance 1e-5) and in bfloat16, with the torch twin
+on CUDA and the Flax twin on JAX's GPU backend, then the tests marked `gpu`, and prints one
+summary table. Exit status 0 when every check and test passes.
+
+On a machine without a GPU it says so and runs the same table on the CPU (a smoke test of the
+script, not a GPU measurement); `--require-gpu` makes that an error (exit status 3) instead.
+Budget: under 4 minutes on one GPU (each check compiles its own programs; nothing is cached).
+
+    python -m parity.check.gpu [--out DIR] [--require-gpu] [--dtypes float32,bfloat16] [--no-pytest] [--skip PART]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..report import SECTIONS
+from ..tolerances import QUANTITIES
+
+BUDGET_S = 240.0
+
+
+@dataclass
+class Line:
+    """One row of the summary table."""
+
+    model: str
+    head: str
+    dtype: str
+    devices: str
+    worst: dict[str, float]
+    passed: bool
+    seconds: float
+
+
+def gpu_available() -> tuple[bool, str]:
+    """(True, what) when torch sees a CUDA device and JAX has a gpu backend; else (False, why)."""
+    import jax
+    import torch
+
+    reasons = []
+    if not torch.cuda.is_available():
+        reasons.append(f"torch {torch.__version__} sees no CUDA device (built with CUDA {torch.version.cuda or 'none'})")
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+        reasons.append(f"JAX (jaxlib {jax.lib.__version__}) has no gpu backend")
+    if reasons:
+        return False, "; ".join(reasons)
+    return True, f"torch cuda:0 ({torch.cuda.get_device_name(0)}), JAX {gpus[0].platform}:{gpus[0].id} ({gpus[0].device_kind})"
+
+
+def run_checks(out_dir: Path, dtypes: tuple[str, ...], on_gpu: bool, sections: tuple[str, ...],
+               echo=print) -> list[Line]:
+    """Build every demo checkpoint under `out_dir` and check each in every dtype."""
+    from ..demo import DEMO_MODELS, build_checkpoint
+    from .pair import check_checkpoint
+
+    device, platform = ("cuda", "gpu") if on_gpu else ("cpu", "cpu")
+    lines = []
+    for model in DEMO_MODELS:
+        directory = out_dir / model.name
+        if not (directory / "config.json").exists():
+            build_checkpoint(model, directory)
+        for dtype in dtypes:
+            start = time.perf_counter()
+            report = check_checkpoint(directory, dtype, device=device, jax_platform=platform,
+                                      matmul_precision="highest", sections=sections)
+            worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=0.0)
+                     for q in QUANTITIES}
+            devices = report.meta["describe"]["run on"].split(";")[0]
+            line = Line(model.name, model.head, dtype, devices, worst, report.passed, time.perf_counter() - start)
+            lines.append(line)
+            echo(f"  {line.model} {line.dtype}: {'pass' if line.passed else 'FAIL'} ({line.seconds:.1f} s)")
+            if not report.passed:
+                report.write_json(out_dir / f"{model.name}-{dtype}.json")
+    return lines
+
+
+def run_gpu_tests(on_gpu: bool) -> tuple[int, str]:
+    """`pytest -m gpu`: (exit status, its summary line)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    summary = lines[-1] if lines else proc.stderr.strip()[-200:]
+    # Exit status 5 is "no test collected" (every test deselected); skips count as passing.
+    return (0 if proc.returncode in (0, 5) else proc.returncode), summary
+
+
+def format_table(lines: list[Line]) -> str:
+    """The summary: one row per (model, dtype), the worst relative error per quantity."""
+    header = ("model", "head", "dtype", "devices") + QUANTITIES + ("status", "s")
+    rows = [(ln.model, ln.head, ln.dtype, ln.devices) + tuple(f"{ln.worst[q]:.1e}" for q in QUANTITIES)
+            + ("pass" if ln.passed else "FAIL", f"{ln.seconds:.1f}") for ln in lines]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity.check.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary directory)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
+    parser.add_argument("--require-gpu", action="store_true", help="exit 3 instead of falling back to the CPU")
+    parser.add_argument("--no-pytest", action="store_true", help="leave out the tests marked gpu")
+    parser.add_argument("--skip", action="append", default=[], choices=["gradients", "kv-cache", "generation"],
+                        help="leave out a part of each check (repeatable; the full check is the default)")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # as the CLI: float64 inputs need it; float32 runs are unchanged
+    start = time.perf_counter()
+    on_gpu, what = gpu_available()
+    if on_gpu:
+        print(f"gpu-check on {what}")
+    elif args.require_gpu:
+        print(f"gpu-check: no GPU: {what}", file=sys.stderr)
+        return 3
+    else:
+        print(f"gpu-check: NO GPU ({what}): running the same checks on the CPU. These are CPU figures; "
+              f"the GPU rows are unmeasured.")
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    with tempfile.TemporaryDirectory(prefix="twinlm-gpu-check-") as tmp:
+        out = Path(args.out or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        skipped = {name.replace("-", " ") for name in args.skip}
+        lines = run_checks(out, dtypes, on_gpu, tuple(s for s in SECTIONS if s not in skipped))
+    status, summary = (0, "not run (--no-pytest)") if args.no_pytest else run_gpu_tests(on_gpu)
+    elapsed = time.perf_counter() - start
+    print()
+    print(format_table(lines))
+    print(f"\npytest -m gpu: {summary}")
+    failed = [f"{ln.model} {ln.dtype}" for ln in lines if not ln.passed]
+    over = elapsed > BUDGET_S
+    print(f"{'GPU' if on_gpu else 'CPU fallback'}: {len(lines) - len(failed)}/{len(lines)} checks pass, "
+          f"{elapsed:.0f} s{' (over the 4-minute budget)' if over else ''}")
+    return 1 if failed or status != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
