@@ -7,14 +7,17 @@ summary table. Exit status 0 when every check and test passes.
 
 On a machine without a GPU it says so and runs the same table on the CPU (a smoke test of the
 script, not a GPU measurement); `--require-gpu` makes that an error (exit status 3) instead.
-Budget: under 4 minutes on one GPU (each check compiles its own programs; nothing is cached).
+Budget: under 4 minutes on one GPU. Each check compiles its own programs (most of its time, on
+the CPU), so 4 checks run at once in separate processes (`--jobs`), JAX's preallocation off.
 
-    python -m parity.check.gpu [--out DIR] [--require-gpu] [--dtypes float32,bfloat16] [--no-pytest] [--skip PART]
+    python -m parity.check.gpu [--out DIR] [--require-gpu] [--dtypes float32,bfloat16] [--jobs N]
+                               [--no-pytest] [--skip PART]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,30 +62,55 @@ def gpu_available() -> tuple[bool, str]:
     return True, f"torch cuda:0 ({torch.cuda.get_device_name(0)}), JAX {gpus[0].platform}:{gpus[0].id} ({gpus[0].device_kind})"
 
 
-def run_checks(out_dir: Path, dtypes: tuple[str, ...], on_gpu: bool, sections: tuple[str, ...],
-               echo=print) -> list[Line]:
-    """Build every demo checkpoint under `out_dir` and check each in every dtype."""
-    from ..demo import DEMO_MODELS, build_checkpoint
+def check_one(directory: Path, name: str, head: str, dtype: str, on_gpu: bool, sections: tuple[str, ...],
+              out_dir: Path) -> Line:
+    """One `twinlm check` of one checkpoint in one dtype, summarised as a table line (the report
+    is written next to the checkpoints when a row fails)."""
+    import jax
+
     from .pair import check_checkpoint
 
+    jax.config.update("jax_enable_x64", True)  # as the CLI: float64 inputs need it; float32 runs are unchanged
     device, platform = ("cuda", "gpu") if on_gpu else ("cpu", "cpu")
-    lines = []
+    start = time.perf_counter()
+    report = check_checkpoint(directory, dtype, device=device, jax_platform=platform, matmul_precision="highest",
+                              sections=sections)
+    worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=0.0) for q in QUANTITIES}
+    devices = report.meta["describe"]["run on"].split(";")[0]
+    if not report.passed:
+        report.write_json(out_dir / f"{name}-{dtype}.json")
+    return Line(name, head, dtype, devices, worst, report.passed, time.perf_counter() - start)
+
+
+def run_checks(out_dir: Path, dtypes: tuple[str, ...], on_gpu: bool, sections: tuple[str, ...], jobs: int = 1,
+               echo=print) -> list[Line]:
+    """Build every demo checkpoint under `out_dir`, then check each in every dtype, `jobs` checks
+    at a time (separate processes: most of a check's time is XLA compiling, on the CPU)."""
+    from ..demo import DEMO_MODELS, build_checkpoint
+
+    tasks = []
     for model in DEMO_MODELS:
         directory = out_dir / model.name
         if not (directory / "config.json").exists():
             build_checkpoint(model, directory)
-        for dtype in dtypes:
-            start = time.perf_counter()
-            report = check_checkpoint(directory, dtype, device=device, jax_platform=platform,
-                                      matmul_precision="highest", sections=sections)
-            worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=0.0)
-                     for q in QUANTITIES}
-            devices = report.meta["describe"]["run on"].split(";")[0]
-            line = Line(model.name, model.head, dtype, devices, worst, report.passed, time.perf_counter() - start)
-            lines.append(line)
-            echo(f"  {line.model} {line.dtype}: {'pass' if line.passed else 'FAIL'} ({line.seconds:.1f} s)")
-            if not report.passed:
-                report.write_json(out_dir / f"{model.name}-{dtype}.json")
+        tasks += [(directory, model.name, model.head, dtype, on_gpu, sections, out_dir) for dtype in dtypes]
+    if jobs <= 1:
+        lines = []
+        for task in tasks:
+            lines.append(check_one(*task))
+            echo(f"  {lines[-1].model} {lines[-1].dtype}: {'pass' if lines[-1].passed else 'FAIL'} "
+                 f"({lines[-1].seconds:.1f} s)")
+        return lines
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(check_one, *task) for task in tasks]
+        lines = []
+        for future in futures:
+            lines.append(future.result())
+            echo(f"  {lines[-1].model} {lines[-1].dtype}: {'pass' if lines[-1].passed else 'FAIL'} "
+                 f"({lines[-1].seconds:.1f} s)")
     return lines
 
 
@@ -111,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     parser.add_argument("--require-gpu", action="store_true", help="exit 3 instead of falling back to the CPU")
     parser.add_argument("--no-pytest", action="store_true", help="leave out the tests marked gpu")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="checks run at once, in separate processes (default: 4 on a GPU, 1 on the CPU)")
     parser.add_argument("--skip", action="append", default=[], choices=["gradients", "kv-cache", "generation"],
                         help="leave out a part of each check (repeatable; the full check is the default)")
     args = parser.parse_args(argv)
 
+    # Before JAX starts: several processes share the GPU, so none may grab 75% of its memory.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     jax.config.update("jax_enable_x64", True)  # as the CLI: float64 inputs need it; float32 runs are unchanged
@@ -133,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
         skipped = {name.replace("-", " ") for name in args.skip}
-        lines = run_checks(out, dtypes, on_gpu, tuple(s for s in SECTIONS if s not in skipped))
+        jobs = args.jobs or (4 if on_gpu else 1)
+        lines = run_checks(out, dtypes, on_gpu, tuple(s for s in SECTIONS if s not in skipped), jobs)
     status, summary = (0, "not run (--no-pytest)") if args.no_pytest else run_gpu_tests(on_gpu)
     elapsed = time.perf_counter() - start
     print()
