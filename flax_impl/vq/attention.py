@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from weights.vq.config import TransformerVQConfig
+from ..layers.precision import DEFAULT_PRECISION
 from .common import MASK_INFTY_APPROX, at_least_float32, dropout_mask, linear, sg, to_dtype
 from .norm import LayerNorm, layer_norm
 from .position import get_sinusoid_embs
@@ -57,8 +58,10 @@ def get_agg_biases(lower: jax.Array) -> jax.Array:
 class VQAttention(nnx.Module):
     """Gated attention with VQ keys: res = res_proj(attn(q, k_hat, v) * g), g = silu(gate)."""
 
-    def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerVQConfig, *, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         c = self.config = config
+        self.precision = precision
         pdt = self.param_dtype = to_dtype(c.param_dtype)
         self.dtype = to_dtype(c.dtype)
         self.tau = c.d_k ** 0.5
@@ -68,7 +71,7 @@ class VQAttention(nnx.Module):
         def dense(fan_in: int, fan_out: int) -> nnx.Linear:
             init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")  # untruncated
             return nnx.Linear(fan_in, fan_out, use_bias=False, dtype=self.dtype, param_dtype=pdt,
-                              kernel_init=init, rngs=rngs)
+                              precision=precision, kernel_init=init, rngs=rngs)
 
         self.q_proj = dense(c.d_model, hk)
         self.kvg_proj = dense(c.d_model, hk + 2 * hv)
@@ -76,7 +79,7 @@ class VQAttention(nnx.Module):
         self.res_proj = dense(hv, c.d_model)
         self.u = nnx.Param(jnp.zeros(hk, dtype=pdt))
         self.v = nnx.Param(jnp.zeros(hk, dtype=pdt))
-        self.quantizer = LearnableVQ(c, rngs=rngs)
+        self.quantizer = LearnableVQ(c, precision=precision, rngs=rngs)
 
     @staticmethod
     def initial_state(config: TransformerVQConfig, batch_size: int) -> dict:
@@ -101,7 +104,7 @@ class VQAttention(nnx.Module):
         """[B,L,E] -> q [B,H,L,d_k] in param_dtype, RMS-normalised and scaled by d_k^-1/4."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
-        q = linear(x_tilde, self.q_proj.kernel[...], None, self.dtype)
+        q = linear(x_tilde, self.q_proj.kernel[...], None, self.dtype, precision=self.precision)
         q = q.reshape(bsz, present_len, c.n_head, c.d_k)
         q = layer_norm(q, None, None) * (self.tau ** -0.5)
         return q.transpose(0, 2, 1, 3).astype(self.param_dtype)
@@ -111,7 +114,7 @@ class VQAttention(nnx.Module):
         The fused projection is cut k | v | g, head-major inside each chunk, as the reference's fused kernel is laid out."""
         c = self.config
         bsz, present_len, _ = x_tilde.shape
-        kvg = linear(x_tilde, self.kvg_proj.kernel[...], None, self.dtype)
+        kvg = linear(x_tilde, self.kvg_proj.kernel[...], None, self.dtype, precision=self.precision)
         k, v, g = jnp.split(kvg, [c.n_head * c.d_k, c.n_head * (c.d_k + c.d_v)], axis=-1)
         k = k.reshape(bsz, present_len, c.n_head, c.d_k)
         v = v.reshape(bsz, present_len, c.n_head, c.d_v)
@@ -128,7 +131,7 @@ class VQAttention(nnx.Module):
         xl_r = get_sinusoid_embs(w, c.d_model, c.pe_lam, flip=True, dtype=at_least_float32(self.dtype))
         if dropsin is not None:
             xl_r = xl_r * dropsin
-        xl_r = linear(xl_r, self.r_proj.kernel[...], None, self.dtype)
+        xl_r = linear(xl_r, self.r_proj.kernel[...], None, self.dtype, precision=self.precision)
         xl_r = xl_r.reshape(w, c.n_head, c.d_k).transpose(1, 0, 2)
         xl_r = xl_r.astype(self.param_dtype) * (self.tau ** -0.5)
         xl_u = self.u[...].reshape(1, c.n_head, 1, c.d_k) * (self.tau ** -0.5)
@@ -149,13 +152,13 @@ class VQAttention(nnx.Module):
 
         # Scores against the compressed cache: codewords plus log-count biases.
         cb = self.quantizer.get_codebook()
-        cache_scores = jnp.einsum("bhlk,hsk->bhls", q + xl_u, cb)
+        cache_scores = jnp.einsum("bhlk,hsk->bhls", q + xl_u, cb, precision=self.precision)
         cache_scores = cache_scores + get_agg_biases(aggcache["lower"])[..., None, :]
 
         # Scores against the recent window; the relative bias only within distance <= M.
         invalid_len = jax.nn.relu(c.mem_len - state["pos_offset"])  # traced, so jit-safe
-        ac = jnp.einsum("bhlk,bhwk->bhlw", q + xl_u, recent_k_hat)
-        bd = rel_shift(jnp.einsum("bhlk,hwk->bhlw", q + xl_v, xl_r))
+        ac = jnp.einsum("bhlk,bhwk->bhlw", q + xl_u, recent_k_hat, precision=self.precision)
+        bd = rel_shift(jnp.einsum("bhlk,hwk->bhlw", q + xl_v, xl_r, precision=self.precision))
         bd = bd * get_causal_mask(block_len, c.mem_len, invalid_len, True)[None, None].astype(bd.dtype)
         recent_scores = ac + bd
         keep = get_causal_mask(block_len, c.mem_len, invalid_len, not c.agg_cache)[None, None]
@@ -171,9 +174,9 @@ class VQAttention(nnx.Module):
         d = jnp.sum(recent_a, axis=-1)
         if c.agg_cache:
             d = d + jnp.sum(cache_a, axis=-1)
-        wv = jnp.einsum("bhlw,bhwv->bhlv", recent_a / d[..., None], recent_v)
+        wv = jnp.einsum("bhlw,bhwv->bhlv", recent_a / d[..., None], recent_v, precision=self.precision)
         if c.agg_cache:
-            wv = wv + jnp.einsum("bhls,bhsv->bhlv", cache_a / d[..., None], aggcache["upper_div_lower"])
+            wv = wv + jnp.einsum("bhls,bhsv->bhlv", cache_a / d[..., None], aggcache["upper_div_lower"], precision=self.precision)
         wv = wv.transpose(0, 2, 1, 3).reshape(bsz, block_len, c.n_head * c.d_v)
         return dict(attn_out=wv, recent_z=recent_z, recent_k_hat=recent_k_hat, recent_v=recent_v,
                     l_commit=vq["l_commit"], l_codebook=vq["l_codebook"], metrics=vq["metrics"])
@@ -190,7 +193,7 @@ class VQAttention(nnx.Module):
         f1 = aggcache["lower"] / jnp.clip(new_lower, min=1.0)
         f2 = delta / jnp.clip(new_lower, min=1.0)[..., None, :]
         new_upper_div_lower = (f1[..., None] * aggcache["upper_div_lower"]
-                               + jnp.einsum("bhls,bhlv->bhsv", f2, recent_v[..., :-m, :]))
+                               + jnp.einsum("bhls,bhlv->bhsv", f2, recent_v[..., :-m, :], precision=self.precision))
         new_state = dict(
             pos_offset=state["pos_offset"] + block_len,
             xlcache=dict(z=recent_z[..., -m:], k_hat=recent_k_hat[..., -m:, :], v=recent_v[..., -m:, :]),
@@ -209,7 +212,7 @@ class VQAttention(nnx.Module):
         q = self.get_q(x_tilde)
         k, v, g = self.get_kvg(x_tilde)
         out = self.attn(q, k, v, state, vq_spec, is_train, dropsin)
-        res = linear(out["attn_out"] * g, self.res_proj.kernel[...], None, self.dtype)
+        res = linear(out["attn_out"] * g, self.res_proj.kernel[...], None, self.dtype, precision=self.precision)
         if is_train:
             mask = dropout_mask(tuple(res.shape), self.config.p_dropres, res.dtype, rng)
             res = res if mask is None else res * mask

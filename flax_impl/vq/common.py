@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..layers.precision import to_dtype  # config dtype string -> jax dtype
+from ..layers.precision import DEFAULT_PRECISION, to_dtype  # to_dtype: config dtype string -> jax dtype
 
 __all__ = ["MASK_INFTY_APPROX", "to_dtype", "at_least_float32", "sg", "st", "linear", "dropout_mask"]
 
@@ -33,10 +33,11 @@ def st(x: jax.Array) -> jax.Array:
     return x - jax.lax.stop_gradient(x)
 
 
-def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype: jnp.dtype,
+           precision: jax.lax.PrecisionLike = DEFAULT_PRECISION) -> jax.Array:
     """A dense layer computed in `dtype` (inputs and params cast to it, like flax's Dense);
     w is an NNX `kernel`, [in, out]."""
-    y = jnp.matmul(x.astype(dtype), w.astype(dtype))
+    y = jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision)
     return y if bias is None else y + bias.astype(dtype)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from weights.vq.config import TransformerVQConfig
+from ..layers.precision import DEFAULT_PRECISION
 from .attention import VQAttention
 from .common import at_least_float32, dropout_mask, to_dtype
 from .quantizer import VQSpec
@@ -35,11 +36,12 @@ def _key(rng: jax.Array | None, *data: int) -> jax.Array | None:
 class TransformerLayer(nnx.Module):
     """`scanned_attn1` then `scanned_attn2`, pre-norm (the norm is inside each sublayer)."""
 
-    def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerVQConfig, *, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
         self.dtype = to_dtype(config.dtype)
-        self.scanned_attn1 = VQAttention(config, rngs=rngs)
-        self.scanned_attn2 = VQAttention(config, rngs=rngs)
+        self.scanned_attn1 = VQAttention(config, precision=precision, rngs=rngs)
+        self.scanned_attn2 = VQAttention(config, precision=precision, rngs=rngs)
 
     @staticmethod
     def initial_state(config: TransformerVQConfig, batch_size: int) -> list[dict]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from weights.vq.config import TransformerVQConfig
+from ..layers.precision import DEFAULT_PRECISION
 from .common import dropout_mask, linear, to_dtype
 from .embeddings import Embeddings
 from .layer import TransformerLayer
@@ -42,19 +43,22 @@ def get_blocks_of_vq_spec(vq_spec: VQSpec | None, block_len: int) -> VQSpec | No
 class Transformer(nnx.Module):
     """Transformer-VQ language model (the Flax NNX twin)."""
 
-    def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerVQConfig, *, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         c = self.config = config
+        self.precision = precision
         self.dtype, self.param_dtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
         if not c.no_emb or c.e_tie:
-            self.token_embedder = Embeddings(c, rngs=rngs)
+            self.token_embedder = Embeddings(c, precision=precision, rngs=rngs)
         if c.pe_abs:
             self.position_embedder = ScaledSin(c, rngs=rngs)
-        self.transformer_layers = nnx.List([TransformerLayer(c, rngs=rngs) for _ in range(c.n_layer)])
+        self.transformer_layers = nnx.List([TransformerLayer(c, precision=precision, rngs=rngs)
+                                            for _ in range(c.n_layer)])
         if c.e_preln:
             self.out_ln = LayerNorm(c, c.d_model)
         if not c.e_tie:
             self.out_proj = nnx.Linear(c.d_model, c.n_vocab, use_bias=True, dtype=self.param_dtype,
-                                       param_dtype=self.param_dtype,
+                                       param_dtype=self.param_dtype, precision=precision,
                                        kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "normal"),
                                        bias_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -104,7 +108,7 @@ class Transformer(nnx.Module):
         if c.e_tie:
             x = self.token_embedder.logits(x)
         else:  # the reference computes untied logits in param_dtype ("full-precision logits")
-            x = linear(x, self.out_proj.kernel[...], self.out_proj.bias[...], self.param_dtype)
+            x = linear(x, self.out_proj.kernel[...], self.out_proj.bias[...], self.param_dtype, precision=self.precision)
         x = x * c.e_scale
         logprobs = jax.nn.log_softmax(x, axis=-1)
         metrics = {k: v / c.n_layer for k, v in aux["metrics"].items()}

@@ -11,6 +11,7 @@ import jax.scipy as jsp
 from flax import nnx
 
 from weights.vq.config import TransformerVQConfig
+from ..layers.precision import DEFAULT_PRECISION
 from .common import sg, st, to_dtype
 
 __all__ = ["VQSpec", "get_shortcodes", "get_codewords", "get_codebook", "get_codebook_ema_targets",
@@ -30,13 +31,14 @@ class VQSpec(NamedTuple):
     loss_mask: jax.Array
 
 
-def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+def get_shortcodes(vecs: jax.Array, codebook: jax.Array,
+                   precision: jax.lax.PrecisionLike = DEFAULT_PRECISION) -> tuple[jax.Array, jax.Array]:
     """vecs [B,H,L,d], codebook [H,C,d] -> (z [B,H,L] int32, errs2 [B,H,L]).
 
     Expanded |k|^2 - 2 k.c + |c|^2 (the reference's form: near-ties then break the same way); argmin takes the first index
     on ties; relu clips the cancellation negatives of the minimum."""
     diffs2 = (jnp.sum(jnp.square(vecs), axis=-1)[..., None]
-              - 2.0 * jnp.einsum("bhlk,hsk->bhls", vecs, codebook)
+              - 2.0 * jnp.einsum("bhlk,hsk->bhls", vecs, codebook, precision=precision)
               + jnp.sum(jnp.square(codebook), axis=-1)[None, :, None, :])
     z = jnp.argmin(diffs2, axis=-1)
     errs2 = jax.nn.relu(jnp.min(diffs2, axis=-1))
@@ -59,24 +61,27 @@ def one_hot(z: jax.Array, num_classes: int, dtype: jnp.dtype) -> jax.Array:
     return jax.nn.one_hot(z, num_classes, dtype=dtype)
 
 
-def get_codebook_ema_targets(vecs, shortcodes, c_sum, c_count, c_gamma: float, vq_spec: VQSpec):
+def get_codebook_ema_targets(vecs, shortcodes, c_sum, c_count, c_gamma: float, vq_spec: VQSpec,
+                             precision: jax.lax.PrecisionLike = DEFAULT_PRECISION):
     """EMA targets (1-g) d p sum_{b,t} r k + g c_sum and (1-g) d p sum r + g c_count,
     r = onehot(z) * mask; vecs [B,H,L,d], mask [B,L]."""
     g = c_gamma
     d, p = vq_spec.n_device, vq_spec.n_block_per_update
     r = one_hot(shortcodes, c_sum.shape[1], vecs.dtype)
     r = r * vq_spec.loss_mask[:, None, :, None].astype(vecs.dtype)
-    c_sum_hat = d * p * jnp.einsum("bhts,bhtd->hsd", r, vecs)
+    c_sum_hat = d * p * jnp.einsum("bhts,bhtd->hsd", r, vecs, precision=precision)
     c_count_hat = d * p * jnp.sum(r, axis=(0, 2))
     c_sum_tgt = (1 - g) * c_sum_hat + g * c_sum
     c_count_tgt = (1 - g) * c_count_hat + g * c_count
     return c_sum_tgt, c_count_tgt
 
 
-def get_codebook_loss(vecs, shortcodes, c_sum, c_count, c_gamma: float, vq_spec: VQSpec) -> jax.Array:
+def get_codebook_loss(vecs, shortcodes, c_sum, c_count, c_gamma: float, vq_spec: VQSpec,
+                      precision: jax.lax.PrecisionLike = DEFAULT_PRECISION) -> jax.Array:
     """Surrogate whose value is exactly 0 and whose gradient is c - target: one SGD(lr=1) step on
     it (gradients averaged over blocks and devices) is one EMA step of the codebook."""
-    c_sum_tgt, c_count_tgt = get_codebook_ema_targets(vecs, shortcodes, c_sum, c_count, c_gamma, vq_spec)
+    c_sum_tgt, c_count_tgt = get_codebook_ema_targets(vecs, shortcodes, c_sum, c_count, c_gamma, vq_spec,
+                                                      precision=precision)
     l_sum = jnp.sum(sg(c_sum - c_sum_tgt) * st(c_sum))
     l_count = jnp.sum(sg(c_count - c_count_tgt) * st(c_count))
     return l_count + l_sum
@@ -86,7 +91,8 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
 
-def get_quantization_metrics(vecs, vecs_hat, errs2, c_sum, c_count, dtype: jnp.dtype) -> dict[str, jax.Array]:
+def get_quantization_metrics(vecs, vecs_hat, errs2, c_sum, c_count, dtype: jnp.dtype,
+                             precision: jax.lax.PrecisionLike = DEFAULT_PRECISION) -> dict[str, jax.Array]:
     """The reference's 19 codebook / quantization metrics, each averaged to a scalar in dtype."""
     n_code = c_count.shape[1]
     eps, errmin, errmax, maskval = 1e-2, 0.0, 10.0, 1e30
@@ -94,7 +100,7 @@ def get_quantization_metrics(vecs, vecs_hat, errs2, c_sum, c_count, dtype: jnp.d
     c = c_sum / c_count[..., None]
     c_norms = jnp.clip(_norm(c), min=eps)
     c_normed = c / c_norms[..., None]
-    c_sims = jnp.einsum("hsd,hzd->hsz", c_normed, c_normed)
+    c_sims = jnp.einsum("hsd,hzd->hsz", c_normed, c_normed, precision=precision)
     c_dists = _norm(c[:, :, None, :] - c[:, None, :, :])
     vec_norms = jnp.clip(_norm(vecs), min=eps)
     vec_hat_norms = jnp.clip(_norm(vecs_hat), min=eps)
@@ -132,8 +138,10 @@ class LearnableVQ(nnx.Module):
     """Per-head codebook `c_sum` [H,C,d_k] / `c_count` [H,C] (both parameters, trained only by
     the surrogate loss under SGD(lr=1))."""
 
-    def __init__(self, config: TransformerVQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerVQConfig, *, precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+                 rngs: nnx.Rngs):
         self.config = config
+        self.precision = precision
         pdt = to_dtype(config.param_dtype)
         self.param_dtype, self.dtype = pdt, to_dtype(config.dtype)
         h, s = config.n_head, config.n_code
@@ -151,7 +159,7 @@ class LearnableVQ(nnx.Module):
         orig_dtype = vecs.dtype
         vecs_hp = vecs.astype(self.param_dtype)
         c = self.get_codebook()
-        z, errs2 = get_shortcodes(vecs_hp, c)
+        z, errs2 = get_shortcodes(vecs_hp, c, precision=self.precision)
         errs2 = errs2.astype(self.dtype)
         cz = get_codewords(z, c).astype(orig_dtype)
         # sg(cz) + st(k): forward value bit-exactly cz, gradient exactly the identity (k - k is an exact zero).
@@ -162,8 +170,8 @@ class LearnableVQ(nnx.Module):
             mask = vq_spec.loss_mask.astype(errs2.dtype)
             l_commit = jnp.mean(jnp.sum(mask[:, None, :] * errs2, axis=1))
             l_codebook = get_codebook_loss(vecs_hp, z, self.c_sum[...], self.c_count[...], self.config.c_gamma,
-                                           vq_spec).astype(self.dtype)
+                                           vq_spec, precision=self.precision).astype(self.dtype)
             metrics = get_quantization_metrics(sg(vecs), sg(vecs_hat), sg(errs2), sg(self.c_sum[...]),
-                                               sg(self.c_count[...]), self.dtype)
+                                               sg(self.c_count[...]), self.dtype, precision=self.precision)
         return dict(quantized=vecs_hat, shortcodes=z, l_commit=l_commit, l_codebook=l_codebook,
                     metrics=metrics, errs2=errs2)

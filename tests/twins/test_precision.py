@@ -114,7 +114,9 @@ def test_precision_reaches_every_dot(family, dispatch, precision):
     from weights.shared.generation import prepare_generation
 
     config = EXAMPLES[family]
-    model = flax_dispatch(flax_impl.ForCausalLM(config, precision=precision, rngs=nnx.Rngs(0)), dispatch)
+    # Shapes only: the jaxprs are traced from abstract parameters, nothing is initialised.
+    model = flax_dispatch(nnx.eval_shape(lambda: flax_impl.ForCausalLM(config, precision=precision, rngs=nnx.Rngs(0))),
+                          dispatch)
     ids = jnp.ones((2, 5), jnp.int32)
 
     def loss(m, x):
@@ -242,3 +244,30 @@ def test_rms_norm_returns_the_activation_dtype(unit_offset):
     normed = xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6)
     want = normed * (1 + w) if unit_offset else w * normed
     np.testing.assert_allclose(t_out.float().numpy(), want, rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_precision_reaches_every_dot_of_the_vq_twin():
+    """The Transformer-VQ Flax twin too: a train step's loss and gradient (projections, quantizer,
+    codebook surrogate and metrics, untied logits), and the tied logits, every dot at the
+    model's precision. Traced only, one layer (each layer is the same code)."""
+    from flax_impl.vq.model import Transformer
+    from flax_impl.vq.train import loss_fn
+    from parity.vq.strategies import fixture_config
+
+    config = fixture_config(e_tie=False, n_layer=1, dtype="float32", param_dtype="float32")
+    model = nnx.eval_shape(lambda: Transformer(config, precision=TF32, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    b, p = config.global_batch_size, config.sequence_len
+    batch = {k: jnp.ones((b, p), jnp.int32) for k in ("inputs", "targets", "loss_mask")}
+    spec = flax_impl.vq.VQSpec(jnp.array([1]), jnp.array([1]), jnp.ones((b, p)))
+
+    def step(s):
+        return jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q), batch, Transformer.initial_state(config, b),
+                                          spec)[0])(s)
+
+    tied = nnx.eval_shape(lambda: flax_impl.vq.Embeddings(config, precision=TF32, rngs=nnx.Rngs(0)))
+    tied_graph, tied_state = nnx.split(tied)
+    logits = jax.make_jaxpr(lambda s, x: nnx.merge(tied_graph, s).logits(x))(tied_state, jnp.ones((b, p, 8)))
+    for name, jaxpr in (("train step", jax.make_jaxpr(step)(state)), ("tied logits", logits)):
+        found = dot_precisions(jaxpr)
+        assert found and all(_same(p, TF32) for p in found), (name, sorted(set(map(str, found))))
