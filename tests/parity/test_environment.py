@@ -119,4 +119,14 @@ def test_gpu_check_falls_back_to_the_cpu_and_says_so(checkpoint, tmp_path, capsy
     out = capsys.readouterr().out
     assert "NO GPU (test: no GPU)" in out and "the GPU rows are unmeasured" in out
     assert "llama-tied-causal-lm  causal_lm  float32  torch cpu, flax cpu:0 (cpu)" in out
+    assert out.rstrip().splitlines()[-1].startswith("NO GPU (test: no GPU): the figures above are the CPU's")
     assert gpu.main(["--require-gpu", "--no-pytest"]) == 3
+
+
+def test_the_streamed_check_refuses_settings_it_cannot_honour(checkpoint, capsys):
+    """The layer-streamed check runs on the CPU in --dtype with 'highest' matmuls: asked for
+    another setting, it says which flags need the whole-model check, before loading anything."""
+    assert main(["check", str(checkpoint), "--stream", "--dtype", "bfloat16", "--param-dtype", "float32",
+                 "--matmul-precision", "highest"]) == 2
+    err = capsys.readouterr().err
+    assert "--param-dtype need the whole-model check (--no-stream" in err
