@@ -51,7 +51,7 @@ ALLOWANCES: dict[str, Allowance] = {
     "checkpoint.py:load_module": Allowance(5, "torch gives a meta-built module memory (to_empty) and copies into "
                                               "each parameter in place; NNX parameters, abstract or not, are "
                                               "replaced by the loaded arrays, kernels transposed"),
-    "checkpoint.py:from_pretrained": Allowance(32, "torch builds on the meta device then to_empty(device); NNX builds "
+    "checkpoint.py:from_pretrained": Allowance(34, "torch builds on the meta device then to_empty(device); NNX builds "
                                                    "an abstract model with nnx.eval_shape, merges the loaded state, "
                                                    "and resolves its dots' precision for the device; with a mesh "
                                                    "torch cuts the meta model, NNX reads slices per device"),
