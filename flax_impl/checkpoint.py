@@ -160,7 +160,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
 
     `dtype` (activations; a name such as "bfloat16" or a jnp dtype) defaults to the checkpoint's
     own, so bf16 and fp16 weights stay bit-exact; `param_dtype` (stored parameters) defaults to
-    `dtype`. `device` defaults to JAX's default device (of its default backend). `precision`
+    `dtype`. `device` defaults to JAX's default device (this process' first local one). `precision`
     is every dot's: a matmul mode of `layers.precision.MATMUL_PRECISIONS` (resolved for
     `dtype` and the device's platform by `dot_precision`) or any `jax.lax.PrecisionLike`.
     With `strict=False`, loads what matches and returns `(model, report)`; parameters the
@@ -173,7 +173,7 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     config, np_dtype = open_pretrained(directory, cls.__name__, None if dtype is None else numpy_dtype(dtype),
                                        strict=strict, processes=sharding.process_count(mesh))
     np_param_dtype = np_dtype if param_dtype is None else numpy_dtype(param_dtype)
-    device = device or (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])  # its platform sets `precision`
+    device = device or (mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0])  # its platform sets `precision`
     if isinstance(precision, str) and precision in MATMUL_PRECISIONS:
         precision = dot_precision(precision, np_dtype, device.platform)
     build = lambda: cls(config, dtype=np_dtype, param_dtype=np_param_dtype, precision=precision,  # noqa: E731

@@ -62,11 +62,11 @@ def jax_device(platform_name: str | None) -> Any:
     import jax
 
     if platform_name is None:
-        return jax.devices()[0]
+        return jax.local_devices()[0]
     if platform_name not in JAX_PLATFORMS:
         raise ValueError(f"--jax-platform: expected one of {', '.join(JAX_PLATFORMS)}, got {platform_name!r}")
     try:
-        return jax.devices(platform_name)[0]
+        return jax.local_devices(backend=platform_name)[0]
     except RuntimeError:
         have = sorted({d.platform for d in jax.devices()})
         raise ValueError(f"--jax-platform {platform_name}: JAX (jaxlib {jax.lib.__version__}) has no {platform_name} "
@@ -124,7 +124,7 @@ def run_environment(matmul_precision: str = "highest", device: Any = None, jax_d
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"--matmul-precision: expected one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
     device = torch_device(None) if device is None else device
-    jax_device_ = jax.devices()[0] if jax_device_ is None else jax_device_
+    jax_device_ = jax.local_devices()[0] if jax_device_ is None else jax_device_
     flax_precision.dot_precision(matmul_precision, "float32", jax_device_.platform)  # refuses tf32 on a TPU
     with (torch_precision.matmul_precision(matmul_precision),
           flax_precision.matmul_precision(matmul_precision),
