@@ -35,6 +35,10 @@ FRAMEWORK_ATTRIBUTES = {
 }
 # Methods whose state is each framework's own object.
 OWN_STATE = {
+    "serving.py:Runner.__init__": "the torch Runner keeps its device; the Flax Runner keeps the split model "
+                                  "(graphdef, state) and its compiled step",
+    "layers/attention.py:KVCache.advance": "torch's cache is a mutable object advanced in place; the Flax cache is "
+                                           "an immutable pytree, advanced by replace()",
     "training.py:Optimizer.__init__": "torch's Optimizer wraps torch.optim.AdamW, its scheduler and step count; "
                                       "nnx.Optimizer (the Flax twin's base class) holds the optax state itself",
 }
