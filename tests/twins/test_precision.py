@@ -128,14 +128,14 @@ def test_precision_reaches_every_dot(family, dispatch, precision):
     cache = flax_impl.KVCache.init(config, 2, 6)
     step = jax.make_jaxpr(lambda s, c, x: nnx.merge(graphdef, s)(x, past_key_values=c, use_cache=True).logits)(
         state, cache, ids[:, :1])
-    options, _, _ = prepare_generation(np.ones((2, 5), np.int64), None, config.vocab_size, max_new_tokens=3,
-                                       do_sample=False, temperature=1.0, top_k=None, top_p=None, allowed_tokens=None,
-                                       num_beams=2, early_stopping=False, eos_token_id=2, pad_token_id=0,
-                                       return_scores=True)
+    options = prepare_generation(np.ones((2, 5), np.int64), None, config, max_new_tokens=3, do_sample=False,
+                                 temperature=1.0, top_k=None, top_p=None, allowed_tokens=None, num_beams=2,
+                                 early_stopping=False, eos_token_id=2, pad_token_id=0, return_scores=True).options
+    knobs = dict(temperature=jnp.ones(4), top_k=jnp.zeros(4, jnp.int32), top_p=jnp.ones(4),
+                 allowed_first=jnp.ones(4, bool), penalties=jnp.ones(3), hyp_at_max=False)
     records = jax.make_jaxpr(lambda s: generate_records(
         nnx.merge(graphdef, s), jnp.ones((4, 5), jnp.int32), jnp.ones((4, 8), jnp.int32), jnp.ones((4, 5), jnp.int32),
-        None, None, dict(temperature=1.0, top_k=0, top_p=1.0, penalties=jnp.ones(3), hyp_at_max=False),
-        options)[0])(state)
+        None, None, knobs, options)[0])(state)
     for name, jaxpr in (("gradient", grads), ("decode step", step), ("generation", records)):
         found = dot_precisions(jaxpr)
         assert found, f"{name}: no dot found"
