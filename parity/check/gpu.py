@@ -39,7 +39,7 @@ class Line:
     head: str
     dtype: str
     devices: str
-    worst: dict[str, float]
+    worst: dict[str, float | None]  # None: no row of that quantity
     passed: bool
     seconds: float
 
@@ -75,7 +75,8 @@ def check_one(directory: Path, name: str, head: str, dtype: str, on_gpu: bool, s
     start = time.perf_counter()
     report = check_checkpoint(directory, dtype, device=device, jax_platform=platform, matmul_precision="highest",
                               sections=sections)
-    worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=0.0) for q in QUANTITIES}
+    # None: no row of that quantity (a section skipped, or not part of this check): shown as "-", not 0.
+    worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=None) for q in QUANTITIES}
     devices = report.meta["describe"]["run on"].split(";")[0]
     if not report.passed:
         report.write_json(out_dir / f"{name}-{dtype}.json")
@@ -127,7 +128,8 @@ def run_gpu_tests(on_gpu: bool) -> tuple[int, str]:
 def format_table(lines: list[Line]) -> str:
     """The summary: one row per (model, dtype), the worst relative error per quantity."""
     header = ("model", "head", "dtype", "devices") + QUANTITIES + ("status", "s")
-    rows = [(ln.model, ln.head, ln.dtype, ln.devices) + tuple(f"{ln.worst[q]:.1e}" for q in QUANTITIES)
+    cell = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
+    rows = [(ln.model, ln.head, ln.dtype, ln.devices) + tuple(cell(ln.worst[q]) for q in QUANTITIES)
             + ("pass" if ln.passed else "FAIL", f"{ln.seconds:.1f}") for ln in lines]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows)
