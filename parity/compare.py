@@ -10,6 +10,7 @@ the elements where both are finite, and `worst_index` is the first non-finite el
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,12 +36,13 @@ class Comparison:
 
     name: str
     max_abs: float  # max |got - reference|
-    rel: float  # max_abs / max(1, max |reference|): what the tolerance bounds
+    rel: float  # max_abs / max(floor, max |reference|): what the tolerance bounds
     worst_index: tuple[int, ...]  # where max_abs occurs
     tolerance: float
     passed: bool
     shape: tuple[int, ...] = ()
     nonfinite: str = ""  # "" all finite; "one": NaN/inf in one array only; "both": in both at the same place
+    floor: float = 1.0  # rel = max_abs / max(floor, scale): below `floor`, a tensor counts as that large
 
     @property
     def nonfinite_note(self) -> str:
@@ -95,23 +97,31 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape))
 
 
-def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None) -> Comparison:
-    """Compare two arrays of the same shape against `tol * max(1, max|reference|)`.
+def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None = None,
+            floor: float | None = None) -> Comparison:
+    """Compare two arrays of the same shape: passes when `max|got - reference| <= tol * max(floor,
+    max|reference|)`, i.e. the error is relative to the reference's scale, and a tensor smaller
+    than `floor` is measured as if it were `floor` large (its values are then rounding noise of
+    larger terms, where a relative bound means nothing).
 
-    `scale`, when given, replaces `max|reference|` as the magnitude the error is relative to
-    (still at least 1): for a value squashed by a contraction (a soft cap), errors keep the
-    scale of what went in, not of what came out. Non-finite values fail (see the module doc).
+    `floor` defaults to the tolerance's own (`tol.floor` for a bound from `parity.tolerances`:
+    each dtype's floor is in the table, with its reason), else 1. `scale`, when given, replaces
+    `max|reference|` as the magnitude the error is relative to (still at least `floor`): for a
+    value squashed by a contraction (a soft cap), errors keep the scale of what went in, not of
+    what came out. Non-finite values fail (see the module doc).
 
     The arrays are read in their own dtypes and compared in float64 one block of rows at a time
     (`weights.blockcopy.row_blocks`, which also un-transposes a kernel's gradient tile by tile),
     so a gigabyte gradient costs a few megabytes of temporaries; the figures are those of one
     float64 pass over the whole arrays (max and first argmax do not depend on the blocking).
     """
+    floor = float(getattr(tol, "floor", 1.0) if floor is None else floor)
+    tol = float(tol)
     ref, out = native(reference), native(got)
     if ref.shape != out.shape:
-        return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape))
+        return Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(ref.shape), floor=floor)
     if ref.size == 0:
-        return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape))
+        return Comparison(name, 0.0, 0.0, (), tol, True, tuple(ref.shape), floor=floor)
     max_abs, flat, ref_max, offset, both_at = -1.0, 0, 0.0, 0, None
     # Both iterators cut the same rows: a block's row count depends on the shape and float64 only.
     for r, o in zip(row_blocks(ref, np.float64), row_blocks(out, np.float64)):
@@ -121,7 +131,7 @@ def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None
             one_sided = r_bad != o_bad
             if one_sided.any():  # blocks come in C order: this is the first one-sided element
                 at = _unravel(offset + int(np.argmax(one_sided)), ref.shape)
-                return Comparison(name, float("inf"), float("inf"), at, tol, False, tuple(ref.shape), "one")
+                return Comparison(name, float("inf"), float("inf"), at, tol, False, tuple(ref.shape), "one", floor)
             if both_at is None:
                 both_at = _unravel(offset + int(np.argmax(r_bad)), ref.shape)
         with np.errstate(invalid="ignore"):  # inf - inf where both are infinite: masked out below
@@ -140,10 +150,12 @@ def compare(name: str, reference: Any, got: Any, tol: float, scale: float | None
         offset += o.size
     if scale is None:
         scale = ref_max
-    rel = max_abs / max(1.0, scale)
+    denominator = max(floor, scale)
+    rel = max_abs / denominator if denominator > 0 else (0.0 if max_abs == 0 else math.inf)
     if both_at is not None:
-        return Comparison(name, max_abs, rel, both_at, tol, False, tuple(ref.shape), "both")
-    return Comparison(name, max_abs, rel, _unravel(flat, ref.shape), tol, bool(rel <= tol), tuple(ref.shape))
+        return Comparison(name, max_abs, rel, both_at, tol, False, tuple(ref.shape), "both", floor)
+    return Comparison(name, max_abs, rel, _unravel(flat, ref.shape), tol, bool(rel <= tol), tuple(ref.shape),
+                      floor=floor)
 
 
 def compare_allclose(name: str, reference: Any, got: Any, rtol: float, atol: float) -> Comparison:

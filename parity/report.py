@@ -228,7 +228,7 @@ class Report:
         num = lambda v: float(v) if isinstance(v, str) else v  # "inf" / "nan" back to floats
         comparison = lambda c: Comparison(c["name"], num(c["max_abs"]), num(c["rel"]), tuple(c["worst_index"]),
                                           num(c["tolerance"]), c["passed"], tuple(c["shape"]),
-                                          c.get("nonfinite", ""))
+                                          c.get("nonfinite", ""), c.get("floor", 1.0))
         rows = [Row(r["section"], r["quantity"], comparison(r), r["layer"], r["note"], r["status"],
                     comparison(r["isolated"]) if r.get("isolated") else None) for r in d["rows"]]
         return cls(d["title"], d["dtype"], d["head"], rows, d.get("meta", {}), dict(d.get("skipped", {})))
@@ -257,7 +257,7 @@ def _group_row(group: str, members: list[Row]) -> Row:
     c = worst.comparison
     status = "fail" if any(m.status == "fail" for m in members) else "pass"
     summary = Comparison(group, c.max_abs, c.rel, c.worst_index, c.tolerance, status == "pass", c.shape,
-                         c.nonfinite)
+                         c.nonfinite, c.floor)
     note = f"{len(members)} tensors, worst {worst.name[len(group) + 1:] or worst.name}"
     flagged = [m.note for m in members if m.note]
     if flagged:
@@ -265,7 +265,8 @@ def _group_row(group: str, members: list[Row]) -> Row:
     isolated = [m.isolated for m in members if m.isolated is not None]
     iso = max(isolated, key=_ratio) if isolated else None
     if iso is not None:
-        iso = Comparison(group, iso.max_abs, iso.rel, iso.worst_index, iso.tolerance, iso.passed, iso.shape)
+        iso = Comparison(group, iso.max_abs, iso.rel, iso.worst_index, iso.tolerance, iso.passed, iso.shape,
+                         iso.nonfinite, iso.floor)
     return Row(members[0].section, members[0].quantity, summary, worst.layer, note=note, status=status, isolated=iso)
 
 

@@ -1,7 +1,7 @@
 """`twinlm check`: run one model in both twins on the same inputs and measure every difference.
 
 The torch twin is the reference: each error is `max|flax - torch|`, relative to
-`max(1, max|torch|)`, against the tolerance of its dtype and quantity (`parity/tolerances.py`).
+`max(floor, max|torch|)`, against the tolerance of its dtype and quantity (`parity/tolerances.py`).
 Checked, in reading order: every hidden state and every layer's attention weights, the head's
 outputs and loss, the gradient of every parameter (torch autograd vs `nnx.value_and_grad` of
 the same loss, matched by HF name, kernels transposed), KV-cache decoding (one token at a

@@ -17,6 +17,7 @@ import weights.blockcopy
 from parity.compare import Comparison, compare, compare_allclose
 from parity.explain.report_html import write_html
 from parity.report import Report, Row, parameter_group
+from parity.tolerances import TOLERANCES, tolerance
 
 
 def _row(section, name, rel, tol=1e-5, layer=None, quantity="activations"):
@@ -109,7 +110,6 @@ def test_compare_bounds_relative_to_the_reference_scale():
     assert not compare("x", small, np.zeros(3), 1.0).passed
 
 
-
 @given(hnp.arrays(st.sampled_from([np.float32, np.float64]), hnp.array_shapes(min_dims=0, max_dims=3, max_side=7),
                   elements=st.floats(-4, 4, width=32) | st.sampled_from([np.nan, np.inf, -np.inf])),
        st.integers(0, 2**31 - 1), st.booleans())
@@ -138,13 +138,31 @@ def test_compare_in_blocks_gives_the_figures_of_one_float64_pass(ref, seed, tran
         weights.blockcopy.BLOCK_BYTES = block
 
 
+def test_table_bounds_are_relative_down_to_the_dtype_floor():
+    """A bound from the table is relative to the tensor's own scale down to its dtype's floor:
+    a 3% error on a float32 gradient of order 1e-3 fails (the old `max(1, scale)` rule let it
+    pass as an absolute 3e-5 < 1e-4), one float32 ulp of rounding passes, and below the floor
+    (a gradient that is zero up to rounding noise) the bound is absolute again."""
+    bound = tolerance("float32", "gradients")
+    assert bound.floor == TOLERANCES["float32"].floor and float(bound) == TOLERANCES["float32"].gradients
+    grad = np.random.default_rng(0).uniform(-1e-3, 1e-3, 1000)
+    assert not compare("3% off", grad, grad * 1.03, bound).passed
+    assert compare("3% off, plain number: old rule", grad, grad * 1.03, float(bound)).passed
+    assert compare("one ulp", grad, (grad.astype(np.float32) * (1 + 2 ** -23)).astype(np.float64), bound).passed
+    noise = 1e-8 * np.array([1.0, -2.0])  # exact zero, computed: rounding noise of O(1) terms
+    c = compare("noise", noise, -noise, bound)
+    assert c.passed and c.rel == pytest.approx(4e-8 / bound.floor)
+    assert tolerance("float32", "gradients", 1e-3).floor == bound.floor  # an override keeps the floor
+
+
 def test_report_round_trips_through_json(tmp_path):
     rep = Report("t", "bfloat16", "question_answering",
                  [_row("forward", "a (output)", 1e-3, 6e-2, 0),
-                  Row("head", "logits", Comparison("start_logits", math.inf, math.inf, (), 6e-2, False, (3, 16)))],
+                  Row("head", "logits",
+                      Comparison("start_logits", math.inf, math.inf, (), 6e-2, False, (3, 16), floor=1e-2))],
                  {"describe": {"inputs": "batch 3 x 16"}})
     back = Report.from_dict(json.loads(rep.write_json(tmp_path / "r.json").read_text()))
-    assert back.format_table() == rep.format_table()
+    assert back.format_table() == rep.format_table() and back.rows[1].comparison.floor == 1e-2
     assert back.first_failure().name == "start_logits" and back.rows[1].comparison.max_abs == math.inf
 
 
