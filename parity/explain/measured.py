@@ -188,14 +188,14 @@ def measured_html(reports: Sequence[Any], slug: str) -> str:
         if notes:
             parts.append("<p class='small muted'>" + "; ".join(esc(n) for n in list(notes)[:4]) + ".</p>")
     dtypes = list(dict.fromkeys(rep.dtype for rep, _ in rows))
-    parts.append("<table class='data'><tr><th>dtype</th><th>tolerance (activations / logits / loss / gradients)</th>"
+    parts.append("<table class='data'><tr><th>dtype</th><th>tolerance (activations / logits / loss / gradients; floor)</th>"
                  "<th>why it is what it is</th></tr>")
     for dtype in dtypes:
         t = TOLERANCES.get(dtype)
         if t is None:
             continue
         parts.append(f"<tr><td>{esc(dtype)}</td><td class='num'>{t.activations:.0e} / {t.logits:.0e} / "
-                     f"{t.loss:.0e} / {t.gradients:.0e}</td><td class='small'>{esc(t.reason)}</td></tr>")
-    parts.append("</table><p class='small muted'>Relative error: max |flax - torch| / max(1, max |torch|); "
+                     f"{t.loss:.0e} / {t.gradients:.0e}; {t.floor:g}</td><td class='small'>{esc(t.reason)}</td></tr>")
+    parts.append("</table><p class='small muted'>Relative error: max |flax - torch| / max(floor, max |torch|), floor per dtype (tolerance table); "
                  "colours: green &le; 1% of the tolerance, yellow &le; 50%, orange &le; 100%, red: fails.</p>")
     return "\n".join(parts)

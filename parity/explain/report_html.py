@@ -195,7 +195,7 @@ def render_report(reports: Sequence[Any], title: str = "twinlm parity report", e
         parts.append(f"<tr{' class=failrow' if not rep.passed else ''}><td><a href='#{ids[id(rep)]}'>"
                      f"{esc(_model_of(rep))}</a></td><td>{esc(rep.dtype)}</td><td>{esc(rep.head)}</td>{status}"
                      f"{worst}{diverge}<td class='num'>{len(rep.rows)}{f' ({n_fail} fail)' if n_fail else ''}</td></tr>")
-    parts.append("</table><p class='small muted'>Relative error: max |flax - torch| / max(1, max |torch|), the "
+    parts.append("</table><p class='small muted'>Relative error: max |flax - torch| / max(floor, max |torch|) (floor per dtype: tolerance table), the "
                  "torch twin as reference. Colours: green &le; 1% of the tolerance, yellow &le; 50%, orange &le; "
                  "100%, red fails.</p>")
     # failures
