@@ -38,7 +38,7 @@ def test_float64_check_passes_and_covers_every_tensor(report, checkpoint):
     assert sorted(by_section["gradients"]) == sorted(n for n, _ in twins.torch_model.named_parameters())
     assert len(by_section["kv cache"]) == 3
     assert by_section["generation"] == ["greedy tokens"]
-    # The semantic check: float64 twins agree to rounding, far inside the 1e-10 bound.
+    # The semantic check: float64 twins agree to rounding, far inside the table's float64 bound (1e-12).
     assert report.worst("forward").comparison.rel < 1e-13
     assert report.worst("gradients").comparison.rel < 1e-13
     # The batch holds a left- and a right-padded row.

@@ -1,7 +1,7 @@
 """Model families (llama 2/3, mistral, qwen2, gemma, gemma2, mixtral) are
 switches of one architecture, set from `config.json`'s `model_type`, in both twins.
 
-Per family: forward parity of the three heads (float64 <= 1e-10, float32 per the table),
+Per family: forward parity of the three heads (float64 and float32 per the table),
 gradient parity of every parameter, KV-cache decoding equal to the full pass in both twins
 (windows shorter than the sequence), config.json round trips keeping every key, and a
 checkpoint written in the HF layout — HF's tensor names and config keys, spelled out below

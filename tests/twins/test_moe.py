@@ -1,7 +1,7 @@
 """Mixture of experts, soft-capping and sandwich norms (Mixtral, Gemma 2, Grok-1 switches), in both twins.
 
 The MoE block, its router gradients and the load-balancing loss agree between the twins on
-hypothesis-drawn expert counts, top-k and shapes (float64 <= 1e-10), and with a plain numpy
+hypothesis-drawn expert counts, top-k and shapes (float64 per the table), and with a plain numpy
 version written from HF Mixtral's formulas. Ties between equal router probabilities go to the
 lower expert index in both twins (a stable descending sort). Cached decoding equals the full
 pass with experts, capped scores and alternating windows together (Grok-1's switches on a
