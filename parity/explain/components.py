@@ -154,6 +154,31 @@ COMPONENTS: tuple[Component, ...] = (
         shapes=(("prompt", "[B, P]"), ("cache", "[B, K, P + N, D] per layer"), ("next-token logits", "[B, V]"),
                 ("sequences", "[B, P + N]"))),
     Component(
+        "serving", "Serving: continuous batching",
+        "A runner keeps a fixed number of slots, each a row of one KV cache with its own length. A "
+        "request is prefilled into a free slot at a padded bucket length; one decode step then "
+        "advances every active slot, each with its own sampling settings. The slot bookkeeping is "
+        "shared numpy, so both twins admit and retire requests in the same order.",
+        code=(Code("serving.py"),),
+        shapes=(("cache", "[S, K, L, D] per layer, length [S]"), ("prefill prompt", "[1, bucket]"),
+                ("decode tokens", "[S]"), ("next-token logits", "[S, V]"))),
+    Component(
+        "training", "Training: AdamW, accumulation, dropout",
+        "One step: the loss of each micro-batch weighted by its share of the counted labels (so "
+        "accumulation equals one big batch), global-norm clipping, AdamW on a warmup + cosine "
+        "schedule with no decay on biases and norm gains. Dropout masks come from a counter-based "
+        "hash of seed, step, layer, site and element, so both twins drop the same elements.",
+        code=(Code("training.py"), Code("layers/dropout.py", title="Dropout: the same mask in both twins")),
+        shared=("weights.shared.dropout.keep_mask",)),
+    Component(
+        "sharding", "Sharding: one partition table, two engines",
+        "One table maps HF tensor-name patterns to mesh axes (data, fsdp, tensor). JAX places each "
+        "parameter with a NamedSharding and lets the compiler insert the collectives; torch turns the "
+        "same table into tensor-parallel styles and FSDP2 shards. Activations are constrained only "
+        "at layer boundaries.",
+        code=(Code("sharding.py"),),
+        shared=("weights.partition.partition_spec",)),
+    Component(
         "converter", "The converter's rule for each parameter",
         "One table turns an HF tensor name into a Flax NNX path: a linear layer's `weight [out, in]` "
         "becomes `kernel [in, out]` (transposed), an embedding's `weight` becomes `embedding`, a norm's "

@@ -395,7 +395,7 @@ def _diagram() -> str:
         return (f"<circle cx='{x}' cy='{y}' r='10' fill='#fff' stroke='#5f6b7a' stroke-width='1.4'/>"
                 f"<text x='{x}' y='{y + 5}' font-size='15' text-anchor='middle' fill='#5f6b7a'>+</text>")
 
-    p = ["<svg class='flow' width='1300' height='430' viewBox='0 0 1300 430' role='img' "
+    p = ["<svg class='flow' width='1300' height='490' viewBox='0 0 1300 490' role='img' "
          "aria-label='data flow through the model; each box links to its page'>",
          "<defs><marker id='ah' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' orient='auto'>"
          "<path d='M0,0 L10,5 L0,10 z' fill='#5f6b7a'/></marker></defs>"]
@@ -461,6 +461,11 @@ def _diagram() -> str:
              "Transformer-VQ (another model family)</text>")
     p.append(box("vq-attention", 660, 348, 180, 44, "VQ attention", "linear-time, compressed cache", "#fff8e1"))
     p.append(box("vq-quantizer", 860, 348, 180, 44, "VQ quantizer", "codebook · straight-through", "#fff8e1"))
+    # around the model: the same model served, trained and cut across devices
+    p.append("<text x='20' y='448' font-size='13' fill='#17202c'>around the model</text>")
+    p.append(box("serving", 148, 424, 176, 44, "serving", "slots · continuous batching", "#eefaf1"))
+    p.append(box("training", 336, 424, 196, 44, "training", "AdamW · accumulation · dropout", "#eefaf1"))
+    p.append(box("sharding", 544, 424, 176, 44, "sharding", "one table · mesh / DTensor", "#eefaf1"))
     p.append("</svg>")
     return "".join(p)
 
