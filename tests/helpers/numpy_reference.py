@@ -364,3 +364,16 @@ def forward(cfg: ModelConfig, head: str, w: dict, ids: np.ndarray, mask: np.ndar
 def causal_lm_logits(cfg: ModelConfig, w: dict, ids, mask=None, pos=None) -> np.ndarray:
     """The causal-LM logits [B, T, V] (kept for the callers of the first version)."""
     return forward(cfg, "causal_lm", w, ids, mask, pos)["logits"]
+
+
+def counted_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids from a padding mask, written row by row: each real token's position is the
+    number of real tokens before it; a pad before them gets 0, a pad after them the last position
+    (HF's generate puts 1 on pads: any value works, padded slots are masked)."""
+    out = np.zeros(mask.shape, np.int64)
+    for r, row in enumerate(mask):
+        seen = 0
+        for j, m in enumerate(row):
+            out[r, j] = seen if m else max(seen - 1, 0)
+            seen += int(m)
+    return out

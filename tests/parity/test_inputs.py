@@ -11,18 +11,7 @@ from parity import strategies as tst
 from parity.check.generation import left_aligned
 from parity.inputs import HEADS, seeded_batch
 from tests.helpers.configs import TINY_DEMO
-
-
-def _positions(mask: np.ndarray) -> np.ndarray:
-    # Written row by row: count real tokens; a pad before them gets 0, a pad after them the last
-    # position (HF's generate puts 1 on pads: any value works, padded slots are masked).
-    out = np.zeros_like(mask)
-    for r, row in enumerate(mask):
-        seen = 0
-        for t, keep in enumerate(row):
-            out[r, t] = seen if keep else max(seen - 1, 0)
-            seen += int(keep)
-    return out
+from tests.helpers.numpy_reference import counted_positions
 
 
 def test_seeded_batch_rows_are_left_right_and_unpadded():
@@ -35,7 +24,7 @@ def test_seeded_batch_rows_are_left_right_and_unpadded():
     for row in m:  # padding is one contiguous run at one end, never the whole row
         assert row.sum() >= 1 and np.all(np.diff(row) >= 0) | np.all(np.diff(row) <= 0)
     assert np.all((b.input_ids == TINY_DEMO.pad_token_id) == (m == 0))
-    np.testing.assert_array_equal(b.position_ids, _positions(m))
+    np.testing.assert_array_equal(b.position_ids, counted_positions(m))
     np.testing.assert_array_equal(b.labels, np.where(m == 1, b.input_ids, -100))
     assert b.class_labels.shape == (4,) and set(b.class_labels) <= set(range(TINY_DEMO.num_labels))
     for row, s, e in zip(m, b.start_positions, b.end_positions):

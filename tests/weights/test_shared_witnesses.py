@@ -112,18 +112,6 @@ def test_rope_frequencies_equal_transformers(config, seq_len):
 
 # ---- position ids from a padding mask ----------------------------------------------------------
 
-def counted_positions(mask: np.ndarray) -> np.ndarray:
-    """Each real token's position is the number of real tokens before it in its row; a padding
-    slot takes the position of the last real token before it, or 0 before the first."""
-    out = np.zeros(mask.shape, np.int64)
-    for r, row in enumerate(mask):
-        seen = 0
-        for j, m in enumerate(row):
-            out[r, j] = seen if m else max(seen - 1, 0)
-            seen += int(m)
-    return out
-
-
 @example(mask=np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
 @CHEAP
 @given(mask=st.lists(st.lists(st.integers(0, 1), min_size=6, max_size=6), min_size=1, max_size=4).map(np.array))
@@ -133,7 +121,7 @@ def test_position_ids_count_real_tokens(mask):
     position (documented: any value works there, the slots are masked)."""
     pos = position_ids_from_mask(mask)
     assert pos.dtype == np.int64
-    np.testing.assert_array_equal(pos, counted_positions(mask))
+    np.testing.assert_array_equal(pos, ref.counted_positions(mask))
 
 
 # ---- the pad-token fallback ----------------------------------------------------------------------
