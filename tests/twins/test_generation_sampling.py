@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -93,6 +94,23 @@ def test_filtered_token_is_never_chosen(case):
         best = np.where(allowed, case["logits"], -np.inf).argmax(-1)
         np.testing.assert_array_equal(tg.greedy(torch.from_numpy(case["logits"]), torch.from_numpy(allowed)).numpy(), best)
         np.testing.assert_array_equal(np.asarray(fg.greedy(jnp.asarray(case["logits"]), jnp.asarray(allowed))), best)
+
+
+def test_top_p_drops_the_token_whose_mass_before_equals_p():
+    """The boundary of top-p, which random p never hits: a token is kept while the mass of the
+    tokens before it is strictly below p (HF keeps the smallest set whose mass reaches p). p is set
+    to the mass before the second token as each twin computes it (softmax, sort, cumsum), so the
+    comparison meets equality exactly; only the most probable token may stay."""
+    logits = np.random.default_rng(0).normal(0.0, 2.0, (B, V))  # distinct values: no ties at the top
+    t_probs = torch.sort(torch.softmax(torch.from_numpy(logits), -1), -1, descending=True).values
+    t_p = (torch.cumsum(t_probs, -1) - t_probs)[:, 1]
+    f_probs = jnp.sort(jax.nn.softmax(jnp.asarray(logits), axis=-1), axis=-1, descending=True)
+    f_p = (jnp.cumsum(f_probs, axis=-1) - f_probs)[:, 1]
+    t_keep = tg.filter_mask(torch.from_numpy(logits), None, t_p, None).numpy()
+    f_keep = np.asarray(fg.filter_mask(jnp.asarray(logits), None, f_p, None))
+    best = np.eye(V, dtype=bool)[logits.argmax(-1)]
+    np.testing.assert_array_equal(t_keep, best)
+    np.testing.assert_array_equal(f_keep, best)
 
 
 def test_chi2_sf_known_values():
