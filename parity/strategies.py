@@ -123,8 +123,9 @@ def family_switches(draw, model_type: str, num_layers: int, sparse_routing: bool
                    norm_topk_prob=draw(st.booleans()), output_router_logits=draw(st.booleans()),
                    router_aux_loss_coef=draw(st.sampled_from([0.0, 0.02, 0.5])))
     if grok:
-        out.update(sandwich_norm=True, attn_logit_softcapping=draw(st.sampled_from([0.5, 30.0])),
-                   scale_embeddings=draw(st.booleans()))
+        out.update(sandwich_norm=True, attn_logit_softcapping=draw(st.sampled_from([0.5, 30.0])))
+        if "scale_embeddings" not in FAMILIES[model_type].values:  # Gemma's modeling file always scales
+            out["scale_embeddings"] = draw(st.booleans())
     return out
 
 
