@@ -109,12 +109,13 @@ def cache_dir() -> Path:
     return Path(base) / "bench"
 
 
-def run_child(code: str) -> dict:
-    """Run Python `code` in a fresh interpreter at the repo root; its last stdout line is JSON."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+def run_child(code: str, env: dict[str, str] | None = None, what: str = "benchmark child") -> dict:
+    """Run Python `code` in a fresh interpreter at the repo root (environment `env`, default this
+    process's); its last stdout line is JSON. A failure names `what` and quotes the child's stderr."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

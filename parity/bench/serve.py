@@ -24,16 +24,13 @@ timed trace.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from parity.bench import ROOT, Row, section
+from parity.bench import Row, run_child, section
 
 __all__ = ["GOAL", "RATE", "SLOTS", "bench_serve", "run_trace", "trace"]
 
@@ -165,10 +162,7 @@ def run_trace(twin: str) -> dict:
 def _child(twin: str) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if twin == "torch" else dict(os.environ)
     code = f"import json; from parity.bench.serve import run_trace; print(json.dumps(run_trace({twin!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{twin} serve benchmark child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(code, env, f"{twin} serve benchmark child")
 
 
 @section("serve")

@@ -25,17 +25,14 @@ bytes per step it would ship.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from parity.bench import ROOT, Row, best, section
+from parity.bench import Row, best, run_child, section
 from parity.bench.generation import build, forward_flops, matmul_rate
 
 __all__ = ["TRAIN_SHAPE", "bench_train", "run_train"]
@@ -178,10 +175,7 @@ def _child(twin: str, remat: bool, xla_flags: str = "") -> dict:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     code = (f"import json; from parity.bench.training import run_train; "
             f"print(json.dumps(run_train({twin!r}, {remat!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{twin} train benchmark child (remat {remat}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(code, env, f"{twin} train benchmark child (remat {remat})")
 
 
 @section("train")
