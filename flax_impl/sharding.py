@@ -31,7 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from weights.names import hf_name, is_transposed
 from weights.partition import Rule, partition_spec
 
-__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "process_count", "shard_model"]
+__all__ = ["PARTITION_RULES", "constrain_activations", "local_kv_heads", "param_shardings", "process_count",
+           "shard_model"]
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -82,6 +83,13 @@ def shard_model(model: M, mesh: Mesh, rules: Sequence[Rule] = PARTITION_RULES) -
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.set_value(jax.device_put(var.get_value(), shardings[hf_name(path)]))
     return model
+
+
+def local_kv_heads(model: nnx.Module) -> int:
+    """The kv heads one process's attention computes (and `generate()` caches): always the config's
+    here — a sharded array is one global array, GSPMD places its heads (the torch twin's ranks
+    each hold a local share)."""
+    return model.config.resolved_num_key_value_heads
 
 
 def process_count(mesh: Mesh | None) -> int:

@@ -19,6 +19,7 @@ import torch
 from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, position_ids_from_mask,
                                        prepare_generation, sampling_noise)
 
+from . import sharding
 from .layers.attention import KVCache
 from .layers.precision import compute_dtype
 
@@ -338,8 +339,9 @@ def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
     Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[R, N, ...]` and how many
     of the N new-token columns are in use."""
+    # Under tensor parallelism each process's attention computes (and caches) only its kv heads.
     cache = KVCache.init(model.config, input_ids.shape[0], attention_mask.shape[1], dtype=model.model.dtype,
-                         device=input_ids.device)
+                         device=input_ids.device, num_key_value_heads=sharding.local_kv_heads(model))
     if options.num_beams == 1:
         state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache)
         return (state.tokens, state.token_logprobs, state.top_tokens, state.top_probs), state.step

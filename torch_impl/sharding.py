@@ -27,19 +27,24 @@ Usage, under `torchrun --nproc-per-node 2` (gloo on CPU, NCCL on GPU):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, TypeVar
+import functools
+import sys
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from weights.partition import Rule, partition_spec
 
+from .layers.attention import Attention
+
 if TYPE_CHECKING:  # torch.distributed.tensor takes seconds to import: the functions import it when called
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ParallelStyle
 
-__all__ = ["PARTITION_RULES", "constrain_activations", "param_shardings", "process_count", "shard_model"]
+__all__ = ["PARTITION_RULES", "constrain_activations", "local_kv_heads", "param_shardings", "process_count",
+           "shard_model"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -132,6 +137,11 @@ def shard_model(model: M, mesh: DeviceMesh, rules: Sequence[Rule] = PARTITION_RU
     if "tensor" in sizes:
         _check_heads(model, sizes["tensor"])
         parallelize_module(model, mesh["tensor"], _tensor_plan(model, axes))
+        if getattr(model, "lm_head", False) is None and "tensor" in axes.get("model.embed_tokens.weight", ()):
+            # Tied head: `logits` multiplies by the vocab-parallel embedding table itself. The
+            # replicated hidden states meet it as a DTensor (each rank its vocabulary slice of the
+            # logits), then the logits are gathered, as an untied head's ColwiseParallel does.
+            model.logits = _gathered(model.logits, mesh["tensor"])  # type: ignore[method-assign]
     if "data" in sizes and "fsdp" not in sizes:
         raise ValueError("shard_model: a torch mesh with `data` needs `fsdp` beside it (HSDP); "
                          "use fsdp alone for plain data parallelism with sharded parameters")
@@ -148,6 +158,42 @@ def shard_model(model: M, mesh: DeviceMesh, rules: Sequence[Rule] = PARTITION_RU
             fully_shard(layer, mesh=dp_mesh, shard_placement_fn=fn)
         fully_shard(model, mesh=dp_mesh, shard_placement_fn=fn)
     return model
+
+
+def _gathered(logits: Callable[[torch.Tensor], torch.Tensor], mesh: DeviceMesh
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`logits` given its (replicated) hidden states as a DTensor on the `tensor` mesh — so that
+    the backward pass too sees DTensors only — and its output gathered whole."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    @functools.wraps(logits)
+    def gathered(hidden_states: torch.Tensor) -> torch.Tensor:
+        out = logits(DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False))
+        return out.full_tensor() if isinstance(out, DTensor) else out
+
+    return gathered
+
+
+def local_kv_heads(model: nn.Module) -> int:
+    """The kv heads one process's attention computes (and `generate()` caches): the config's, or
+    its share of them when `shard_model` cut the k projection along `tensor` (each rank whole heads).
+    """
+    heads = model.config.resolved_num_key_value_heads
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
+    if dtensor is None:
+        return heads
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
+        # generate() calls the decoder and the head outside the root module's forward, where
+        # FSDP2 would gather the root's parameters: they would meet it still sharded.
+        raise ValueError("generate: a model cut along fsdp (FSDP2) cannot generate; shard it over "
+                         "`tensor` only (tensor parallel), or generate unsharded")
+    weight = next(m.k_proj.weight for m in model.modules() if isinstance(m, Attention))
+    names = weight.device_mesh.mesh_dim_names or () if isinstance(weight, dtensor.DTensor) else ()
+    if "tensor" not in names:  # not cut along tensor: every rank computes every head
+        return heads
+    axis = names.index("tensor")
+    return heads // weight.device_mesh.size(axis) if weight.placements[axis].is_shard(0) else heads
 
 
 def process_count(mesh: DeviceMesh | None) -> int:

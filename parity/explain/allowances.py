@@ -129,8 +129,12 @@ ALLOWANCES: dict[str, Allowance] = {
                                                  "shapes are HF's already"),
     "sharding.py:process_count": Allowance(2, "a JAX mesh spans devices of several processes; a torch DeviceMesh "
                                               "has one rank per process"),
-    "sharding.py:shard_model": Allowance(22, "JAX device_puts each parameter on its NamedSharding and jit does the "
-                                             "rest; torch hands the plan to parallelize_module and fully_shard"),
+    "sharding.py:shard_model": Allowance(24, "JAX device_puts each parameter on its NamedSharding and jit does the "
+                                             "rest; torch hands the plan to parallelize_module and fully_shard (and "
+                                             "gathers a tied head's vocab-parallel logits, which no style covers)"),
+    "sharding.py:local_kv_heads": Allowance(13, "a sharded JAX array is one global array (every head, GSPMD places "
+                                                "them); a torch rank under tensor parallelism computes its share of "
+                                                "the kv heads, read from the k projection's DTensor placement"),
     "sharding.py:constrain_activations": Allowance(6, "JAX SPMD takes a sharding constraint at the layer boundary; "
                                                       "torch's parallel styles fix layouts at module boundaries"),
     # training.py

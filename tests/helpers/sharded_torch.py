@@ -11,6 +11,7 @@ single-process steps. Prints one JSON line per mesh; exits 1 on a mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from weights.config import ModelConfig
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
 TOL = 1e-12  # float64: sharded sums differ from unsharded ones by rounding only
+NEW_TOKENS = 5  # greedy generate() under tensor parallelism
 
 
 def _inputs() -> torch.Tensor:
@@ -56,6 +58,21 @@ def _train(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
                                                       max_steps=10))
     for _ in range(3):
         train_step(model, optimizer, {"input_ids": input_ids, "labels": input_ids})
+
+
+def _tensor_extras(directory: str, mesh, model: torch.nn.Module, ids: torch.Tensor) -> dict:
+    """Under tensor parallelism: greedy `generate()` (each rank's cache holding its kv heads) and
+    a tied LM head (the vocab-parallel embedding as head), against the single process."""
+    want = np.load(Path(directory) / "reference.npz")
+    model.eval()
+    tokens = model.generate(ids, max_new_tokens=NEW_TOKENS)
+    tied = ForCausalLM.from_pretrained(Path(directory) / "tied", dtype=torch.float64, mesh=mesh)
+    out = tied(ids, labels=ids)
+    out.loss.backward()
+    return dict(tokens_equal=bool(torch.equal(tokens, torch.from_numpy(want["tokens"]))),
+                tied_logits_err=float((out.logits.detach() - torch.from_numpy(want["tied.logits"])).abs().max()),
+                tied_grad_err=max(float((_full(p.grad) - torch.from_numpy(want["tied.grad." + n])).abs().max())
+                                  for n, p in tied.named_parameters()))
 
 
 def _rank(rank: int, world: int, port: int, directory: str) -> None:
@@ -99,6 +116,16 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
                        loss_err=abs(float(loss) - float(want["loss"])), grad_err=grad_err,
                        resident_fraction=_resident_bytes(model) / total)
             row["ok"] = max(row["logits_err"], row["loss_err"], grad_err) <= TOL and split > 0 and not wrong
+            if axis == "tensor":
+                row.update(_tensor_extras(directory, mesh, model, ids))
+                row["ok"] = row["ok"] and row["tokens_equal"] and max(row["tied_logits_err"], row["tied_grad_err"]) <= TOL
+            else:  # FSDP2 cannot run generate's calls outside the root forward: a clear refusal
+                try:
+                    model.generate(ids, max_new_tokens=1)
+                    row["generate_refused"] = ""
+                except ValueError as e:
+                    row["generate_refused"] = str(e)
+                row["ok"] = row["ok"] and "fsdp" in row["generate_refused"]
             # K = 3 train_step updates from a fresh sharded load: every parameter as one process's.
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
             _train(model, ids[part])
@@ -125,9 +152,17 @@ def run_all(directory: str, world: int = 2) -> bool:
     out = reference(ids, labels=ids)
     out.loss.backward()
     grads = {"grad." + n: p.grad.numpy().copy() for n, p in reference.named_parameters()}
+    tokens = reference.eval().generate(ids, max_new_tokens=NEW_TOKENS)
     _train(reference, ids)
+    # The same model with its LM head tied to the embedding (a checkpoint without lm_head.weight).
+    tied = ForCausalLM(dataclasses.replace(CONFIG, tie_word_embeddings=True), dtype=torch.float64)
+    tied.save_pretrained(Path(directory) / "tied")
+    tied_out = tied(ids, labels=ids)
+    tied_out.loss.backward()
     np.savez(Path(directory) / "reference.npz", logits=out.logits.detach().numpy(), loss=out.loss.detach().numpy(),
-             **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()})
+             tokens=tokens.numpy(), **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()},
+             **{"tied.logits": tied_out.logits.detach().numpy()},
+             **{"tied.grad." + n: p.grad.numpy().copy() for n, p in tied.named_parameters()})
     mp.spawn(_rank, args=(world, _free_port(), directory), nprocs=world, join=True)
     ok = True
     for rank in range(world):

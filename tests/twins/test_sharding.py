@@ -87,7 +87,9 @@ def test_torch_sharded_equals_unsharded_on_two_ranks(tmp_path):
     the batch), each loaded sharded (cut on the meta device, each rank reading its slices); every
     parameter placed as the table says, forward logits, loss and every gradient equal to the
     single-process run to 1e-12, each rank holding about half the parameter bytes, and the
-    parameters after 3 train_step updates equal the single process's."""
+    parameters after 3 train_step updates equal the single process's. Under tensor parallelism
+    also greedy `generate()` (same tokens) and a tied LM head (logits, gradients); under FSDP2
+    `generate()` refuses by name."""
     rows = _run("tests.helpers.sharded_torch", str(tmp_path / "ckpt"), "2")
     assert sorted((r["rank"], tuple(r["mesh"].items())) for r in rows) == [
         (0, (("fsdp", 2),)), (0, (("tensor", 2),)), (1, (("fsdp", 2),)), (1, (("tensor", 2),))]
@@ -97,6 +99,10 @@ def test_torch_sharded_equals_unsharded_on_two_ranks(tmp_path):
         assert r["train_param_err"] <= 1e-12, r  # after 3 train_step updates
         # FSDP2 splits every parameter; tensor parallelism leaves the norms whole (0.35% here).
         assert r["resident_fraction"] <= (0.5 if "fsdp" in r["mesh"] else 0.51), r
+        if "tensor" in r["mesh"]:
+            assert r["tokens_equal"] and max(r["tied_logits_err"], r["tied_grad_err"]) <= 1e-12, r
+        else:
+            assert "fsdp" in r["generate_refused"], r
 
 
 def test_flax_two_processes_each_read_their_slices(tmp_path):

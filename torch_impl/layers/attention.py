@@ -37,9 +37,13 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, *,
-             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "KVCache":
-        """An empty cache with room for `max_length` positions in each of `batch_size` rows."""
-        shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
+             dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+             num_key_value_heads: int | None = None) -> "KVCache":
+        """An empty cache with room for `max_length` positions in each of `batch_size` rows, for
+        `num_key_value_heads` kv heads (default: the config's; fewer for a model whose attention
+        computes only some heads per process, `sharding.local_kv_heads`)."""
+        heads = config.resolved_num_key_value_heads if num_key_value_heads is None else num_key_value_heads
+        shape = (batch_size, heads, max_length, config.resolved_head_dim)
         layers = range(config.num_hidden_layers)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
