@@ -1,26 +1,31 @@
 """A serving `Runner` (the Grok-1 runner): slots, continuous batching, per-request sampling.
 
 Mirrors `torch_impl/serving.py`. The runner owns one KV cache of `num_slots` rows, each with its
-own write position (`KVCache.length[slot]`). A request is prefilled alone into a free slot: its
-prompt, right-padded to a pad bucket, runs through the model on a one-row cache of the full
-length, and that row replaces the slot's row (every position, so nothing of the slot's previous
-request survives), with the slot's position set to the prompt length. One decode step then
-runs every slot at once, each row at its own position with its own sampling settings. The
-bookkeeping (queue, slots, settings, the loop) is `weights.shared.serving.ServingLoop`.
+own write position (`KVCache.length[slot]`). The requests admitted in one step are prefilled
+together: their prompts, right-padded to the largest of their pad buckets, run through the
+model in one forward pass on a cache of that many positions, and each row then replaces its
+slot's row (every position: the rest is zeroed, so nothing of the slot's previous request
+survives), with the slot's position set to its prompt length. One decode step then runs every
+slot at once, each row at its own position with its own sampling settings, attending only over
+the filled part of the cache: the smallest key bucket holding every active row's next position
+(the buffers' first positions, sliced, written, and put back). The bookkeeping (queue, slots,
+settings, lengths, the loop) is `weights.shared.serving.ServingLoop`.
 
 Why the padded prompt positions do no harm: they are written at cache indices at or after the
 prompt length, where no real query looks (the causal mask is by cache index), and each decode
-step overwrites the index it attends from before it attends.
+step overwrites the index it attends from before it attends. Keys past the key bucket lie past
+every active row's position, so the causal mask hides them anyway.
 
 Token choice is `generate()`'s own functions (`sampling_weights`, `sample_from_weights`,
 `greedy`, `token_scores`) on per-row settings; a request's noise is its own (`request_noise`),
 so its tokens equal `generate()` on that request alone.
 
-Compilation: one program per pad bucket (prefill into a slot; the prompt length within the
-bucket, the slot and the settings are values, not shapes) and one decode program over all
-slots, all compiled ahead of time when the runner is built (`jax.jit(...).lower(...).compile()`),
-with a progress bar. Calls then never trace or compile again; the cache buffers are donated, so
-each step updates them in place.
+Compilation: one prefill program per (row count, pad bucket) — the admitted rows are padded to
+a row bucket (`row_buckets`: powers of two and `num_slots`), the padding rows aimed at no slot —
+and one decode program per key bucket over all slots, all compiled ahead of time when the
+runner is built (`jax.jit(...).lower(...).compile()`), with a progress bar. Prompt lengths
+within a bucket, slots and settings are values, not shapes, so calls never trace or compile
+again; the cache buffers are donated, so each step updates them in place.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from weights.config import ModelConfig
-from weights.shared.serving import DEFAULT_BUCKETS, ServingLoop, SlotSettings, StepOutput, check_runner_config
+from weights.shared.serving import (DEFAULT_BUCKETS, ServingLoop, SlotSettings, StepOutput, check_runner_config,
+                                    row_buckets)
 
 from .generation import greedy, sample_from_weights, sampling_weights, token_scores, top_k
 from .layers.attention import KVCache
@@ -63,26 +69,35 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Arra
 
 
 def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, ids: jax.Array, positions: jax.Array,
-                     last: jax.Array, slot: jax.Array, *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
-    """Prefill `ids [1, L]` into row `slot` of `cache`; the token chosen at position `last`."""
+                     last: jax.Array, slots: jax.Array, *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
+    """Prefill `ids [R, L]` in one forward pass, row r into cache row `slots[r]` (a slot index
+    past the cache is a padding row: dropped); each row's token chosen at its `last` position."""
     model = nnx.merge(graphdef, state)
-    row = KVCache.init(model.config, 1, cache.capacity, dtype=cache.keys[0].dtype)
-    out = model.model(ids, None, positions, row, use_cache=True)
-    logits = model.logits(jax.lax.dynamic_slice_in_dim(out.last_hidden_state, last, 1, axis=1))[:, 0]
-    row = out.past_key_values
-    keys = tuple(jax.lax.dynamic_update_slice_in_dim(k, r, slot, axis=0) for k, r in zip(cache.keys, row.keys))
-    values = tuple(jax.lax.dynamic_update_slice_in_dim(v, r, slot, axis=0) for v, r in zip(cache.values, row.values))
-    cache = cache.replace(keys=keys, values=values, length=cache.length.at[slot].set(last + 1))
+    rows = KVCache.init(model.config, ids.shape[0], ids.shape[1], dtype=cache.keys[0].dtype)
+    out = model.model(ids, None, positions, rows, use_cache=True)
+    hidden = jnp.take_along_axis(out.last_hidden_state, last[:, None, None], axis=1)
+    logits = model.logits(hidden)[:, 0]
+    rows = out.past_key_values
+    pad = ((0, 0), (0, 0), (0, cache.capacity - ids.shape[1]), (0, 0))
+    keys = tuple(k.at[slots].set(jnp.pad(r, pad), mode="drop") for k, r in zip(cache.keys, rows.keys))
+    values = tuple(v.at[slots].set(jnp.pad(r, pad), mode="drop") for v, r in zip(cache.values, rows.values))
+    cache = cache.replace(keys=keys, values=values, length=cache.length.at[slots].set(last + 1, mode="drop"))
     return cache, sample_rows(logits, *settings)
 
 
-def _decode_program(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array, active: jax.Array,
-                    *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
-    """One token for every slot; only `active` slots move their position."""
+def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
+                    lengths: jax.Array, active: jax.Array, *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
+    """One token for every slot, attending over the first `key_length` cache positions; only
+    `active` slots move their position."""
     model = nnx.merge(graphdef, state)
-    length = cache.length
-    out = model.model(tokens[:, None], None, length[:, None], cache, use_cache=True)
-    cache = out.past_key_values.replace(length=jnp.where(active, length + 1, length))
+    view = KVCache(tuple(k[:, :, :key_length] for k in cache.keys), tuple(v[:, :, :key_length] for v in cache.values),
+                   lengths)
+    out = model.model(tokens[:, None], None, lengths[:, None], view, use_cache=True)
+    view = out.past_key_values
+    # The written first positions go back into the (donated) buffers, in place.
+    keys = tuple(jax.lax.dynamic_update_slice_in_dim(k, w, 0, axis=2) for k, w in zip(cache.keys, view.keys))
+    values = tuple(jax.lax.dynamic_update_slice_in_dim(v, w, 0, axis=2) for v, w in zip(cache.values, view.values))
+    cache = cache.replace(keys=keys, values=values, length=jnp.where(active, lengths + 1, lengths))
     logits = model.logits(out.last_hidden_state)[:, 0]
     return cache, sample_rows(logits, *settings)
 
@@ -92,28 +107,32 @@ class Runner(ServingLoop):
 
     `submit(Request(...)) -> id`, `step() -> [TokenEvent]`, `run(requests) -> iterator of
     TokenEvent (request id, token, log-prob, top-8)`. A prompt is padded to the smallest of
-    `pad_buckets` that holds it; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be
-    text. Every program is compiled here, with a progress bar when `progress`."""
+    `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
+    (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
+    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. Every program is
+    compiled here, with a progress bar when `progress`."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
-                 tokenizer=None, progress: bool = False):
+                 key_buckets: Sequence[int] | None = None, tokenizer=None, progress: bool = False):
         config: ModelConfig = model.config
         check_runner_config(config, max_len)
         self.model = model
         self.dtype = model.model.dtype
         cdtype = np.float64 if compute_dtype(self.dtype) == jnp.float64 else np.float32
-        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer)
+        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype)
         self.graphdef, self.state = nnx.split(model)
+        self.row_buckets = row_buckets(self.num_slots)
         self.compiled = {}
         s, v = self.num_slots, config.vocab_size
         settings = lambda r: (np.ones(r, cdtype), np.ones(r, np.int32), np.ones(r, cdtype), np.ones((r, v), bool),  # noqa: E731
                               np.zeros(r, bool), np.zeros(r, bool), np.zeros(r, cdtype))
-        jobs = [(b, functools.partial(_prefill_program, self.graphdef),
-                 (np.zeros((1, b), np.int32), np.zeros((1, b), np.int32), np.int32(0), np.int32(0)) + settings(1))
-                for b in self.pad_buckets]
-        jobs.append(("decode", functools.partial(_decode_program, self.graphdef),
-                     (np.zeros(s, np.int32), np.zeros(s, bool)) + settings(s)))
+        jobs = [((r, b), functools.partial(_prefill_program, self.graphdef),
+                 (np.zeros((r, b), np.int32), np.zeros((r, b), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))
+                 + settings(r)) for r in self.row_buckets for b in self.pad_buckets]
+        jobs += [(("decode", k), functools.partial(_decode_program, k, self.graphdef),
+                  (np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, bool)) + settings(s))
+                 for k in self.key_buckets]
         for name, fn, args in tqdm(jobs, desc=f"compiling {len(jobs)} programs ({s} slots)", disable=not progress):
             self.compiled[name] = jax.jit(fn, donate_argnums=(1,)).lower(self.state, self.cache, *args).compile()
 
@@ -121,21 +140,26 @@ class Runner(ServingLoop):
         return (settings.temperature, settings.top_k.astype(np.int32), settings.top_p, settings.allowed,
                 settings.allowed_first, settings.do_sample, u)
 
-    def prefill(self, slot: int, prompt: np.ndarray, bucket: int, settings: SlotSettings, u: np.ndarray
-                ) -> StepOutput:
-        """Run `prompt` (right-padded to `bucket`) into `slot`'s cache row; its first token."""
-        p = prompt.size
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :p] = prompt
-        # Padded positions repeat the last real one: dynamic NTK rope reads max(position) + 1.
-        positions = np.minimum(np.arange(bucket), p - 1)[None].astype(np.int32)
-        self.cache, out = self.compiled[bucket](self.state, self.cache, ids, positions, np.int32(p - 1), np.int32(slot),
-                                                *self._settings(settings, u))
-        return StepOutput(*jax.device_get(out))
+    def prefill(self, slots: np.ndarray, ids: np.ndarray, positions: np.ndarray, last: np.ndarray,
+                settings: SlotSettings, u: np.ndarray) -> StepOutput:
+        """Run the prompts `ids [R, L]` (right-padded) in one forward pass, row r into cache row
+        `slots[r]`; each row's first token, read at its `last` position."""
+        r = len(slots)
+        # Shapes are static: pad the rows to a row bucket with copies of row 0, aimed at slot
+        # `num_slots` (past the cache: their writes are dropped) and cut from the output.
+        rows = min(b for b in self.row_buckets if b >= r)
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - r, axis=0)])  # noqa: E731
+        index = np.concatenate([slots, np.full(rows - r, self.num_slots)]).astype(np.int32)
+        self.cache, out = self.compiled[rows, ids.shape[1]](
+            self.state, self.cache, pad(ids).astype(np.int32), pad(positions).astype(np.int32),
+            pad(last).astype(np.int32), index, *map(pad, self._settings(settings, u)))
+        return StepOutput(*(a[:r] for a in jax.device_get(out)))
 
-    def decode(self, tokens: np.ndarray, active: np.ndarray, settings: SlotSettings, u: np.ndarray) -> StepOutput:
-        """One token for every slot (`tokens [S]`: each slot's last token); only `active` slots
-        move their position."""
-        self.cache, out = self.compiled["decode"](self.state, self.cache, tokens.astype(np.int32), active,
-                                                  *self._settings(settings, u))
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
+               settings: SlotSettings, u: np.ndarray) -> StepOutput:
+        """One token for every slot (`tokens [S]`: each slot's last token, written at `lengths [S]`),
+        attending over the first `key_length` cache positions; only `active` slots move on."""
+        self.cache, out = self.compiled["decode", key_length](self.state, self.cache, tokens.astype(np.int32),
+                                                              lengths.astype(np.int32), active,
+                                                              *self._settings(settings, u))
         return StepOutput(*jax.device_get(out))

@@ -1,16 +1,20 @@
 """A serving `Runner` (the Grok-1 runner): slots, continuous batching, per-request sampling.
 
 Mirrors `flax_impl/serving.py`. The runner owns one KV cache of `num_slots` rows, each with its
-own write position (`KVCache.length[slot]`). A request is prefilled alone into a free slot: its
-prompt, right-padded to a pad bucket, runs through the model on a one-row cache of the full
-length, and that row replaces the slot's row (every position, so nothing of the slot's previous
-request survives), with the slot's position set to the prompt length. One decode step then
-runs every slot at once, each row at its own position with its own sampling settings. The
-bookkeeping (queue, slots, settings, the loop) is `weights.shared.serving.ServingLoop`.
+own write position (`KVCache.length[slot]`). The requests admitted in one step are prefilled
+together: their prompts, right-padded to the largest of their pad buckets, run through the
+model in one forward pass on a cache of that many positions, and each row then replaces its
+slot's row (every position: the rest is zeroed, so nothing of the slot's previous request
+survives), with the slot's position set to its prompt length. One decode step then runs every
+slot at once, each row at its own position with its own sampling settings, attending only over
+the filled part of the cache: the smallest key bucket holding every active row's next position
+(a view of the first positions of each buffer, written through in place). The bookkeeping
+(queue, slots, settings, lengths, the loop) is `weights.shared.serving.ServingLoop`.
 
 Why the padded prompt positions do no harm: they are written at cache indices at or after the
 prompt length, where no real query looks (the causal mask is by cache index), and each decode
-step overwrites the index it attends from before it attends.
+step overwrites the index it attends from before it attends. Keys past the key bucket lie past
+every active row's position, so the causal mask hides them anyway.
 
 Token choice is `generate()`'s own functions (`sampling_weights`, `sample_from_weights`,
 `greedy`, `token_scores`) on per-row settings; a request's noise is its own (`request_noise`),
@@ -58,18 +62,20 @@ class Runner(ServingLoop):
 
     `submit(Request(...)) -> id`, `step() -> [TokenEvent]`, `run(requests) -> iterator of
     TokenEvent (request id, token, log-prob, top-8)`. A prompt is padded to the smallest of
-    `pad_buckets` that holds it; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be
-    text. `progress` is accepted for the Flax twin's signature (nothing is compiled here)."""
+    `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
+    (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
+    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. `progress` is accepted
+    for the Flax twin's signature (nothing is compiled here)."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
-                 tokenizer=None, progress: bool = False):
+                 key_buckets: Sequence[int] | None = None, tokenizer=None, progress: bool = False):
         config: ModelConfig = model.config
         check_runner_config(config, max_len)
         self.model = model
         self.dtype = model.model.dtype
         self.device = next(model.parameters()).device
         cdtype = np.float64 if compute_dtype(self.dtype) == torch.float64 else np.float32
-        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer)
+        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype, device=self.device)
 
     def _settings(self, settings: SlotSettings, u: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -77,32 +83,35 @@ class Runner(ServingLoop):
         return (as_t(settings.temperature), as_t(settings.top_k.astype(np.int64)), as_t(settings.top_p),
                 as_t(settings.allowed), as_t(settings.allowed_first), as_t(settings.do_sample), as_t(u))
 
-    def prefill(self, slot: int, prompt: np.ndarray, bucket: int, settings: SlotSettings, u: np.ndarray
-                ) -> StepOutput:
-        """Run `prompt` (right-padded to `bucket`) into `slot`'s cache row; its first token."""
-        p = prompt.size
-        ids = np.zeros((1, bucket), np.int64)
-        ids[0, :p] = prompt
-        # Padded positions repeat the last real one: dynamic NTK rope reads max(position) + 1.
-        positions = np.minimum(np.arange(bucket), p - 1)[None]
+    def prefill(self, slots: np.ndarray, ids: np.ndarray, positions: np.ndarray, last: np.ndarray,
+                settings: SlotSettings, u: np.ndarray) -> StepOutput:
+        """Run the prompts `ids [R, L]` (right-padded) in one forward pass, row r into cache row
+        `slots[r]`; each row's first token, read at its `last` position."""
+        as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        index = as_t(slots)
         with torch.inference_mode():
-            row = KVCache.init(self.model.config, 1, self.max_len, dtype=self.dtype, device=self.device)
-            out = self.model.model(torch.from_numpy(ids).to(self.device), None,
-                                   torch.from_numpy(positions).to(self.device), row, use_cache=True)
-            logits = self.model.logits(out.last_hidden_state[:, p - 1:p])[:, 0]
+            rows = KVCache.init(self.model.config, ids.shape[0], ids.shape[1], dtype=self.dtype, device=self.device)
+            out = self.model.model(as_t(ids), None, as_t(positions), rows, use_cache=True)
+            hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=self.device), as_t(last)]
+            logits = self.model.logits(hidden[:, None])[:, 0]
             for layer in range(len(self.cache.keys)):
-                self.cache.keys[layer][slot] = row.keys[layer][0]
-                self.cache.values[layer][slot] = row.values[layer][0]
-            self.cache.length[slot] = p
+                for full, row in ((self.cache.keys[layer], rows.keys[layer]), (self.cache.values[layer], rows.values[layer])):
+                    full[index, :, :ids.shape[1]] = row
+                    full[index, :, ids.shape[1]:] = 0
+            self.cache.length[index] = as_t(last) + 1
             return StepOutput(*(t.cpu().numpy() for t in sample_rows(logits, *self._settings(settings, u))))
 
-    def decode(self, tokens: np.ndarray, active: np.ndarray, settings: SlotSettings, u: np.ndarray) -> StepOutput:
-        """One token for every slot (`tokens [S]`: each slot's last token); only `active` slots
-        move their position."""
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
+               settings: SlotSettings, u: np.ndarray) -> StepOutput:
+        """One token for every slot (`tokens [S]`: each slot's last token, written at `lengths [S]`),
+        attending over the first `key_length` cache positions; only `active` slots move on."""
+        as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        length = as_t(lengths)
         with torch.inference_mode():
-            length = self.cache.length.clone()
-            out = self.model.model(torch.from_numpy(tokens[:, None]).to(self.device), None, length[:, None],
-                                   self.cache, use_cache=True)
-            self.cache.length = torch.where(torch.from_numpy(active).to(self.device), length + 1, length)
+            # Views of the buffers' first positions: the model's writes land in the cache itself.
+            view = KVCache([k[:, :, :key_length] for k in self.cache.keys],
+                           [v[:, :, :key_length] for v in self.cache.values], length)
+            out = self.model.model(as_t(tokens[:, None]), None, length[:, None], view, use_cache=True)
+            self.cache.length = torch.where(as_t(active), length + 1, length)
             logits = self.model.logits(out.last_hidden_state)[:, 0]
             return StepOutput(*(t.cpu().numpy() for t in sample_rows(logits, *self._settings(settings, u))))

@@ -38,9 +38,10 @@ VQ_RNG = ("JAX randomness is explicit keys folded per block/layer; torch uses on
           "Flax twin scans blocks with lax.scan under jit where torch loops")
 TRAIN_MODE = ("train/eval: a torch module carries `training` (set by train()/eval()); an NNX module holds a "
               "`deterministic` attribute that its train()/eval() set")
-SERVING = ("the Flax runner compiles every program (a prefill per pad bucket, one decode step) ahead of time and "
-           "calls them on numpy inputs; the torch runner runs the model eagerly on its device and writes the slot's "
-           "cache rows in place")
+SERVING = ("the Flax runner compiles every program (a prefill per row count and pad bucket, a decode step per key "
+           "bucket) ahead of time and calls them on numpy inputs, padding the admitted rows to a compiled row count; "
+           "the torch runner runs the model eagerly on its device, on exactly the admitted rows, writes the slots' "
+           "cache rows in place and decodes on a view of the buffers' first positions")
 
 ALLOWANCES: dict[str, Allowance] = {
     # checkpoint.py: the two frameworks' parameter containers
@@ -158,10 +159,10 @@ ALLOWANCES: dict[str, Allowance] = {
     # serving.py
     "serving.py:sample_rows": Allowance(5, "torch skips the top-k/top-p filters eagerly when no row uses them; "
                                            "under jit Flax chooses with lax.cond"),
-    "serving.py:Runner.__init__": Allowance(9, SERVING),
+    "serving.py:Runner.__init__": Allowance(10, SERVING),
     "serving.py:Runner._settings": Allowance(2, SERVING),
-    "serving.py:Runner.prefill": Allowance(12, SERVING),
-    "serving.py:Runner.decode": Allowance(6, SERVING),
+    "serving.py:Runner.prefill": Allowance(15, SERVING),
+    "serving.py:Runner.decode": Allowance(9, SERVING),
     # vq/
     "vq/attention.py:VQAttention.__init__": Allowance(2, NNX_BUILD),
     "vq/attention.py:tree_detach": Allowance(6, "a pytree map with stop_gradient in JAX; torch walks dicts and "

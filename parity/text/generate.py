@@ -63,7 +63,9 @@ def generate_text(directory: str | os.PathLike, prompt: str | None = None, *, pr
         from flax_impl.serving import Runner
 
         model = load_flax(directory, dtype, "causal_lm")
-    runner = Runner(model, 1, max(bucket, len(ids) + max_new_tokens), (bucket,), tokenizer=tokenizer,
+    max_len = max(bucket, len(ids) + max_new_tokens)
+    # One request: attending over the whole cache costs less than compiling a decode step per key bucket.
+    runner = Runner(model, 1, max_len, (bucket,), key_buckets=(max_len,), tokenizer=tokenizer,
                     progress=framework == "flax")
     stream = StreamDecoder(tokenizer) if prompt_ids is None else None
     events = []

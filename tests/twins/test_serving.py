@@ -25,7 +25,7 @@ from parity.tolerances import tolerance
 from tests.helpers.generation import twin_pair
 from torch_impl.generation import generate as torch_generate
 from weights.config import ModelConfig, RopeScaling
-from weights.shared.serving import Request
+from weights.shared.serving import Request, resolve_key_buckets, row_buckets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +58,9 @@ def runner(twin: str, slots: int):
         t_model, f_model = pair()
         cls, model = (ts.Runner, t_model) if twin == "torch" else (fs.Runner, f_model)
         before = len(COMPILES)
-        _RUNNERS[twin, slots] = cls(model, slots, MAX_LEN, BUCKETS)
+        # Two key buckets where several slots run (decode over 16 keys while every row fits, else
+        # all 26); one where one slot runs: each Flax program costs a compilation.
+        _RUNNERS[twin, slots] = cls(model, slots, MAX_LEN, BUCKETS, key_buckets=(16,) if slots > 1 else (MAX_LEN,))
         _BUILD_COMPILES[twin, slots] = len(COMPILES) - before
     return _RUNNERS[twin, slots]
 
@@ -160,10 +162,12 @@ def test_reused_slot_keeps_nothing_of_its_previous_request(twin):
 
 
 def test_new_prompt_length_in_a_bucket_compiles_nothing():
-    """Every program is compiled when the Flax runner is built (one per pad bucket and one decode
-    step); prompts of new lengths, new settings and reused slots then run without a compilation."""
+    """Every program is compiled when the Flax runner is built (a prefill per row count and pad
+    bucket, a decode step per key bucket); prompts of new lengths, admissions of 1 to 3 requests
+    at once, new settings and reused slots then run without a compilation."""
     r = runner("flax", 3)
-    assert _BUILD_COMPILES["flax", 3] >= len(BUCKETS) + 1
+    assert r.row_buckets == (1, 2, 3) and r.key_buckets == (16, MAX_LEN)
+    assert _BUILD_COMPILES["flax", 3] >= len(r.row_buckets) * len(BUCKETS) + len(r.key_buckets)
     before = len(COMPILES)
     reqs = [Request([3] * n, max_new_tokens=3, do_sample=n % 2 == 1, top_p=0.9, seed=n, filter_order="grok",
                     allowed_tokens=np.arange(CONFIG.vocab_size) != n) for n in (1, 2, 5, 8, 9, 11, 16)]
@@ -184,7 +188,7 @@ def test_float32_streams_equal_solo_generate():
                     seed=n) for n, s in ((3, False), (12, True), (7, True), (16, False))]
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
-        r = cls(model, 2, MAX_LEN, (16,))
+        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(16,))
         events = list(r.run(reqs))
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
@@ -195,6 +199,16 @@ def test_float32_streams_equal_solo_generate():
                                  do_sample=req.do_sample, top_k=req.top_k, seed=req.seed)
             assert r.result(i) == out[0, len(req.prompt):].tolist()
     assert streams["torch"] == streams["flax"]
+
+
+def test_key_and_row_buckets():
+    """Decode key lengths double from the smallest pad bucket and end at max_len; prefill row
+    counts are powers of two and the slot count."""
+    assert resolve_key_buckets((16, 32, 64), 192) == (16, 32, 64, 128, 192)
+    assert resolve_key_buckets((8, 16), 26, (16,)) == (16, 26)
+    assert row_buckets(8) == (1, 2, 4, 8) and row_buckets(3) == (1, 2, 3) and row_buckets(1) == (1,)
+    with pytest.raises(ValueError, match="key_buckets"):
+        resolve_key_buckets((8,), 26, (40,))
 
 
 def test_runner_refuses_what_it_cannot_serve():

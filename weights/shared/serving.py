@@ -4,8 +4,8 @@ bookkeeping of continuous batching, and the per-slot sampling settings.
 A `Runner` (`torch_impl/serving.py`, `flax_impl/serving.py`) owns a KV cache of `num_slots`
 rows, each with its own write position. `Scheduler` decides which request sits in which slot:
 `submit` queues a request, `admit` moves waiting requests into free slots (the twin then
-prefills each one into its row), `record` appends a token to a request and frees its slot when
-the request is done. It also keeps the per-slot sampling settings as arrays `[S]` / `[S, V]`,
+prefills all of them in one forward pass, each into its own row), `record` appends a token to a
+request and frees its slot when the request is done. It also keeps the per-slot sampling settings as arrays `[S]` / `[S, V]`,
 the values the twin's one decode step reads; a freed slot gets the neutral settings back, so
 nothing of a finished request reaches the next one.
 
@@ -26,7 +26,8 @@ import numpy as np
 from .generation import FILTER_ORDERS, sampling_noise
 
 __all__ = ["DEFAULT_BUCKETS", "FILTER_ORDERS", "Request", "Scheduler", "ServingLoop", "SlotSettings", "StepOutput",
-           "TokenEvent", "TopTokens", "check_request", "check_runner_config", "choose_bucket", "request_noise"]
+           "TokenEvent", "TopTokens", "check_request", "check_runner_config", "choose_bucket", "prefill_inputs",
+           "request_noise", "resolve_key_buckets", "row_buckets"]
 
 DEFAULT_BUCKETS = (16, 32, 64, 128)
 
@@ -106,6 +107,47 @@ def choose_bucket(length: int, buckets: Sequence[int]) -> int:
                      "pass longer pad_buckets to the Runner")
 
 
+def resolve_key_buckets(pad_buckets: Sequence[int], max_len: int, given: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The key lengths a decode step may attend over, ending at `max_len`.
+
+    A decode step needs only the filled part of the cache: it attends over the smallest key
+    bucket that holds every active row's next position, so its cost follows the longest running
+    request, not `max_len` (the Flax runner compiles one decode program per key bucket). The
+    default doubles from the smallest pad bucket: at most twice the keys needed, with few
+    programs."""
+    if given is not None:
+        if not given or any(not isinstance(k, (int, np.integer)) or not 1 <= k <= max_len for k in given):
+            raise ValueError(f"key_buckets: must be integers in [1, max_len={max_len}], got {tuple(given)!r}")
+        return tuple(sorted(set(int(k) for k in given) | {max_len}))
+    out, k = [], min(pad_buckets)
+    while k < max_len:
+        out.append(k)
+        k *= 2
+    return tuple(out) + (max_len,)
+
+
+def row_buckets(num_slots: int) -> tuple[int, ...]:
+    """Row counts a batched prefill is padded to where shapes must be static (the Flax runner
+    compiles one prefill program per row count and pad bucket): powers of two, and `num_slots`."""
+    return tuple(sorted({1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots} | {num_slots}))
+
+
+def prefill_inputs(prompts: Sequence[np.ndarray], bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prompts right-padded to `bucket`: ids `[R, L]`, position ids `[R, L]`, and each row's
+    last real position `[R]` (where its first token is read).
+
+    Right padding keeps each row's prompt at cache indices 0 ... P-1, where a solo run puts it;
+    the padded positions lie at or after P, where no real query looks (the mask is causal by
+    cache index), and later decode steps overwrite them before attending from them."""
+    ids = np.zeros((len(prompts), bucket), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, :prompt.size] = prompt
+    last = np.array([p.size - 1 for p in prompts], np.int64)
+    # Padded positions repeat the last real one: dynamic NTK rope reads max(position) + 1.
+    positions = np.minimum(np.arange(bucket)[None], last[:, None])
+    return ids, positions, last
+
+
 @dataclass
 class SlotSettings:
     """Per-slot sampling settings, numpy arrays over the S slots (the decode step's inputs).
@@ -126,9 +168,9 @@ class SlotSettings:
         return cls(np.ones(num_slots, dtype), np.full(num_slots, vocab_size, np.int32), np.ones(num_slots, dtype),
                    np.ones((num_slots, vocab_size), bool), np.zeros(num_slots, bool), np.zeros(num_slots, bool))
 
-    def row(self, slot: int) -> "SlotSettings":
-        """The settings of one slot, as arrays of one row."""
-        return SlotSettings(*(getattr(self, f)[slot:slot + 1] for f in self.__dataclass_fields__))
+    def rows(self, slots: np.ndarray) -> "SlotSettings":
+        """The settings of `slots` (`[R]` int), as arrays of R rows."""
+        return SlotSettings(*(getattr(self, f)[slots] for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -146,6 +188,12 @@ class Active:
     def step(self) -> int:
         """This request's own step index: how many tokens it has emitted."""
         return len(self.tokens)
+
+    @property
+    def length(self) -> int:
+        """Its cache row's write position: the prompt and every emitted token but the last, which
+        the next decode step writes."""
+        return self.prompt.size + self.step - 1
 
 
 def check_request(request: Request, prompt: np.ndarray, vocab_size: int, max_len: int,
@@ -238,6 +286,11 @@ class Scheduler:
                 admitted.append((slot, entry))
         return admitted
 
+    def lengths(self) -> np.ndarray:
+        """`[S]` int64: each active slot's write position; 0 for a free slot, so its (ignored)
+        decode write stays inside any key bucket (its row is replaced whole at its next prefill)."""
+        return np.array([0 if a is None else a.length for a in self.slots], np.int64)
+
     def noise(self) -> np.ndarray:
         """`[S]`: each active request's uniform number for its own current step (0 for free slots)."""
         u = np.zeros(self.num_slots, self.dtype)
@@ -289,15 +342,18 @@ class StepOutput(NamedTuple):
 class ServingLoop:
     """The framework-free half of a twin's `Runner`: submit, the step loop, and `run`.
 
-    A subclass provides `prefill(slot, prompt, bucket, settings, u)` (one request into one slot,
-    its first token) and `decode(tokens, active, settings, u)` (one token for every slot), both
-    returning a `StepOutput`; the model work and the KV cache are the subclass's.
+    A subclass provides `prefill(slots, ids, positions, last, settings, u)` (the requests admitted
+    in one step, in one forward pass, each into its slot; their first tokens) and
+    `decode(tokens, lengths, active, key_length, settings, u)` (one token for every slot,
+    attending over the first `key_length` cache positions), both returning a `StepOutput`; the
+    model work and the KV cache are the subclass's.
     """
 
     def __init__(self, num_slots: int, max_len: int, pad_buckets: Sequence[int], vocab_size: int, dtype: np.dtype,
-                 tokenizer=None):
+                 tokenizer=None, key_buckets: Sequence[int] | None = None):
         self.scheduler = Scheduler(num_slots, max_len, pad_buckets, vocab_size, dtype)
         self.tokenizer = tokenizer
+        self.key_buckets = resolve_key_buckets(self.scheduler.buckets, self.scheduler.max_len, key_buckets)
 
     @property
     def num_slots(self) -> int:
@@ -321,19 +377,29 @@ class ServingLoop:
         return self.scheduler.submit(request, prompt)
 
     def step(self) -> list[TokenEvent]:
-        """Admit waiting requests into free slots (prefill: each emits its first token), then one
-        decode step for every active slot. Returns the tokens emitted, in slot order."""
+        """Admit waiting requests into free slots (one batched prefill: each emits its first
+        token), then one decode step for every active slot. Returns the tokens emitted, admitted
+        requests first, then in slot order."""
         sched = self.scheduler
         events = []
-        for slot, entry in sched.admit():
-            bucket = choose_bucket(entry.prompt.size, sched.buckets)
-            out = self.prefill(slot, entry.prompt, bucket, sched.settings.row(slot), entry.noise[:1])
-            events.append(out.event(entry.request_id, 0))
-            sched.record(slot, int(out.tokens[0]))
+        admitted = sched.admit()
+        if admitted:
+            # One forward pass for all admissions, at the largest of their pad buckets: a shorter
+            # prompt's extra padding lies past its length, where its own queries never look.
+            slots = np.array([slot for slot, _ in admitted], np.int64)
+            bucket = max(choose_bucket(entry.prompt.size, sched.buckets) for _, entry in admitted)
+            ids, positions, last = prefill_inputs([entry.prompt for _, entry in admitted], bucket)
+            u = np.array([entry.noise[0] for _, entry in admitted], sched.dtype)
+            out = self.prefill(slots, ids, positions, last, sched.settings.rows(slots), u)
+            for row, (slot, entry) in enumerate(admitted):
+                events.append(out.event(entry.request_id, row))
+                sched.record(slot, int(out.tokens[row]))
         active = sched.active
         if active.any():
             tokens = np.array([a.tokens[-1] if a is not None else 0 for a in sched.slots], np.int64)
-            out = self.decode(tokens, active, sched.settings, sched.noise())
+            lengths = sched.lengths()
+            key_length = choose_bucket(int(lengths.max()) + 1, self.key_buckets)
+            out = self.decode(tokens, lengths, active, key_length, sched.settings, sched.noise())
             for slot in np.flatnonzero(active):
                 events.append(out.event(sched.slots[slot].request_id, slot))
                 sched.record(slot, int(out.tokens[slot]))
@@ -351,9 +417,10 @@ class ServingLoop:
         """The tokens of a finished request."""
         return list(self.scheduler.done[request_id])
 
-    def prefill(self, slot: int, prompt: np.ndarray, bucket: int, settings: SlotSettings, u: np.ndarray
-                ) -> StepOutput:
+    def prefill(self, slots: np.ndarray, ids: np.ndarray, positions: np.ndarray, last: np.ndarray,
+                settings: SlotSettings, u: np.ndarray) -> StepOutput:
         raise NotImplementedError
 
-    def decode(self, tokens: np.ndarray, active: np.ndarray, settings: SlotSettings, u: np.ndarray) -> StepOutput:
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
+               settings: SlotSettings, u: np.ndarray) -> StepOutput:
         raise NotImplementedError
