@@ -213,9 +213,14 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     return model if strict else (model, report)
 
 
-def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    per_process: bool = False) -> Path:
     """Write `config.json` and the weights in HF layout (the same files the torch twin writes),
-    tensor by tensor, transposing kernels back to `[out, in]`; `directory` is replaced atomically."""
+    tensor by tensor, transposing kernels back to `[out, in]`; `directory` is replaced atomically.
+
+    `per_process` (one file set per process, `weights.pieces`) is the torch twin's so far."""
+    if per_process:
+        raise NotImplementedError("save_pretrained(per_process=True): not in the Flax twin yet; save gathered")
     params = _hf_params(nnx.state(model, nnx.Param))
     specs = [TensorSpec(k, shape, dtype) for k, (shape, dtype) in _expected(params).items()]
 
@@ -241,9 +246,10 @@ class Pretrained:
         return from_pretrained(cls, directory, dtype=dtype, param_dtype=param_dtype, strict=strict, device=device,
                                precision=precision, mesh=mesh, rules=rules)
 
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        per_process: bool = False) -> Path:
         """See `flax_impl.checkpoint.save_pretrained`."""
-        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+        return save_pretrained(self, directory, max_shard_size=max_shard_size, per_process=per_process)
 
 
 class Trainable:

@@ -6,6 +6,7 @@ A torch `state_dict()` key *is* the HF tensor name, so no renaming happens here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,11 @@ from weights import dtypes
 from weights.blockcopy import copy_into, row_blocks
 from weights.checkpoint import CheckpointReader
 from weights.partition import Rule
-from weights.pretrained import load_into, open_pretrained, save_checkpoint
+from weights.pieces import piece_file, write_pieces_index
+from weights.pretrained import (checkpoint_config, keep_on_resave, load_into, natural_key, open_pretrained,
+                                save_checkpoint)
+from weights.safetensors_writer import save_file
+from weights.staging import atomic_directory
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
 
@@ -92,15 +97,19 @@ def _writable_view(t: torch.Tensor) -> np.ndarray:
 
 def _local_slices(param: DTensor) -> tuple[slice, ...]:
     """The index of this rank's shard of `param` in the whole tensor: each `Shard(d)` placement
-    cuts dimension d as `torch.chunk` does, mesh dimension by mesh dimension."""
-    from torch.distributed.tensor import Shard
-
+    cuts dimension d as `torch.chunk` does, mesh dimension by mesh dimension — right to left when
+    FSDP2 sharded a tensor-parallel shard (a `_StridedShard`: the `tensor` cut first, then FSDP2
+    chunks that rank's piece), which keeps every rank's shard one rectangular slice."""
     index = [slice(0, n) for n in param.shape]
     coordinate = param.device_mesh.get_coordinate()
-    for mesh_dim, placement in enumerate(param.placements):
+    placements = list(enumerate(param.placements))
+    strided = [type(p).__name__ == "_StridedShard" for _, p in placements]  # private class: by name
+    if any(strided):
+        placements.reverse()
+    for mesh_dim, placement in placements:
         if placement.is_replicate():
             continue
-        if type(placement) is not Shard:  # Partial, or FSDP2's strided shard over a TP shard
+        if not (placement.is_shard() or strided[mesh_dim]):  # Partial: no rank holds a slice of the value
             raise NotImplementedError(f"sharded loading: placement {placement} of a {tuple(param.shape)} "
                                       "parameter; load unsharded, then shard_model")
         d, whole = placement.dim, index[placement.dim]
@@ -236,18 +245,96 @@ def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = Non
     return model if strict else (model, report)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    per_process: bool = False) -> Path:
     """Write `config.json` and the weights in HF layout, as transformers would (shards + index
-    past `max_shard_size`), replacing `directory` atomically."""
+    past `max_shard_size`), replacing `directory` atomically.
+
+    A model sharded over several processes (DTensor parameters): every rank calls this. By
+    default each tensor is gathered in turn and rank 0 writes it, so the directory is a normal HF
+    checkpoint and a process holds one whole tensor at a time beyond its shards. With
+    `per_process`, nothing is gathered: each rank writes its own pieces and rank 0 an index
+    (`weights.pieces` states the format; `weights.pieces.consolidate` turns it into a normal
+    checkpoint).
+    """
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    specs = [TensorSpec(k, tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in state.items()]
+    specs = [TensorSpec(k, tuple(v.shape), _numpy_dtype(v.dtype)) for k, v in state.items()]  # a DTensor's whole shape
+    if per_process or any(hasattr(v, "placements") for v in state.values()):  # DTensors: several processes
+        return _save_sharded(model, state, specs, directory, max_shard_size, per_process)
     return save_checkpoint(directory, model.config, type(model).__name__, specs,
                            lambda name: tensor_to_numpy(state[name]), max_shard_size=max_shard_size)
 
 
+def _save_sharded(model: nn.Module, state: Mapping[str, torch.Tensor], specs: Sequence[TensorSpec],
+                  directory: str | os.PathLike, max_shard_size: int | str, per_process: bool) -> Path:
+    """`save_pretrained` of a model with DTensor parameters, called by every rank."""
+    import torch.distributed as dist
+
+    if per_process:
+        if not any(hasattr(v, "placements") for v in state.values()):
+            raise ValueError("save_pretrained(per_process=True): the model has no DTensor parameter (not sharded); "
+                             "save it without per_process")
+        return _save_pieces(model, state, specs, directory)
+    # Gathering is a collective: every rank gathers the same tensors in the writer's order.
+    order = [spec.name for spec in sorted(specs, key=lambda spec: natural_key(spec.name))]
+    if dist.get_rank() == 0:
+        expected = iter(order)
+
+        def fetch(name: str) -> np.ndarray:
+            if name != next(expected):
+                raise RuntimeError(f"save_pretrained: the writer asked for {name} out of the gather order")
+            return tensor_to_numpy(_whole(state[name]))
+
+        save_checkpoint(directory, model.config, type(model).__name__, specs, fetch, max_shard_size=max_shard_size)
+    else:
+        for name in order:
+            _whole(state[name])
+    dist.barrier()  # the directory is in place when any rank returns
+    return Path(directory)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    # The whole tensor from a DTensor's shards (an all-gather); a plain tensor as it is.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _save_pieces(model: nn.Module, state: Mapping[str, torch.Tensor], specs: Sequence[TensorSpec],
+                 directory: str | os.PathLike) -> Path:
+    """`save_pretrained(per_process=True)`: each rank writes its pieces into one staged directory
+    that rank 0 renames into place after the index (`weights.pieces`)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = {name: (_local_slices(t) if hasattr(t, "placements") else tuple(slice(0, n) for n in t.shape))
+             for name, t in state.items()}
+    mine = {name: [[part.start, part.stop] for part in index] for name, index in local.items()}
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    # A piece several ranks hold (replicated, or on a sub-mesh of the mesh) is written once, by
+    # the lowest of them; a parameter's placements alone cannot tell a copy on another sub-mesh.
+    held: list[dict[str, list[tuple[str, Any]]]] = [{} for _ in range(world)]
+    for r, theirs in enumerate(everyone):
+        for name, index in theirs.items():
+            if all(everyone[q].get(name) != index for q in range(r)):
+                held[r][name] = [(name, index)]  # one piece per tensor per rank: keyed by its name
+    tensors = {name: tensor_to_numpy(state[name].to_local() if hasattr(state[name], "to_local") else state[name])
+               for name in held[rank]}
+    staged = atomic_directory(directory, force=True, keep=keep_on_resave) if rank == 0 else contextlib.nullcontext()
+    with staged as staging:
+        where = [str(staging) if rank == 0 else None]
+        dist.broadcast_object_list(where, src=0)  # every rank writes into rank 0's staging directory
+        save_file(tensors, Path(where[0]) / piece_file(rank, world))
+        dist.barrier()  # every rank's file is written before rank 0 commits the directory
+        if rank == 0:
+            checkpoint_config(model.config, type(model).__name__, specs).save_pretrained(staging)
+            write_pieces_index(staging, type(model).__name__, specs, held)
+    dist.barrier()  # renamed into place when any rank returns
+    return Path(directory)
+
+
 class Pretrained:
     """Mixin giving the heads HF's loading API: `Head.from_pretrained(dir, dtype=None,
-    param_dtype=None, strict=True, device=None, mesh=None, rules=None)` and `head.save_pretrained(dir, max_shard_size="5GB")`."""
+    param_dtype=None, strict=True, device=None, mesh=None, rules=None)` and `head.save_pretrained(dir, max_shard_size="5GB", per_process=False)`."""
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
@@ -257,9 +344,10 @@ class Pretrained:
         return from_pretrained(cls, directory, dtype=dtype, param_dtype=param_dtype, strict=strict, device=device,
                                mesh=mesh, rules=rules)
 
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        per_process: bool = False) -> Path:
         """See `torch_impl.checkpoint.save_pretrained`."""
-        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+        return save_pretrained(self, directory, max_shard_size=max_shard_size, per_process=per_process)
 
 
 class Trainable:

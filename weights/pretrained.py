@@ -21,7 +21,7 @@ from .hf_config import CONFIG_NAME
 from .report import LoadReport, match_state
 from .safetensors_io import TensorSpec
 
-__all__ = ["checkpoint_dtype", "keep_on_resave", "load_into", "natural_key", "open_pretrained",
+__all__ = ["checkpoint_config", "checkpoint_dtype", "keep_on_resave", "load_into", "natural_key", "open_pretrained",
            "save_checkpoint"]
 
 _FLOATS = tuple(FLOAT_DTYPES.values())
@@ -95,6 +95,21 @@ def keep_on_resave(name: str) -> bool:
     return name != CONFIG_NAME and not WEIGHT_FILE_RE.match(name)
 
 
+def checkpoint_config(config: ModelConfig, head_class: str, specs: Iterable[TensorSpec]) -> ModelConfig:
+    """The config written next to the weights: `torch_dtype` from the tensors (when they share one
+    float dtype) and HF's `architectures` for the head class."""
+    from .families import FAMILIES  # the HF class-name prefix of each model family
+
+    dtypes = {np.dtype(s.dtype) for s in specs if np.dtype(s.dtype) in _FLOATS}
+    family = FAMILIES.get(config.model_type)
+    changes: dict[str, Any] = {}
+    if len(dtypes) == 1:
+        changes["torch_dtype"] = dtype_name(dtypes.pop())
+    if family is not None:
+        changes["architectures"] = (family.class_prefix + head_class,)
+    return config.replace(**changes)
+
+
 def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, head_class: str,
                     specs: Iterable[TensorSpec], fetch: Callable[[str], np.ndarray], *,
                     max_shard_size: int | str | None = "5GB", fsync: bool = True) -> Path:
@@ -104,17 +119,8 @@ def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, head_clas
     per tensor, one at a time. The directory is replaced atomically; files that are not weights
     (a tokenizer, say) are carried over from an existing one.
     """
-    from .families import FAMILIES  # the HF class-name prefix of each model family
-
     specs = sorted(specs, key=lambda s: natural_key(s.name))
-    dtypes = {np.dtype(s.dtype) for s in specs if np.dtype(s.dtype) in _FLOATS}
-    family = FAMILIES.get(config.model_type)
-    changes: dict[str, Any] = {}
-    if len(dtypes) == 1:
-        changes["torch_dtype"] = dtype_name(dtypes.pop())
-    if family is not None:
-        changes["architectures"] = (family.class_prefix + head_class,)
-    config = config.replace(**changes)
+    config = checkpoint_config(config, head_class, specs)
     with ShardedWriter(directory, specs, max_shard_size=max_shard_size, force=True, keep=keep_on_resave,
                        fsync=fsync) as writer:
         config.save_pretrained(writer.staging)

@@ -4,9 +4,10 @@
 
 Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gradients; then
 WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
-on two meshes in turn — tensor parallel (`tensor=WORLD`) and FSDP2 (`fsdp=WORLD`, each rank a
-slice of the batch) — and compare; then 3 training steps from a fresh sharded load against 3
-single-process steps. Prints one JSON line per mesh; exits 1 on a mismatch.
+and compare. WORLD 2: two meshes in turn — tensor parallel (`tensor=2`, with greedy generate and
+a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch) — then 3 training steps from a
+fresh sharded load against 3 single-process steps. WORLD 4: the 2-D meshes of `_rank_2d` and
+both saves of a sharded model. Prints one JSON line per mesh and rank; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hi
                      num_attention_heads=4, num_key_value_heads=2)
 TOL = 1e-12  # float64: sharded sums differ from unsharded ones by rounding only
 NEW_TOKENS = 5  # greedy generate() under tensor parallelism
+MESHES_2D = (("fsdp", "tensor"), ("data", "fsdp"))  # world 4: FSDP2 x tensor parallel, HSDP
 
 
 def _inputs() -> torch.Tensor:
@@ -138,6 +140,65 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
+def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
+    """World 4, two 2-D meshes: FSDP2 x tensor parallel (`fsdp=2, tensor=2`) and HSDP
+    (`data=2, fsdp=2`). Each loaded sharded; rows split over the data/fsdp ranks (tensor ranks
+    share theirs); forward and gradients against the single process; then both saves of the
+    sharded model (gathered; one file set per process), checked by `run_all` once all ranks end."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        want = np.load(Path(directory) / "reference.npz")
+        ids = _inputs()
+        rows = []
+        for names in MESHES_2D:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+            model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
+            total = sum(p.numel() * 8 for p in model.parameters())
+            coordinate = dict(zip(names, mesh.get_coordinate()))
+            # This rank's rows: its position among the row-splitting (data, fsdp) ranks.
+            row_axes = [a for a in names if a != "tensor"]
+            groups = int(np.prod([mesh.size(names.index(a)) for a in row_axes]))
+            k = int(np.ravel_multi_index([coordinate[a] for a in row_axes], [2] * len(row_axes)))
+            part = slice(k * len(ids) // groups, (k + 1) * len(ids) // groups)
+            out = model(ids[part], labels=ids[part])
+            out.loss.backward()
+            loss = out.loss.detach().clone()
+            dist.all_reduce(loss)  # equal-sized parts, each counted by as many ranks: the whole batch's mean
+            row = dict(mesh=dict(zip(names, (2, 2))), rank=rank,
+                       logits_err=float((out.logits.detach() - torch.from_numpy(want["logits"])[part]).abs().max()),
+                       loss_err=abs(float(loss) / world - float(want["loss"])),
+                       grad_err=max(float((_full(p.grad) - torch.from_numpy(want["grad." + n])).abs().max())
+                                    for n, p in model.named_parameters()),
+                       resident_fraction=_resident_bytes(model) / total)
+            row["ok"] = max(row["logits_err"], row["loss_err"], row["grad_err"]) <= TOL
+            tag = "_".join(names)
+            if names == ("fsdp", "tensor"):
+                model.save_pretrained(Path(directory) / f"gathered_{tag}")
+            model.save_pretrained(Path(directory) / f"pieces_{tag}", per_process=True)
+            rows.append(row)
+        (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def _saved_equal(directory: Path) -> dict:
+    """Both saves of the world-4 run load unsharded to exactly the saved model's parameters."""
+    from weights.pieces import PIECES_INDEX, consolidate
+
+    want = {n: p.detach() for n, p in ForCausalLM.from_pretrained(directory, dtype=torch.float64).named_parameters()}
+    out: dict = {}
+    for saved in sorted(directory.glob("gathered_*")) + sorted(directory.glob("pieces_*")):
+        if saved.name.startswith("pieces_"):
+            files = sorted(p.name for p in saved.glob("model-rank*.safetensors"))
+            out[saved.name + ".files"] = len(files) + (saved / PIECES_INDEX).is_file()
+            saved = consolidate(saved, directory / f"hf_{saved.name}")
+        got = dict(ForCausalLM.from_pretrained(saved, dtype=torch.float64).named_parameters())
+        out[saved.name] = all(torch.equal(got[n], want[n]) for n in want) and set(got) == set(want)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,12 +224,16 @@ def run_all(directory: str, world: int = 2) -> bool:
              tokens=tokens.numpy(), **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()},
              **{"tied.logits": tied_out.logits.detach().numpy()},
              **{"tied.grad." + n: p.grad.numpy().copy() for n, p in tied.named_parameters()})
-    mp.spawn(_rank, args=(world, _free_port(), directory), nprocs=world, join=True)
+    mp.spawn(_rank if world == 2 else _rank_2d, args=(world, _free_port(), directory), nprocs=world, join=True)
     ok = True
     for rank in range(world):
         for row in json.loads((Path(directory) / f"rank{rank}.json").read_text()):
             ok &= row["ok"]
             print(json.dumps(row), flush=True)
+    if world == 4:
+        saved = _saved_equal(Path(directory))
+        ok &= all(v is True or v == world + 1 for v in saved.values())
+        print(json.dumps(dict(saved=saved)), flush=True)
     return ok
 
 
