@@ -11,7 +11,8 @@ equal rows, each micro-batch's loss is weighted by its share of the *whole batch
 items (labels that are not ignored), so the accumulated gradient is the gradient of the loss
 the whole batch would have in one step (HF's per-micro-batch mean would weight a micro-batch
 with few labels like one with many). Dropout masks are drawn for each row's place in the whole
-batch, so with dropout on it is still the same step.
+batch (on a data-parallel model, in the global batch: `_first_row`), so with dropout on it is
+still the same step.
 """
 
 from __future__ import annotations
@@ -158,6 +159,22 @@ def _label_keys(model: object) -> tuple[str, ...]:
     return next(LABEL_KEYS[cls] for cls in type(model).__mro__ if cls in LABEL_KEYS)
 
 
+def _first_row(model: torch.nn.Module, rows: int) -> int:
+    # This process's first row of the global batch. A data-parallel model (FSDP2 / HSDP over the
+    # `data` and `fsdp` mesh axes, `torch_impl.sharding.shard_model`) is fed `rows` rows per rank,
+    # data-major as the Flax twin lays a global batch over the same axes; its dropout masks are
+    # those of its rows' places in the global batch, so the sharded step is the one-process step.
+    # The mesh is read from the parameters (FSDP2 keeps them as DTensors on it); tensor-parallel
+    # ranks share the whole batch, and an unsharded model is the whole batch: row 0.
+    mesh = getattr(next(model.parameters(), None), "device_mesh", None)
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    index = 0
+    for axis in ("data", "fsdp"):
+        if axis in names:
+            index = index * mesh.size(names.index(axis)) + mesh.get_local_rank(axis)
+    return index * rows
+
+
 def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str, torch.Tensor], *,
                accumulation_steps: int = 1) -> dict[str, torch.Tensor]:
     """One optimizer update from `batch` (`input_ids`, optional `attention_mask` / `position_ids`,
@@ -184,7 +201,8 @@ def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, t
     totals = label_counts(model, labels, input_ids.shape[1])
     micro_batches = split_batch(batch, accumulation_steps)
     rows = input_ids.shape[0] // accumulation_steps
-    key = torch.from_numpy(dropout_key(hparams.seed, optimizer.step)).to(input_ids.device)
+    first_row = _first_row(model, input_ids.shape[0])  # data-parallel ranks: their place in the global batch
+    key = torch.from_numpy(dropout_key(hparams.seed, optimizer.step, first_row)).to(input_ids.device)
     optimizer.zero_grad()
     loss = 0.0
     for m, micro in enumerate(micro_batches):

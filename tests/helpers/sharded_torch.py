@@ -5,9 +5,9 @@
 Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gradients; then
 WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
 and compare. WORLD 2: two meshes in turn — tensor parallel (`tensor=2`, with greedy generate and
-a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch) — then 3 training steps from a
-fresh sharded load against 3 single-process steps. WORLD 4: the 2-D meshes of `_rank_2d` and
-both saves of a sharded model. Prints one JSON line per mesh and rank; exits 1 on a mismatch.
+a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch) — then 3 training steps (with
+dropout) from a fresh sharded load against 3 single-process steps. WORLD 4: the 2-D meshes of
+`_rank_2d` and both saves of a sharded model. Prints one JSON line per mesh and rank; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hi
 TOL = 1e-12  # float64: sharded sums differ from unsharded ones by rounding only
 NEW_TOKENS = 5  # greedy generate() under tensor parallelism
 MESHES_2D = (("fsdp", "tensor"), ("data", "fsdp"))  # world 4: FSDP2 x tensor parallel, HSDP
+DROPOUT = 0.1  # in the training steps
 
 
 def _inputs() -> torch.Tensor:
@@ -52,9 +53,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _train(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
-    """3 AdamW steps (`torch_impl.training.train_step`) with warmup, decay and clipping."""
+    """3 AdamW steps (`torch_impl.training.train_step`) with warmup, decay and clipping, and
+    dropout on the embeddings and both residual branches: an FSDP rank must draw the masks of
+    its rows' places in the whole batch (`torch_impl.training._first_row`). Not on the attention
+    map: under tensor parallelism each rank's map holds its own heads, whose masks follow the
+    local head index (not the one-process masks)."""
+    from torch_impl.layers.dropout import Dropout
     from torch_impl.training import TrainingHParams, make_optimizer, train_step
 
+    for module in model.modules():  # on for training only; the forward comparisons run without it
+        if isinstance(module, Dropout) and module.site != "attention":
+            module.rate = DROPOUT
     model.train()
     optimizer = make_optimizer(model, TrainingHParams(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1,
                                                       max_steps=10))

@@ -87,9 +87,10 @@ def test_torch_sharded_equals_unsharded_on_two_ranks(tmp_path):
     the batch), each loaded sharded (cut on the meta device, each rank reading its slices); every
     parameter placed as the table says, forward logits, loss and every gradient equal to the
     single-process run to 1e-12, each rank holding about half the parameter bytes, and the
-    parameters after 3 train_step updates equal the single process's. Under tensor parallelism
-    also greedy `generate()` (same tokens) and a tied LM head (logits, gradients); under FSDP2
-    `generate()` refuses by name."""
+    parameters after 3 train_step updates with dropout equal the single process's (each FSDP rank
+    draws the masks of its rows in the whole batch). Under tensor parallelism also greedy
+    `generate()` (same tokens) and a tied LM head (logits, gradients); under FSDP2 `generate()`
+    refuses by name."""
     rows = _run("tests.helpers.sharded_torch", str(tmp_path / "ckpt"), "2")
     assert sorted((r["rank"], tuple(r["mesh"].items())) for r in rows) == [
         (0, (("fsdp", 2),)), (0, (("tensor", 2),)), (1, (("fsdp", 2),)), (1, (("tensor", 2),))]
