@@ -7,6 +7,8 @@ Parameter paths map to HF names by `weights.names`; linear kernels are the trans
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
@@ -22,9 +24,13 @@ from weights.checkpoint import CheckpointReader
 from weights.names import hf_name, is_transposed
 from weights.partition import Rule
 from weights.dtypes import numpy_dtype
-from weights.pretrained import load_into, open_pretrained, save_checkpoint
+from weights.pieces import piece_file, write_pieces_index
+from weights.pretrained import (checkpoint_config, keep_on_resave, load_into, natural_key, open_pretrained,
+                                save_checkpoint)
 from weights.report import LoadReport
 from weights.safetensors_io import TensorSpec
+from weights.safetensors_writer import save_file
+from weights.staging import atomic_directory
 
 from . import sharding
 from .layers.precision import MATMUL_PRECISIONS, dot_precision
@@ -218,11 +224,15 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_s
     """Write `config.json` and the weights in HF layout (the same files the torch twin writes),
     tensor by tensor, transposing kernels back to `[out, in]`; `directory` is replaced atomically.
 
-    `per_process` (one file set per process, `weights.pieces`) is the torch twin's so far."""
-    if per_process:
-        raise NotImplementedError("save_pretrained(per_process=True): not in the Flax twin yet; save gathered")
+    Under `jax.distributed` (several processes), every process calls this: by default each tensor
+    is gathered in turn and process 0 writes it (a normal HF checkpoint); with `per_process`,
+    nothing is gathered: each process writes its devices' pieces and process 0 an index
+    (`weights.pieces` states the format; `weights.pieces.consolidate` makes a normal checkpoint).
+    """
     params = _hf_params(nnx.state(model, nnx.Param))
     specs = [TensorSpec(k, shape, dtype) for k, (shape, dtype) in _expected(params).items()]
+    if per_process or jax.process_count() > 1:  # arrays other processes hold parts of
+        return _save_sharded(model, params, specs, directory, max_shard_size, per_process)
 
     def fetch(name: str) -> np.ndarray:
         value = np.asarray(params[name][1][...])  # a host view on CPU; one tensor's copy otherwise
@@ -230,6 +240,81 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, max_shard_s
 
     return save_checkpoint(directory, model.config, type(model).__name__, specs, fetch,
                            max_shard_size=max_shard_size)
+
+
+def _allgather_json(value: Any) -> list[Any]:
+    """`value` (JSON-able) of every process, by process index (a collective)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(everyone[i, :sizes[i]])) for i in range(len(sizes))]
+
+
+def _save_sharded(model: nnx.Module, params: Mapping[str, tuple[tuple, Any]], specs: Sequence[TensorSpec],
+                  directory: str | os.PathLike, max_shard_size: int | str, per_process: bool) -> Path:
+    """`save_pretrained` across processes (or `per_process` in one), called by every process."""
+    from jax.experimental import multihost_utils
+
+    if per_process:
+        return _save_pieces(model, params, specs, directory)
+    # Gathering is a collective: every process gathers the same tensors in the writer's order.
+    order = [spec.name for spec in sorted(specs, key=lambda spec: natural_key(spec.name))]
+
+    def gathered(name: str) -> np.ndarray:
+        value = np.asarray(multihost_utils.process_allgather(params[name][1][...], tiled=True))
+        return value.T if is_transposed(name) else value
+
+    if jax.process_index() == 0:
+        expected = iter(order)
+
+        def fetch(name: str) -> np.ndarray:
+            if name != next(expected):
+                raise RuntimeError(f"save_pretrained: the writer asked for {name} out of the gather order")
+            return gathered(name)
+
+        save_checkpoint(directory, model.config, type(model).__name__, specs, fetch, max_shard_size=max_shard_size)
+    else:
+        for name in order:
+            gathered(name)
+    multihost_utils.sync_global_devices("twinlm save_pretrained")  # in place when any process returns
+    return Path(directory)
+
+
+def _save_pieces(model: nnx.Module, params: Mapping[str, tuple[tuple, Any]], specs: Sequence[TensorSpec],
+                 directory: str | os.PathLike) -> Path:
+    """`save_pretrained(per_process=True)`: each process writes its devices' pieces (one copy of
+    each: replica 0) into one staged directory that process 0 renames into place after the index."""
+    from jax.experimental import multihost_utils
+
+    rank, world = jax.process_index(), jax.process_count()
+    tensors: dict[str, np.ndarray] = {}
+    pieces: dict[str, list[tuple[str, list[list[int]]]]] = {}
+    for name, (_, var) in params.items():
+        value = var[...]
+        for shard in value.addressable_shards:
+            if shard.replica_id != 0:
+                continue
+            index = [[s.start or 0, n if s.stop is None else s.stop] for s, n in zip(shard.index, value.shape)]
+            data = np.asarray(shard.data)
+            if is_transposed(name):  # the kernel's [in, out] piece is the HF tensor's [out, in] piece
+                data, index = data.T, index[::-1]
+            key = f"{name}@{len(pieces.get(name, []))}"
+            tensors[key] = data
+            pieces.setdefault(name, []).append((key, index))
+    staged = atomic_directory(directory, force=True, keep=keep_on_resave) if rank == 0 else contextlib.nullcontext()
+    with staged as staging:
+        where = _allgather_json(str(staging) if rank == 0 else None)[0]  # rank 0's staging directory
+        save_file(tensors, Path(where) / piece_file(rank, world))
+        held = _allgather_json(pieces)  # also: every process's file is written
+        if rank == 0:
+            checkpoint_config(model.config, type(model).__name__, specs).save_pretrained(staging)
+            write_pieces_index(staging, type(model).__name__, specs, held)
+    multihost_utils.sync_global_devices("twinlm save_pretrained pieces")  # renamed into place when any returns
+    return Path(directory)
 
 
 class Pretrained:

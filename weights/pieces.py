@@ -20,8 +20,8 @@ into one directory:
                                ...]},
                  ...}}
 
-A piece is the tensor `key` of `file` (the HF name; `name@i` when a process holds several pieces of
-one tensor, as a JAX process with several devices may), holding `whole[start:stop, ...]` (one
+A piece is the tensor `key` of `file` (the HF name from torch ranks; `name@i` from JAX processes,
+which may hold several pieces of one tensor, one per device), holding `whole[start:stop, ...]` (one
 `[start, stop]` per dimension). The pieces of a tensor tile it exactly once: a replicated tensor (or a replicated
 copy of a shard) is written by the lowest rank holding it only. The directory is staged and
 renamed into place as a whole (`weights.staging.atomic_directory`), so a reader never sees a

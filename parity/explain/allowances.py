@@ -56,9 +56,16 @@ ALLOWANCES: dict[str, Allowance] = {
                                                    "an abstract model with nnx.eval_shape, merges the loaded state, "
                                                    "and resolves its dots' precision for the device; with a mesh "
                                                    "torch cuts the meta model, NNX reads slices per device"),
-    "checkpoint.py:save_pretrained": Allowance(11, STATE + "; a torch model with DTensor parameters is saved by "
-                                                          "every rank (_save_sharded); the Flax twin's per-process "
-                                                          "files are not written yet"),
+    "checkpoint.py:save_pretrained": Allowance(10, STATE + "; a model spread over processes is saved by every "
+                                                          "process (_save_sharded): torch sees DTensors, JAX "
+                                                          "several processes"),
+    "checkpoint.py:_save_sharded": Allowance(16, "the collectives are each framework's: torch.distributed's "
+                                                 "DTensor.full_tensor and barrier, JAX's process_allgather and "
+                                                 "sync_global_devices; NNX kernels are transposed back to HF's [out, in]"),
+    "checkpoint.py:_save_pieces": Allowance(33, "a torch rank holds one piece per tensor (its DTensor's local "
+                                                "slice, from the placements), deduplicated over ranks by "
+                                                "all_gather_object; a JAX process several (its devices' "
+                                                "addressable_shards, replica 0 each), exchanged as JSON bytes"),
     # generation.py
     "generation.py:top_k": Allowance(10, "jax.lax.top_k breaks ties by index; torch.topk's tie order is "
                                          "unspecified, so rows with ties at the k-th value are re-ranked by index"),

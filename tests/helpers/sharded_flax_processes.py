@@ -1,6 +1,7 @@
 """One of two JAX processes on 127.0.0.1 (`jax.distributed.initialize`), 4 CPU devices each, one
 (fsdp=2, tensor=4) mesh over all 8: the Flax twin loaded sharded, each process reading only the
-slices of its own devices, and its forward logits equal to the one-device run.
+slices of its own devices, and its forward logits equal to the one-device run; then the sharded
+model saved both ways (gathered: DIR/../flax_gathered; per process: DIR/../flax_pieces).
 
     python -m tests.helpers.sharded_flax_processes PROCESS_ID PORT DIR
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 if "jax" in sys.modules:
     raise RuntimeError("tests.helpers.sharded_flax_processes must start before jax is imported")
@@ -55,6 +57,9 @@ def main(process_id: int, port: int, directory: str) -> None:
         rows = ids[2 * process_id:2 * process_id + 2]  # this process' rows of the batch
         logits = forward(params, multihost_utils.host_local_array_to_global_array(rows, mesh, PartitionSpec("fsdp")))
     got = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+    # Both saves of the sharded model (every process calls them): gathered by process 0, and pieces.
+    model.save_pretrained(Path(directory).parent / "flax_gathered")
+    model.save_pretrained(Path(directory).parent / "flax_pieces", per_process=True)
     want = np.asarray(ForCausalLM.from_pretrained(directory)(jax.numpy.asarray(ids)).logits)  # this process' first device alone
     print(json.dumps(dict(process=process_id, devices=len(jax.devices()), local=len(jax.local_devices()),
                           processes=process_count(mesh),

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers.configs import REPO_ROOT
@@ -128,7 +129,8 @@ def test_torch_two_dimensional_meshes_on_four_ranks_and_sharded_saves(tmp_path):
 def test_flax_two_processes_each_read_their_slices(tmp_path):
     """`jax.distributed` on 127.0.0.1: two processes of 4 CPU devices, one (fsdp=2, tensor=4) mesh
     with fsdp across the processes. Each process reads about half the checkpoint's bytes (its
-    devices' slices; norms whole), and the sharded logits equal the one-device run."""
+    devices' slices; norms whole), and the sharded logits equal the one-device run. Then the sharded
+    model saved gathered and per process gives back the checkpoint's tensors."""
     import socket
 
     import torch
@@ -155,6 +157,19 @@ def test_flax_two_processes_each_read_their_slices(tmp_path):
         assert r["devices"] == 8 and r["local"] == 4 and r["processes"] == 2, r
         assert 0.5 <= r["read_fraction"] <= 0.52, r  # half of every split tensor, the norms whole
         assert r["logits_err"] <= 1e-12, r
+    # The model sharded over both processes, saved gathered (process 0 writes) and per process
+    # (each its devices' pieces; consolidated here): the very tensors of the checkpoint it came from.
+    from weights.checkpoint import CheckpointReader
+    from weights.pieces import PIECES_INDEX, consolidate
+
+    assert sorted(p.name for p in (tmp_path / "flax_pieces").iterdir()) == [
+        "config.json", "model-rank00000-of-00002.safetensors", "model-rank00001-of-00002.safetensors", PIECES_INDEX]
+    with CheckpointReader(tmp_path / "ckpt") as want:
+        for saved in (tmp_path / "flax_gathered", consolidate(tmp_path / "flax_pieces", tmp_path / "flax_whole")):
+            with CheckpointReader(saved) as got:
+                assert sorted(got.keys()) == sorted(want.keys()), saved
+                for k in want.keys():
+                    assert np.array_equal(got.get(k), want.get(k)), (saved, k)
 
 
 def test_the_memory_check_counts_one_process_share(tmp_path, monkeypatch):
