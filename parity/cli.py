@@ -257,7 +257,8 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-steps", type=_positive, metavar="K",
                    help="instead of the inference check: K AdamW steps in both twins from the checkpoint, on "
-                   "seeded batches (one per step); per step loss, grad norm and every parameter")
+                   "seeded batches (one per step); per step loss, grad norm and every parameter. Mixed "
+                   "precision: --dtype bfloat16 --param-dtype float32 (float32 master weights and moments)")
     p.add_argument("--accumulation-steps", type=_positive, default=1, metavar="A",
                    help="with --train-steps: cut each batch into A micro-batches (default 1)")
 
@@ -491,7 +492,8 @@ def _run_training_check(args: argparse.Namespace) -> int:
     from parity.check.training import check_training
 
     report = check_training(args.dir, args.dtype, steps=args.train_steps, seq_len=args.seq_len,
-                            batch_size=args.batch, seed=args.seed, accumulation_steps=args.accumulation_steps)
+                            batch_size=args.batch, seed=args.seed, accumulation_steps=args.accumulation_steps,
+                            param_dtype=args.param_dtype)
     _out(report.format_table())
     if args.json:
         _out(f"figures: {report.write_json(args.json)}")

@@ -38,7 +38,7 @@ from ..compare import compare
 from ..inputs import Batch, seeded_batch
 from ..loading import BadInputError, load_twins
 from ..report import Report, Row
-from ..tolerances import tolerance
+from ..tolerances import TOLERANCES, row_name, tolerance
 
 __all__ = ["CHECK_HPARAMS", "check_training", "check_training_pair", "training_batch"]
 
@@ -59,10 +59,14 @@ def training_batch(batch: Batch, head: str, framework: str) -> dict[str, Any]:
 
 def check_training_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batches: Sequence[Batch], head: str,
                         hparams: TrainingHParams, *, dtype: str, title: str = "training",
-                        accumulation_steps: int = 1) -> Report:
+                        accumulation_steps: int = 1, param_dtype: str | None = None) -> Report:
     """Train both twins (same weights, same head) one `train_step` per batch; rows per step:
-    loss, gradient norm, and every parameter after the step. Both twins end up trained."""
+    loss, gradient norm, and every parameter after the step. Both twins end up trained. The
+    bounds are the tolerance table's row of the run: `dtype`, or `dtype/param_dtype` when the
+    parameters (AdamW's master weights, its moments with them) are stored in another dtype."""
+    row = row_name(dtype, param_dtype)
     report = Report(title, dtype, head)
+    report.meta["param_dtype"] = param_dtype or dtype
     report.meta["describe"] = {
         "training": f"{len(batches)} AdamW steps, accumulation {accumulation_steps}, train mode; "
                     + ", ".join(f"{k} {v}" for k, v in asdict(hparams).items())}
@@ -71,7 +75,7 @@ def check_training_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, ba
     flax_model.train()
     t_opt = torch_training.make_optimizer(torch_model, hparams)
     f_opt = flax_training.make_optimizer(flax_model, hparams)
-    loss_tol, grad_tol, param_tol = (tolerance(dtype, q) for q in ("loss", "gradients", "parameters"))
+    loss_tol, grad_tol, param_tol = (tolerance(row, q) for q in ("loss", "gradients", "parameters"))
     undetermined: dict[str, np.ndarray] = {}  # per parameter: elements whose gradient had no agreed sign
     lr_sum = 0.0
     for step, batch in enumerate(batches, start=1):
@@ -129,10 +133,23 @@ def _layer_of(name: str) -> int | None:
 
 def check_training(directory: str | os.PathLike, dtype: str = "float32", *, steps: int = 3, seq_len: int = 16,
                    batch_size: int = 3, seed: int = 0, accumulation_steps: int = 1, head: str | None = None,
-                   flax_directory: str | os.PathLike | None = None, hparams: TrainingHParams | None = None) -> Report:
-    """Load `directory` into both twins in `dtype` and take `steps` training steps in each on
-    seeded batches (`seeded_batch(config, batch_size, seq_len, seed + step)`); see
-    `check_training_pair`. `hparams` defaults to `CHECK_HPARAMS` with `max_steps = steps`."""
+                   flax_directory: str | os.PathLike | None = None, hparams: TrainingHParams | None = None,
+                   param_dtype: str | None = None) -> Report:
+    """Load `directory` into both twins, activations in `dtype` and parameters in `param_dtype`
+    (default `dtype`; `dtype="bfloat16", param_dtype="float32"` is mixed precision: float32 master
+    weights and AdamW moments, bfloat16 products, softmax and losses in float32), and take `steps`
+    training steps in each on seeded batches (`seeded_batch(config, batch_size, seq_len, seed +
+    step)`); see `check_training_pair`. `hparams` defaults to `CHECK_HPARAMS` with `max_steps = steps`."""
+    if (param_dtype or dtype) == "float16":
+        # Measured: NaN in both twins after one update (7 families x 3 heads). AdamW's epsilon
+        # (1e-8) rounds to 0 in float16, so an element with no gradient (an unused embedding row)
+        # steps by 0 / 0; float16 training also needs loss scaling, which twinlm does not do.
+        raise BadInputError("training with float16 parameters gives NaN (AdamW's epsilon 1e-8 rounds to 0 in "
+                            "float16): train in float32, or in bfloat16 with --param-dtype float32")
+    row = row_name(dtype, param_dtype)
+    if row not in TOLERANCES:
+        raise BadInputError(f"no tolerance row for {row!r} (dtype {dtype}, parameters {param_dtype}); "
+                            f"rows: {', '.join(TOLERANCES)}")
     if steps < 1:
         raise BadInputError(f"--train-steps must be >= 1, got {steps}")
     if batch_size < 2 or seq_len < 2:
@@ -141,14 +158,15 @@ def check_training(directory: str | os.PathLike, dtype: str = "float32", *, step
         raise BadInputError(f"--accumulation-steps {accumulation_steps} must divide --batch {batch_size}")
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode")
-    twins = load_twins(directory, dtype, head, flax_directory)
+    twins = load_twins(directory, dtype, head, flax_directory, param_dtype=param_dtype)
     config = twins.config
     if twins.head == "sequence_classification" and config.pad_token_id is None:
         raise BadInputError("training batches of several rows need config.pad_token_id for sequence classification")
     hparams = hparams or TrainingHParams(**CHECK_HPARAMS, max_steps=max(steps, CHECK_HPARAMS["warmup_steps"]))
     batches = [seeded_batch(config, batch_size, seq_len, seed + k) for k in range(steps)]
     report = check_training_pair(twins.torch_model, twins.flax_model, batches, twins.head, hparams, dtype=dtype,
-                                 title=f"{directory} (train {steps} steps)", accumulation_steps=accumulation_steps)
+                                 title=f"{directory} (train {steps} steps)", accumulation_steps=accumulation_steps,
+                                 param_dtype=param_dtype)
     report.meta["checkpoint"] = str(directory)
     report.meta["seed"] = seed
     return report

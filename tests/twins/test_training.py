@@ -1,6 +1,7 @@
 """Training in both twins (`torch_impl.training`, `flax_impl.training`): the schedule step by
 step, the weight-decay groups, K AdamW steps leaving every parameter equal across twins
-(float64), gradient accumulation equal to one big step, and remat leaving gradients unchanged."""
+(float64), gradient accumulation equal to one big step, remat leaving gradients unchanged, and
+mixed precision (bfloat16 products on float32 master weights) tracking float32."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ from flax import nnx
 
 import flax_impl.training as flax_training
 import torch_impl.training as torch_training
+from flax_impl.checkpoint import state_to_numpy as flax_state
 from parity import strategies as tst
+from parity.check.training import CHECK_HPARAMS, check_training_pair, training_batch
 from parity.inputs import seeded_batch
 from parity.loading import twins_from_config
+from parity.tolerances import tolerance
 from tests.helpers.training import train, worst_relative
 from tests.helpers.twins import run_flax, run_torch
+from torch_impl.checkpoint import state_to_numpy as torch_state
 from weights.names import hf_name
 from weights.shared.training import TrainingHParams, decays, learning_rate_at
 
@@ -157,3 +162,35 @@ def test_remat_leaves_gradients_unchanged(config, head, seed):
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(**{k: jnp.asarray(v) for k, v in batch.items()}).loss)
     assert "checkpoint" in str(jaxpr(state)) or "remat" in str(jaxpr(state))
+
+
+def test_mixed_precision_tracks_float32_and_the_twins_agree():
+    """bfloat16 compute on float32 master weights (`param_dtype=float32`): parameters, gradients
+    and both twins' AdamW moments are float32 and the loss is float32; after 3 AdamW steps the
+    twins agree within the table's "bfloat16/float32" row (the training check, as `twinlm check
+    --train-steps 3 --dtype bfloat16 --param-dtype float32` runs it), and each twin's parameters
+    are within the "bfloat16/float32 vs float32" row of the torch twin's float32 run."""
+    config, head = tst.family_examples()["gemma2"], "causal_lm"  # soft caps, sandwich norms: the most casts
+    hparams = TrainingHParams(**CHECK_HPARAMS, max_steps=3)
+    batches = [seeded_batch(config, 3, 9, k) for k in range(3)]
+    reference, _ = train(twins_from_config(config, head, "float32").torch_model, "torch", batches, head, hparams)
+    twins = twins_from_config(config, head, "bfloat16", param_dtype="float32")
+    report = check_training_pair(twins.torch_model, twins.flax_model, batches, head, hparams, dtype="bfloat16",
+                                 param_dtype="float32")
+    assert report.passed, report.format_table()
+    assert {r.comparison.tolerance for r in report.rows if r.quantity == "parameters"} == {
+        tolerance("bfloat16/float32", "parameters")}
+    t_model, f_model = twins.torch_model, twins.flax_model
+    bound = tolerance("bfloat16/float32 vs float32", "parameters")
+    for framework, params in (("torch", torch_state(t_model)), ("flax", flax_state(f_model))):
+        name, err = worst_relative(reference, params)
+        assert err <= bound, f"{framework} mixed precision: {name} is {err:.2e} from float32 (bound {bound:.0e})"
+    assert {p.dtype for p in t_model.parameters()} == {p.grad.dtype for p in t_model.parameters()} == {torch.float32}
+    t_opt = torch_training.make_optimizer(t_model, hparams)
+    t_model.train()
+    metrics = torch_training.train_step(t_model, t_opt, training_batch(batches[0], head, "torch"))
+    assert metrics["loss"].dtype == torch.float32
+    assert {v.dtype for s in t_opt.optimizer.state.values() for v in s.values() if v.ndim} == {torch.float32}
+    f_opt = flax_training.make_optimizer(f_model, hparams)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(f_opt))
+            if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
