@@ -17,11 +17,14 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp  # noqa: F401 - imported once here, inherited by the forked ranks
+import torch.distributed.tensor.parallel  # noqa: F401
 import torch.multiprocessing as mp
 
 from torch_impl import ForCausalLM
@@ -98,6 +101,7 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
         ids = _inputs()
         rows = []
         for axis in ("tensor", "fsdp"):
+            started = time.perf_counter()
             mesh = init_device_mesh("cpu", (world,), mesh_dim_names=(axis,))
             # Sharded loading: cut on the meta device, then each rank reads its slices.
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
@@ -143,6 +147,7 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
             row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
                                          for n, p in model.named_parameters())
             row["ok"] = row["ok"] and row["train_param_err"] <= TOL
+            row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
     finally:
@@ -162,6 +167,7 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
         ids = _inputs()
         rows = []
         for names in MESHES_2D:
+            started = time.perf_counter()
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
             total = sum(p.numel() * 8 for p in model.parameters())
@@ -186,6 +192,7 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
             if names == ("fsdp", "tensor"):
                 model.save_pretrained(Path(directory) / f"gathered_{tag}")
             model.save_pretrained(Path(directory) / f"pieces_{tag}", per_process=True)
+            row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
     finally:
@@ -206,6 +213,13 @@ def _saved_equal(directory: Path) -> dict:
         got = dict(ForCausalLM.from_pretrained(saved, dtype=torch.float64).named_parameters())
         out[saved.name] = all(torch.equal(got[n], want[n]) for n in want) and set(got) == set(want)
     return out
+
+
+def _forked(rank: int, fn, world: int, port: int, directory: str) -> None:
+    # One thread per rank (the ranks share 2 cores), and none of the parent's OpenMP pool, which
+    # a forked child must not enter.
+    torch.set_num_threads(1)
+    fn(rank, world, port, directory)
 
 
 def _free_port() -> int:
@@ -233,7 +247,10 @@ def run_all(directory: str, world: int = 2) -> bool:
              tokens=tokens.numpy(), **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()},
              **{"tied.logits": tied_out.logits.detach().numpy()},
              **{"tied.grad." + n: p.grad.numpy().copy() for n, p in tied.named_parameters()})
-    mp.spawn(_rank if world == 2 else _rank_2d, args=(world, _free_port(), directory), nprocs=world, join=True)
+    # Forked, not spawned: the ranks inherit this module's imports (a spawned rank re-imports torch
+    # and the distributed packages: 7-13 s of this test on 2 cores); each computes on one thread.
+    mp.start_processes(_forked, args=(_rank if world == 2 else _rank_2d, world, _free_port(), directory),
+                       nprocs=world, join=True, start_method="fork")
     ok = True
     for rank in range(world):
         for row in json.loads((Path(directory) / f"rank{rank}.json").read_text()):
