@@ -7,6 +7,16 @@ import os
 # semantics; the benchmarks and the CLI run with XLA's defaults.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
+# Under pytest-xdist the workers share the cores: each gets its share of threads, or torch's
+# and XLA's pools oversubscribe them and spin-wait (20x slower tiny-model tests, measured).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ["XLA_FLAGS"] += f" --xla_cpu_multi_thread_eigen={'true' if _THREADS > 1 else 'false'}"
+    import torch
+
+    torch.set_num_threads(_THREADS)
+
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
