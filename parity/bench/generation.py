@@ -53,8 +53,9 @@ def mid_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     return out
 
 
-def build(twin: str) -> tuple[Any, Any, dict[str, np.ndarray]]:
-    """(config, model, HF-layout tensors) of the mid-size model, without a random init."""
+def build(twin: str, dtype: str = "float32") -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """(config, model, HF-layout tensors) of the mid-size model, without a random init: float32
+    parameters, activations in `dtype` ("bfloat16": mixed precision, weights cast at use)."""
     from weights.config import ModelConfig
 
     config = ModelConfig(**MID)
@@ -63,9 +64,10 @@ def build(twin: str) -> tuple[Any, Any, dict[str, np.ndarray]]:
 
         import torch_impl
         from torch_impl.checkpoint import load_numpy_state
+        from torch_impl.layers.precision import to_dtype
 
         with torch.device("meta"):
-            model = torch_impl.ForCausalLM(config, dtype=torch.float32)
+            model = torch_impl.ForCausalLM(config, dtype=to_dtype(dtype), param_dtype=torch.float32)
         model = model.to_empty(device="cpu")
         tensors = mid_weights({k: tuple(v.shape) for k, v in model.state_dict().items()})
         load_numpy_state(model, tensors)
@@ -74,9 +76,11 @@ def build(twin: str) -> tuple[Any, Any, dict[str, np.ndarray]]:
     from flax import nnx
 
     import flax_impl
+    from flax_impl.layers.precision import to_dtype
     from weights.names import hf_name, is_transposed
 
-    model = nnx.eval_shape(lambda: flax_impl.ForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: flax_impl.ForCausalLM(config, dtype=to_dtype(dtype), param_dtype=jnp.float32,
+                                                         rngs=nnx.Rngs(0)))
     flat = list(nnx.to_flat_state(nnx.state(model)))
     shapes = {}
     for path, var in flat:
@@ -126,17 +130,19 @@ def bandwidth_probes(twin: str, model, tensors: dict[str, np.ndarray]) -> dict[s
     return out
 
 
-def matmul_rate(twin: str, n: int = 2048) -> float:
-    """FLOP/s of the framework on an n x n float32 matmul (best of 5)."""
+def matmul_rate(twin: str, n: int = 2048, dtype: str = "float32") -> float:
+    """FLOP/s of the framework on an n x n matmul in `dtype` (best of 5)."""
     if twin == "torch":
         import torch
 
-        a = torch.randn(n, n)
+        from torch_impl.layers.precision import to_dtype
+
+        a = torch.randn(n, n).to(to_dtype(dtype))
         return 2 * n ** 3 / best(lambda: a @ a, 5)
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, a).block_until_ready()
     return 2 * n ** 3 / best(lambda: mm(a, a).block_until_ready(), 5)

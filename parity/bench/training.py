@@ -1,6 +1,6 @@
 """The `train` section of `make bench`: `train_step` on the mid-size LLaMA (`generation.MID`,
-155 M parameters, float32) in each twin, with and without remat, next to the framework's own
-matmul-bound estimate from the same run; and the cost of the dropout masks.
+155 M parameters, float32) in each twin, with and without remat, and in mixed precision, next to
+the framework's own matmul-bound estimate from the same run; and the cost of the dropout masks.
 
 Each (twin, remat) runs in its own child process (`OMP_WAIT_POLICY=PASSIVE` for torch, see
 `generation`). RSS is read from the kernel: between steps a child holds the parameters and
@@ -11,6 +11,13 @@ after they are freed; glibc keeps freed pages). So the activation memory remat s
 exactly, by each framework's own account (`activation_bytes`): the tensors autograd saves
 (torch), XLA's temporary buffers of the compiled forward + backward (Flax). The Flax twin is
 measured with XLA's default CPU scheduler and with the sequential one (`SEQUENTIAL_CPU_SCHEDULER`).
+
+Mixed precision (one more child per twin, no remat): the same float32 parameters and AdamW
+moments, activations in bfloat16 (weights cast at use, softmax and loss in float32), against the
+framework's bfloat16 matmul rate. On a CPU without bfloat16 matrix units (AVX512-BF16, AMX) a
+bfloat16 product is slower than a float32 one, so the row says what mixed precision costs there.
+What the backward keeps is half-size activations plus each weight's bfloat16 copy (2 bytes per
+parameter), so mixed precision saves memory only where activations outweigh the weights.
 
 Bound: one step is a forward and a backward pass, 3 x the forward FLOPs (`generation.forward_flops`:
 every linear layer, the LM head, the eager attention's two matmuls; the backward pass has two
@@ -131,9 +138,9 @@ def _mask_fn(twin: str, shape: tuple[int, ...], layers: int):
     return lambda: jax.block_until_ready(masks(j_key))
 
 
-def run_train(twin: str, remat: bool) -> dict:
-    """Every measurement of one (twin, remat) child."""
-    config, model, tensors = build(twin)
+def run_train(twin: str, remat: bool, dtype: str = "float32") -> dict:
+    """Every measurement of one (twin, remat, compute dtype) child; parameters float32."""
+    config, model, tensors = build(twin, dtype)
     del tensors
     if remat:
         model.gradient_checkpointing_enable()
@@ -147,14 +154,14 @@ def run_train(twin: str, remat: bool) -> dict:
     steady = _rss_bytes()  # parameters, moments (and Flax's compiled program): what every step starts from
     _reset_peak()
     seconds = best(step, TRAIN_STEPS)
-    out: dict[str, Any] = {"twin": twin, "remat": remat, "seconds": seconds, "first": first,
+    out: dict[str, Any] = {"twin": twin, "remat": remat, "dtype": dtype, "seconds": seconds, "first": first,
                            "steady_rss": steady, "step_peak": _peak_bytes(),
                            "activations": activation_bytes(twin, model, ids),
                            "xla_flags": os.environ.get("XLA_FLAGS", ""),
                            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                            "flops": (4 if remat else 3) * forward_flops(config, batch, length),
-                           "tokens": batch * length, "matmul_rate": matmul_rate(twin)}
-    if not remat:
+                           "tokens": batch * length, "matmul_rate": matmul_rate(twin, dtype=dtype)}
+    if not remat and dtype == "float32":
         shape = (batch, config.num_attention_heads, length, length)
         out["mask_seconds"] = best(_mask_fn(twin, shape, config.num_hidden_layers), 3)
         out["mask_shape"] = shape
@@ -169,13 +176,13 @@ def run_train(twin: str, remat: bool) -> dict:
 SEQUENTIAL_CPU_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def _child(twin: str, remat: bool, xla_flags: str = "") -> dict:
+def _child(twin: str, remat: bool, xla_flags: str = "", dtype: str = "float32") -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if twin == "torch" else dict(os.environ)
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     code = (f"import json; from parity.bench.training import run_train; "
-            f"print(json.dumps(run_train({twin!r}, {remat!r})))")
-    return run_child(code, env, f"{twin} train benchmark child (remat {remat})")
+            f"print(json.dumps(run_train({twin!r}, {remat!r}, {dtype!r})))")
+    return run_child(code, env, f"{twin} train benchmark child (remat {remat}, {dtype})")
 
 
 @section("train")
@@ -211,6 +218,17 @@ def bench_train() -> list[Row]:
                             f"{saved / 1e6:.0f} of {off['activations'] / 1e6:.0f} MB ({saved / off['activations']:.0%}); "
                             f"step peak RSS {off['step_peak'] / 1e9:.2f} -> {r['step_peak'] / 1e9:.2f} GB; "
                             f"{r['seconds'] / off['seconds']:.2f}x the step time"))
+        mixed = _child(twin, False, dtype="bfloat16")
+        bound = mixed["flops"] / mixed["matmul_rate"]
+        rows.append(Row("train", f"{twin} mixed precision (bfloat16 products, float32 parameters and AdamW moments), "
+                                 f"no remat, batch {batch} x {length}",
+                        f"{mixed['tokens'] / mixed['seconds']:.0f} tok/s, {mixed['seconds']:.1f} s/step = "
+                        f"{off['seconds'] / mixed['seconds']:.2f}x float32's speed, {bound / mixed['seconds']:.0%} of "
+                        f"the bfloat16 matmul bound ({mixed['matmul_rate'] / 1e9:.0f} GFLOP/s 2048^3); peak RSS "
+                        f"{mixed['step_peak'] / 1e9:.2f} GB in a step (float32 {off['step_peak'] / 1e9:.2f}), "
+                        f"{mixed['steady_rss'] / 1e9:.2f} GB between steps; kept for the backward "
+                        f"{mixed['activations'] / 1e6:.0f} MB (float32 {off['activations'] / 1e6:.0f}: mixed keeps "
+                        f"half-size activations and each weight's bfloat16 copy, cast at use) (load {mixed['load']:.1f})"))
     for twin, off in masks.items():
         shape = tuple(off["mask_shape"])
         rows.append(Row("train", f"{twin} dropout masks in the program, {off['layers']} layers x {list(shape)}",
