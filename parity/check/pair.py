@@ -428,12 +428,55 @@ def device_mesh(axes: Mapping[str, int]) -> Mesh:
     return Mesh(np.asarray(devices[:count]).reshape(tuple(axes.values())), tuple(axes))
 
 
+def torch_device_mesh(axes: Mapping[str, int]):
+    """Under `torchrun` (WORLD_SIZE > 1): the process group (gloo, CPU) and a `DeviceMesh` shaped
+    and named as `axes`; None in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    count = math.prod(axes.values())
+    if count != world:
+        raise BadInputError(f"--mesh {','.join(f'{a}={n}' for a, n in axes.items())} has {count} places; "
+                            f"torchrun started {world} processes (--nproc-per-node): they must be equal")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # env:// from torchrun; the sharded check runs on the CPU
+    return init_device_mesh("cpu", tuple(axes.values()), mesh_dim_names=tuple(axes))
+
+
+def _torch_sharded_rows(directory: str | os.PathLike, dtype: str, batch: Batch, head: str, whole: torch.nn.Module,
+                        mesh: Any, tol: Callable[[str], float], names: tuple[str, ...]) -> list[Row]:
+    """The torch twin loaded sharded over `mesh` (every rank the whole batch) against itself whole."""
+    try:
+        sharded = getattr(torch_impl, HEADS[head]).from_pretrained(directory, dtype=dtype, mesh=mesh)
+    except ValueError as e:  # a dimension the mesh does not divide, a head count, a data axis without fsdp
+        raise BadInputError(" ".join(str(e).split())) from None
+    kwargs = dict(input_ids=to_torch(batch.input_ids), attention_mask=to_torch(batch.attention_mask),
+                  position_ids=to_torch(batch.position_ids),
+                  **{k: to_torch(v) for k, v in batch.head_labels(head).items()})
+    with torch.no_grad():
+        one, many = whole(**kwargs), sharded(**kwargs)
+    note = f"mesh {dict(zip(mesh.mesh_dim_names, mesh.mesh.shape))}: the torch twin sharded (torch.distributed, " \
+           f"{mesh.size()} ranks) vs itself in one process"
+    rows = [Row("head", "logits", compare(f"torch sharded vs unsharded ({n})", getattr(one, n), getattr(many, n),
+                                          tol("logits")), note=note) for n in names]
+    if one.loss is not None:
+        rows.append(Row("head", "loss", compare("torch sharded vs unsharded (loss)", one.loss, many.loss, tol("loss")),
+                        note=note))
+    return rows
+
+
 def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: Mapping[str, int], *,
                   head: str, sections: Iterable[str], title: str, tolerances: Mapping[str, float] | None = None,
                   phases: Phases | None = None) -> Report:
     """Both twins whole, the Flax twin also loaded sharded over `axes`; `check_pair` of torch
-    against the sharded Flax twin, then the sharded Flax twin against the unsharded one."""
+    against the sharded Flax twin, then the sharded Flax twin against the unsharded one. Under
+    `torchrun` (as many processes as `axes` has places) also the torch twin sharded over a
+    `DeviceMesh` of `axes` against itself whole."""
     mesh = device_mesh(axes)
+    torch_mesh = torch_device_mesh(axes)
     phases = phases or Phases(None)
     with phases("load", total=2, unit="model") as bar:
         twins = load_twins(directory, dtype, head, allow_nonfinite=True)  # checked by the caller
@@ -458,9 +501,13 @@ def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: 
     if one.loss is not None:
         rows.append(Row("head", "loss", compare("flax sharded vs unsharded (loss)", one.loss, many.loss, tol("loss")),
                         note=note))
+    if torch_mesh is not None:
+        rows += _torch_sharded_rows(directory, dtype, batch, head, twins.torch_model, torch_mesh, tol, names)
     # After the head rows, so the table shows one [head] section.
     heads = [i for i, r in enumerate(report.rows) if r.section == "head"]
     at = heads[-1] + 1 if heads else len(report.rows)
     report.rows[at:at] = rows
     report.meta["mesh"] = dict(axes)
+    if torch_mesh is not None:
+        report.meta["torch_ranks"] = torch_mesh.size()
     return report
