@@ -42,6 +42,20 @@ def stream_key(dropout_key: jax.Array, layer: int, site: str) -> jax.Array:
     return h
 
 
+def _kept(x: jax.Array, rate: float) -> jax.Array:
+    # `fmix32(x)` then `((bits >> 8) & 0xFFFFFF) >= keep_threshold(rate)`, the same bits, in the torch
+    # twin's statements (which overwrite a block in place; here each rebinds `x`). The test is on the
+    # unsigned bits u: u >> 8 >= t exactly when u >= t * 2^8, and flipping the sign bit of both
+    # sides turns that into a signed comparison.
+    x ^= (x >> 16) & 0xFFFF
+    x *= _int32(C1)
+    x ^= (x >> 13) & 0x7FFFF
+    x *= _int32(C2)
+    x ^= (x >> 16) & 0xFFFF
+    x ^= _int32(1 << 31)
+    return x >= _int32((keep_threshold(rate) << 8) ^ (1 << 31))
+
+
 def keep_mask(dropout_key: jax.Array, shape: tuple[int, ...], rate: float, layer: int, site: str) -> jax.Array:
     """Boolean keep-mask of `shape` (batch first, columns last); batch rows offset by `dropout_key[2]`."""
     b, inner, cols = shape[0], math.prod(shape[1:-1]), shape[-1]
@@ -49,8 +63,8 @@ def keep_mask(dropout_key: jax.Array, shape: tuple[int, ...], rate: float, layer
     rows = batch_rows[:, None] * inner + jnp.arange(inner, dtype=jnp.int32)[None, :]
     row_hash = combine(stream_key(dropout_key, layer, site), rows.reshape(-1))[:, None]  # [R, 1]
     columns = jnp.arange(cols, dtype=jnp.int32)[None, :] * _int32(GOLDEN)
-    bits = fmix32(row_hash + columns).reshape(shape)
-    return ((bits >> 8) & 0xFFFFFF) >= keep_threshold(rate)
+    # One block: XLA fuses the hash into one loop (the torch twin cuts CPU masks into cached blocks).
+    return _kept(row_hash + columns, rate).reshape(shape)
 
 
 class Dropout(nnx.Module):
