@@ -12,7 +12,8 @@ items (labels that are not ignored), so the accumulated gradient is the gradient
 the whole batch would have in one step (HF's per-micro-batch mean would weight a micro-batch
 with few labels like one with many). Dropout masks are drawn for each row's place in the whole
 batch (on a data-parallel model, in the global batch: `_first_row`), so with dropout on it is
-still the same step.
+still the same step. On a data-parallel model the shares are of the global batch's counted items
+(`_data_parallel_sum`), so ranks counting different numbers of labels still make its step.
 """
 
 from __future__ import annotations
@@ -159,20 +160,37 @@ def _label_keys(model: object) -> tuple[str, ...]:
     return next(LABEL_KEYS[cls] for cls in type(model).__mro__ if cls in LABEL_KEYS)
 
 
-def _first_row(model: torch.nn.Module, rows: int) -> int:
-    # This process's first row of the global batch. A data-parallel model (FSDP2 / HSDP over the
-    # `data` and `fsdp` mesh axes, `torch_impl.sharding.shard_model`) is fed `rows` rows per rank,
-    # data-major as the Flax twin lays a global batch over the same axes; its dropout masks are
-    # those of its rows' places in the global batch, so the sharded step is the one-process step.
-    # The mesh is read from the parameters (FSDP2 keeps them as DTensors on it); tensor-parallel
-    # ranks share the whole batch, and an unsharded model is the whole batch: row 0.
+def _data_parallel(model: torch.nn.Module) -> tuple[Any, tuple[str, ...]]:
+    # The mesh the parameters live on (FSDP2 keeps them as DTensors on it) and its data-parallel
+    # axes (`data`, `fsdp`: each rank of them is fed its own rows, `torch_impl.sharding.shard_model`);
+    # none for tensor-parallel ranks (they share the whole batch) or an unsharded model.
     mesh = getattr(next(model.parameters(), None), "device_mesh", None)
     names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    return mesh, tuple(axis for axis in ("data", "fsdp") if axis in names)
+
+
+def _first_row(model: torch.nn.Module, rows: int) -> int:
+    # This process's first row of the global batch. A data-parallel model is fed `rows` rows per
+    # rank, data-major as the Flax twin lays a global batch over the same axes; its dropout masks
+    # are those of its rows' places in the global batch, so the sharded step is the one-process step.
+    mesh, axes = _data_parallel(model)
     index = 0
-    for axis in ("data", "fsdp"):
-        if axis in names:
-            index = index * mesh.size(names.index(axis)) + mesh.get_local_rank(axis)
+    for axis in axes:
+        index = index * mesh.size(mesh.mesh_dim_names.index(axis)) + mesh.get_local_rank(axis)
     return index * rows
+
+
+def _data_parallel_sum(model: torch.nn.Module, values: tuple[torch.Tensor, ...]
+                       ) -> tuple[tuple[torch.Tensor, ...], int]:
+    # The scalars `values` summed over the data-parallel ranks (all of them hold the sums), and how
+    # many ranks that is (1 on a model that is not data-parallel: `values` unchanged).
+    mesh, axes = _data_parallel(model)
+    summed = torch.stack(values)
+    ranks = 1
+    for axis in axes:  # HSDP: over `fsdp`, then those sums over `data`
+        torch.distributed.all_reduce(summed, group=mesh.get_group(axis))
+        ranks *= mesh.size(mesh.mesh_dim_names.index(axis))
+    return tuple(summed), ranks
 
 
 def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str, torch.Tensor], *,
@@ -199,6 +217,10 @@ def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, t
     input_ids = batch["input_ids"]
     labels = {k: batch[k] for k in _label_keys(model)}
     totals = label_counts(model, labels, input_ids.shape[1])
+    # Data-parallel ranks: the counted labels of the global batch (a Flax batch is global). FSDP2
+    # averages the ranks' gradients, so a rank's labels weigh `ranks` times their share of the
+    # global count: the step is the global batch's even when the ranks count different numbers.
+    totals, ranks = _data_parallel_sum(model, totals)
     micro_batches = split_batch(batch, accumulation_steps)
     rows = input_ids.shape[0] // accumulation_steps
     first_row = _first_row(model, input_ids.shape[0])  # data-parallel ranks: their place in the global batch
@@ -208,11 +230,12 @@ def _train_step(model: torch.nn.Module, optimizer: Optimizer, batch: dict[str, t
     for m, micro in enumerate(micro_batches):
         micro_key = key + torch.tensor([0, 0, m * rows], dtype=key.dtype, device=key.device)
         micro_labels = {k: micro[k] for k in labels}
-        counts = label_counts(model, micro_labels, input_ids.shape[1])
+        counts = tuple(count * ranks for count in label_counts(model, micro_labels, input_ids.shape[1]))
         out = model(**{k: micro[k] for k in INPUT_KEYS if k in micro}, dropout_key=micro_key)
         micro_loss = accumulation_loss(model, out, micro_labels, counts, totals, accumulation_steps)
         micro_loss.backward()  # adds this micro-batch's gradients into each parameter's .grad
         loss = loss + micro_loss.detach()
+    loss = _data_parallel_sum(model, (loss,))[0][0] / ranks  # the global batch's, averaged as the gradients are
     grad_norm = clip_grad_norm([p.grad for p in model.parameters()], hparams.max_grad_norm)
     learning_rate = torch.tensor(optimizer.learning_rate, dtype=torch.float64)
     optimizer.update()

@@ -6,8 +6,9 @@ Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gr
 WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
 and compare. WORLD 2: two meshes in turn — tensor parallel (`tensor=2`, with greedy generate and
 a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch) — then 3 training steps (with
-dropout) from a fresh sharded load against 3 single-process steps. WORLD 4: the 2-D meshes of
-`_rank_2d` and both saves of a sharded model. Prints one JSON line per mesh and rank; exits 1 on a mismatch.
+dropout, and labels the FSDP ranks count unevenly) from a fresh sharded load against 3
+single-process steps. WORLD 4: the 2-D meshes of `_rank_2d` and both saves of a sharded model.
+Prints one JSON line per mesh and rank; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _inputs() -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 6)))
 
 
+def _labels() -> torch.Tensor:
+    """The training labels: the inputs, with the last rows' tails ignored (-100), so the FSDP
+    ranks count different numbers of labels (10 and 4): the step must weight them by the global
+    count (`torch_impl.training._data_parallel_sum`), not average the ranks' means."""
+    labels = _inputs().clone()
+    labels[len(labels) // 2:, 3:] = -100
+    return labels
+
+
 def _resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameter storage this rank holds (a DTensor's local shard)."""
     total = 0
@@ -55,10 +65,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+def _train(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
     """3 AdamW steps (`torch_impl.training.train_step`) with warmup, decay and clipping, and
     dropout on the embeddings and both residual branches: an FSDP rank must draw the masks of
-    its rows' places in the whole batch (`torch_impl.training._first_row`). Not on the attention
+    its rows' places in the whole batch (`torch_impl.training._first_row`), and weight its labels by
+    the whole batch's count (`_labels`: the FSDP ranks count 10 and 4). Not on the attention
     map: under tensor parallelism each rank's map holds its own heads, whose masks follow the
     local head index (not the one-process masks)."""
     from torch_impl.layers.dropout import Dropout
@@ -71,7 +82,7 @@ def _train(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     optimizer = make_optimizer(model, TrainingHParams(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1,
                                                       max_steps=10))
     for _ in range(3):
-        train_step(model, optimizer, {"input_ids": input_ids, "labels": input_ids})
+        train_step(model, optimizer, {"input_ids": input_ids, "labels": labels})
 
 
 def _tensor_extras(directory: str, mesh, model: torch.nn.Module, ids: torch.Tensor) -> dict:
@@ -143,7 +154,7 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
                 row["ok"] = row["ok"] and "fsdp" in row["generate_refused"]
             # K = 3 train_step updates from a fresh sharded load: every parameter as one process's.
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
-            _train(model, ids[part])
+            _train(model, ids[part], _labels()[part])
             row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
                                          for n, p in model.named_parameters())
             row["ok"] = row["ok"] and row["train_param_err"] <= TOL
@@ -237,7 +248,7 @@ def run_all(directory: str, world: int = 2) -> bool:
     out.loss.backward()
     grads = {"grad." + n: p.grad.numpy().copy() for n, p in reference.named_parameters()}
     tokens = reference.eval().generate(ids, max_new_tokens=NEW_TOKENS)
-    _train(reference, ids)
+    _train(reference, ids, _labels())
     # The same model with its LM head tied to the embedding (a checkpoint without lm_head.weight).
     tied = ForCausalLM(dataclasses.replace(CONFIG, tie_word_embeddings=True), dtype=torch.float64)
     tied.save_pretrained(Path(directory) / "tied")
