@@ -398,7 +398,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     allowed = None if inputs.allowed is None else to_torch(inputs.allowed)
     noise = torch.from_numpy(sampling_noise(seed, n, r).astype(np_cdtype)).to(dev) if options.do_sample else None
     ids = to_torch(inputs.input_ids)
-    with torch.inference_mode():
+    # Under FSDP2 each rank generates its own rows with the whole model gathered (data parallel).
+    with sharding.gathered_for_generation(model), torch.inference_mode():
         records, used = generate_records(model, ids, to_torch(full_mask), to_torch(position_ids), noise, allowed, knobs,
                                          options)
     # Cloned outside inference mode: inference tensors could not be saved for a later backward

@@ -27,9 +27,10 @@ Usage, under `torchrun --nproc-per-node 2` (gloo on CPU, NCCL on GPU):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -43,8 +44,8 @@ if TYPE_CHECKING:  # torch.distributed.tensor takes seconds to import: the funct
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ParallelStyle
 
-__all__ = ["PARTITION_RULES", "constrain_activations", "local_kv_heads", "param_shardings", "process_count",
-           "shard_model"]
+__all__ = ["PARTITION_RULES", "constrain_activations", "gathered_for_generation", "local_kv_heads",
+           "param_shardings", "process_count", "shard_model"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -182,18 +183,55 @@ def local_kv_heads(model: nn.Module) -> int:
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
     if dtensor is None:
         return heads
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
-        # generate() calls the decoder and the head outside the root module's forward, where
-        # FSDP2 would gather the root's parameters: they would meet it still sharded.
-        raise ValueError("generate: a model cut along fsdp (FSDP2) cannot generate; shard it over "
-                         "`tensor` only (tensor parallel), or generate unsharded")
     weight = next(m.k_proj.weight for m in model.modules() if isinstance(m, Attention))
     names = weight.device_mesh.mesh_dim_names or () if isinstance(weight, dtensor.DTensor) else ()
     if "tensor" not in names:  # not cut along tensor: every rank computes every head
         return heads
     axis = names.index("tensor")
     return heads // weight.device_mesh.size(axis) if weight.placements[axis].is_shard(0) else heads
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module) -> Iterator[None]:
+    """While `generate()` runs: every FSDP2 (`fully_shard`) module of `model` unsharded — its
+    parameters all-gathered once, on entry, with FSDP2's own `FSDPModule.unshard()` — and kept
+    whole through every forward (`set_reshard_after_forward(False)`); on exit `reshard()` frees
+    the gathered copies and FSDP2's settings are restored. Nothing without FSDP2.
+
+    Data parallel over rows: each rank generates its own rows. The decode loop then runs no FSDP
+    collective, so ranks whose rows stop at different steps (eos) do not wait on each other
+    (ranks of one `tensor` group, under FSDP2 x tensor parallelism, must pass the same rows: their
+    forward still runs tensor-parallel collectives). Memory: during generation every rank holds
+    the whole model (its `data`/`fsdp` share stays allocated too) — with tensor parallelism, its
+    tensor-parallel shard of it — plus its rows' KV cache; a model that only fits sharded must
+    generate tensor-parallel instead.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no FSDP2 module exists unless it was imported
+    modules = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp is not None else []
+    if not modules:
+        yield
+        return
+    states = [m._get_fsdp_state() for m in modules]
+    # FSDP2 picks its root when a forward first enters one: let it be `model`, as a training
+    # forward would (generate() enters the decoder layers first, which would become roots).
+    states[0]._lazy_init()
+    # What set_reshard_after_forward overwrites: the root keeps its parameters after forward,
+    # the layers reshard (fully_shard's default), each group's choice held in its mesh info.
+    saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
+             for s in states]
+    modules[0].set_reshard_after_forward(False)
+    try:
+        with torch.inference_mode(False):  # the gathered storage is reused by later training forwards
+            for m in modules:  # collectives: every rank, in the same (module) order, before the loop
+                m.unshard()
+        yield
+    finally:
+        for m in modules:  # local: frees the gathered copies, no collective
+            m.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
 
 
 def process_count(mesh: DeviceMesh | None) -> int:

@@ -5,9 +5,9 @@
 Saves a tiny float64 causal LM to DIR and its single-process logits, loss and gradients; then
 WORLD processes (torch.multiprocessing) each load it, cut it with `torch_impl.sharding.shard_model`
 and compare. WORLD 2: two meshes in turn — tensor parallel (`tensor=2`, with greedy generate and
-a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch) — then 3 training steps (with
-dropout, and labels the FSDP ranks count unevenly) from a fresh sharded load against 3
-single-process steps. WORLD 4: the 2-D meshes of `_rank_2d` and both saves of a sharded model.
+a tied head) and FSDP2 (`fsdp=2`, each rank a slice of the batch, generating its rows) — then
+3 training steps (with dropout, and labels the FSDP ranks count unevenly) from a fresh sharded
+load against 3 single-process steps. WORLD 4: the 2-D meshes of `_rank_2d` and both saves of a sharded model.
 Prints one JSON line per mesh and rank; exits 1 on a mismatch.
 """
 
@@ -100,6 +100,16 @@ def _tensor_extras(directory: str, mesh, model: torch.nn.Module, ids: torch.Tens
                                   for n, p in tied.named_parameters()))
 
 
+def _fsdp_generate(want: dict, model: torch.nn.Module, rows: torch.Tensor, rank: int) -> dict:
+    """Under FSDP2: greedy `generate()` of this rank's rows (the whole model gathered, no
+    collective in the decode loop) against the single process on those rows. Rank 0's rows stop
+    after one token (their first tokens are the eos), rank 1's run on: different stop points."""
+    model.eval()
+    tokens = model.generate(rows, max_new_tokens=NEW_TOKENS, eos_token_id=want["fsdp.eos"].tolist())
+    return dict(dp_tokens_equal=bool(torch.equal(tokens, torch.from_numpy(want[f"fsdp.tokens{rank}"]))),
+                dp_new_tokens=tokens.shape[1] - rows.shape[1])
+
+
 def _rank(rank: int, world: int, port: int, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
@@ -145,15 +155,11 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
             if axis == "tensor":
                 row.update(_tensor_extras(directory, mesh, model, ids))
                 row["ok"] = row["ok"] and row["tokens_equal"] and max(row["tied_logits_err"], row["tied_grad_err"]) <= TOL
-            else:  # FSDP2 cannot run generate's calls outside the root forward: a clear refusal
-                try:
-                    model.generate(ids, max_new_tokens=1)
-                    row["generate_refused"] = ""
-                except ValueError as e:
-                    row["generate_refused"] = str(e)
-                row["ok"] = row["ok"] and "fsdp" in row["generate_refused"]
             # K = 3 train_step updates from a fresh sharded load: every parameter as one process's.
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
+            if axis == "fsdp":  # data parallel generate() first (FSDP2's root not yet picked), then training
+                row.update(_fsdp_generate(want, model, ids[part], rank))
+                row["ok"] = row["ok"] and row["dp_tokens_equal"]
             _train(model, ids[part], _labels()[part])
             row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
                                          for n, p in model.named_parameters())
@@ -248,6 +254,11 @@ def run_all(directory: str, world: int = 2) -> bool:
     out.loss.backward()
     grads = {"grad." + n: p.grad.numpy().copy() for n, p in reference.named_parameters()}
     tokens = reference.eval().generate(ids, max_new_tokens=NEW_TOKENS)
+    # FSDP2 generate: each rank's rows alone in one process, rank 0's first new tokens as eos.
+    eos = np.unique(tokens[:2, ids.shape[1]].numpy())
+    half = len(ids) // 2
+    dp_tokens = {f"fsdp.tokens{k}": reference.generate(ids[k * half:(k + 1) * half], max_new_tokens=NEW_TOKENS,
+                                                      eos_token_id=eos.tolist()).numpy() for k in range(2)}
     _train(reference, ids, _labels())
     # The same model with its LM head tied to the embedding (a checkpoint without lm_head.weight).
     tied = ForCausalLM(dataclasses.replace(CONFIG, tie_word_embeddings=True), dtype=torch.float64)
@@ -255,7 +266,8 @@ def run_all(directory: str, world: int = 2) -> bool:
     tied_out = tied(ids, labels=ids)
     tied_out.loss.backward()
     np.savez(Path(directory) / "reference.npz", logits=out.logits.detach().numpy(), loss=out.loss.detach().numpy(),
-             tokens=tokens.numpy(), **grads, **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()},
+             tokens=tokens.numpy(), **{"fsdp.eos": eos}, **dp_tokens, **grads,
+             **{"trained." + n: p.detach().numpy() for n, p in reference.named_parameters()},
              **{"tied.logits": tied_out.logits.detach().numpy()},
              **{"tied.grad." + n: p.grad.numpy().copy() for n, p in tied.named_parameters()})
     # Forked, not spawned: the ranks inherit this module's imports (a spawned rank re-imports torch

@@ -54,6 +54,9 @@ ONE_SIDED = {
     # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
     "training.py": {"Optimizer.update", "Optimizer.zero_grad"},
     "layers/precision.py": {"dot_precision"},  # only XLA takes a precision per dot
+    # FSDP2 gathers parameters in module hooks that generate()'s calls bypass: torch gathers them
+    # for the whole generation; a sharded JAX array is one global array that jit reads as it is.
+    "sharding.py": {"gathered_for_generation"},
 }
 # Writing one framework's dtype or module name in the other's spelling.
 _FRAMEWORK_PREFIX = re.compile(r"\b(torch|jnp|jax\.numpy|nn|nnx)\.")
