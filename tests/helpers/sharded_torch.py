@@ -175,7 +175,8 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
     """World 4, two 2-D meshes: FSDP2 x tensor parallel (`fsdp=2, tensor=2`) and HSDP
     (`data=2, fsdp=2`). Each loaded sharded; rows split over the data/fsdp ranks (tensor ranks
     share theirs); forward and gradients against the single process; then both saves of the
-    sharded model (gathered; one file set per process), checked by `run_all` once all ranks end."""
+    sharded model (gathered; one file set per process), checked by `run_all` once all ranks end,
+    and greedy `generate()` of the rank's rows."""
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -209,6 +210,10 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
             if names == ("fsdp", "tensor"):
                 model.save_pretrained(Path(directory) / f"gathered_{tag}")
             model.save_pretrained(Path(directory) / f"pieces_{tag}", per_process=True)
+            # Data-parallel greedy generate() of this rank's rows (FSDP2 x TP: the tensor ranks' shared rows).
+            tokens = model.eval().generate(ids[part], max_new_tokens=NEW_TOKENS)
+            row["dp_tokens_equal"] = bool(torch.equal(tokens, torch.from_numpy(want["tokens"])[part]))
+            row["ok"] = row["ok"] and row["dp_tokens_equal"]
             row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))

@@ -113,7 +113,8 @@ def test_torch_two_dimensional_meshes_on_four_ranks_and_sharded_saves(tmp_path):
     rank's tensor-parallel shard, a strided placement read as one slice) and HSDP (`data=2,
     fsdp=2`), each loaded sharded: logits, loss and every gradient equal to the single process to
     1e-12, each rank holding about 1/4 (FSDP x TP) or 1/2 (HSDP: replicated over data) of the
-    parameter bytes. The sharded model saved gathered (rank 0 writes a normal checkpoint) and
+    parameter bytes; greedy `generate()` of each rank's rows gives the single process's tokens
+    for them. The sharded model saved gathered (rank 0 writes a normal checkpoint) and
     per process (pieces + index, consolidated) loads unsharded to the very same parameters."""
     rows = _run("tests.helpers.sharded_torch", str(tmp_path / "ckpt"), "4")
     *rows, saved = rows
@@ -121,6 +122,7 @@ def test_torch_two_dimensional_meshes_on_four_ranks_and_sharded_saves(tmp_path):
         (rank, mesh) for rank in range(4) for mesh in (("fsdp", "tensor"), ("data", "fsdp")))
     for r in rows:
         assert r["ok"] and max(r["logits_err"], r["loss_err"], r["grad_err"]) <= 1e-12, r
+        assert r["dp_tokens_equal"], r  # data-parallel generate() of the rank's rows
         # The norms stay whole across tensor ranks (FSDP2 splits them over fsdp): 0.7% over 1/4 here.
         assert r["resident_fraction"] <= (0.26 if "tensor" in r["mesh"] else 0.5), r
     assert saved["saved"] == {"gathered_fsdp_tensor": True, "hf_pieces_data_fsdp": True, "hf_pieces_fsdp_tensor": True,
