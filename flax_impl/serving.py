@@ -21,7 +21,7 @@ Token choice is `generate()`'s own functions (`sampling_weights`, `sample_from_w
 so its tokens equal `generate()` on that request alone.
 
 Compilation: one prefill program per (row count, pad bucket) — the admitted rows are padded to
-a row bucket (`row_buckets`: powers of two and `num_slots`), the padding rows aimed at no slot —
+a row bucket (by default powers of two and `num_slots`), the padding rows aimed at no slot —
 and one decode program per key bucket over all slots, all compiled ahead of time when the
 runner is built (`jax.jit(...).lower(...).compile()`), with a progress bar. Prompt lengths
 within a bucket, slots and settings are values, not shapes, so calls never trace or compile
@@ -40,8 +40,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from weights.config import ModelConfig
-from weights.shared.serving import (DEFAULT_BUCKETS, ServingLoop, SlotSettings, StepOutput, check_runner_config,
-                                    row_buckets)
+from weights.shared.serving import DEFAULT_BUCKETS, ServingLoop, SlotSettings, StepOutput, check_runner_config
 
 from .generation import greedy, sample_from_weights, sampling_weights, token_scores, top_k
 from .layers.attention import KVCache
@@ -109,20 +108,22 @@ class Runner(ServingLoop):
     TokenEvent (request id, token, log-prob, top-8)`. A prompt is padded to the smallest of
     `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
     (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
-    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. Every program is
-    compiled here, with a progress bar when `progress`."""
+    the admitted rows of a prefill are padded to the smallest of `row_buckets` (default: powers
+    of two and `num_slots`) that holds them; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets
+    prompts be text. Every program is compiled here, with a progress bar when `progress`."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
-                 key_buckets: Sequence[int] | None = None, tokenizer=None, progress: bool = False):
+                 key_buckets: Sequence[int] | None = None, row_buckets: Sequence[int] | None = None, tokenizer=None,
+                 progress: bool = False):
         config: ModelConfig = model.config
         check_runner_config(config, max_len)
         self.model = model
         self.dtype = model.model.dtype
         cdtype = np.float64 if compute_dtype(self.dtype) == jnp.float64 else np.float32
-        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets)
+        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets,
+                         row_buckets)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype)
         self.graphdef, self.state = nnx.split(model)
-        self.row_buckets = row_buckets(self.num_slots)
         self.compiled = {}
         s, v = self.num_slots, config.vocab_size
         settings = lambda r: (np.ones(r, cdtype), np.ones(r, np.int32), np.ones(r, cdtype), np.ones((r, v), bool),  # noqa: E731

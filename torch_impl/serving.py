@@ -64,18 +64,21 @@ class Runner(ServingLoop):
     TokenEvent (request id, token, log-prob, top-8)`. A prompt is padded to the smallest of
     `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
     (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
-    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. `progress` is accepted
-    for the Flax twin's signature (nothing is compiled here)."""
+    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. `row_buckets` and
+    `progress` are accepted for the Flax twin's signature (nothing is compiled here: a prefill
+    runs on exactly the admitted rows)."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
-                 key_buckets: Sequence[int] | None = None, tokenizer=None, progress: bool = False):
+                 key_buckets: Sequence[int] | None = None, row_buckets: Sequence[int] | None = None, tokenizer=None,
+                 progress: bool = False):
         config: ModelConfig = model.config
         check_runner_config(config, max_len)
         self.model = model
         self.dtype = model.model.dtype
         self.device = next(model.parameters()).device
         cdtype = np.float64 if compute_dtype(self.dtype) == torch.float64 else np.float32
-        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets)
+        super().__init__(num_slots, max_len, pad_buckets, config.vocab_size, cdtype, tokenizer, key_buckets,
+                         row_buckets)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype, device=self.device)
 
     def _settings(self, settings: SlotSettings, u: np.ndarray) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import flax_impl.serving as fs
@@ -25,7 +25,7 @@ from parity.tolerances import tolerance
 from tests.helpers.generation import twin_pair
 from torch_impl.generation import generate as torch_generate
 from weights.config import ModelConfig, RopeScaling
-from weights.shared.serving import Request, resolve_key_buckets, row_buckets
+from weights.shared.serving import Request, resolve_key_buckets, resolve_row_buckets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,9 +58,12 @@ def runner(twin: str, slots: int):
         t_model, f_model = pair()
         cls, model = (ts.Runner, t_model) if twin == "torch" else (fs.Runner, f_model)
         before = len(COMPILES)
-        # Two key buckets where several slots run (decode over 16 keys while every row fits, else
-        # all 26); one where one slot runs: each Flax program costs a compilation.
-        _RUNNERS[twin, slots] = cls(model, slots, MAX_LEN, BUCKETS, key_buckets=(16,) if slots > 1 else (MAX_LEN,))
+        # Each Flax program costs a compilation, so the several-slot runner has two key buckets
+        # (decode over 16 keys while every row fits, else all 26) and pads every prefill to its 3
+        # rows (padding rows included whenever fewer are admitted); one slot, one key bucket.
+        many = slots > 1
+        _RUNNERS[twin, slots] = cls(model, slots, MAX_LEN, BUCKETS, key_buckets=(16,) if many else (MAX_LEN,),
+                                    row_buckets=(slots,))
         _BUILD_COMPILES[twin, slots] = len(COMPILES) - before
     return _RUNNERS[twin, slots]
 
@@ -102,9 +105,25 @@ def solo(model, req: Request):
     return out.sequences[0, len(req.prompt):].numpy(), out.token_logprobs[0].numpy(), out.top_tokens[0].numpy()
 
 
-@given(st.sampled_from([1, 3]), st.data())
-def test_staggered_admissions_equal_solo_generate_and_twins_agree(slots, data):
-    reqs = data.draw(st.lists(st.tuples(st.integers(0, 6), requests(CONFIG.vocab_size)), min_size=1, max_size=5))
+_MASK = np.arange(CONFIG.vocab_size) % 3 != 0
+
+
+# Pinned: three admissions in one step whose prompts need both pad buckets (one batched prefill
+# at 16), rows growing past the 16-key decode bucket, a fourth request queued until a slot
+# frees (then prefilled alone among padding rows), every filter order and knob; and one slot
+# serving a queue. Hypothesis then draws fewer examples of its own.
+@example(3, [(0, Request(list(range(1, 6)), max_new_tokens=10, do_sample=True, temperature=1.8, top_p=0.7,
+                         allowed_tokens=_MASK, seed=5, filter_order="grok")),
+             (0, Request(list(range(20, 36)), max_new_tokens=10)),
+             (0, Request([7] * 12, max_new_tokens=3, do_sample=True, top_k=4, stop_tokens=(9,), seed=2)),
+             (1, Request([3, 1, 4, 1, 5], max_new_tokens=10, do_sample=True, temperature=0.7, top_k=6, top_p=0.9,
+                         seed=8))])
+@example(1, [(0, Request([11, 12], max_new_tokens=4, do_sample=True, seed=1)),
+             (0, Request(list(range(1, 17)), max_new_tokens=10, allowed_tokens=_MASK))])
+@settings(max_examples=max(1, settings.default.max_examples // 2))
+@given(st.sampled_from([1, 3]), st.lists(st.tuples(st.integers(0, 6), requests(CONFIG.vocab_size)), min_size=1,
+                                         max_size=5))
+def test_staggered_admissions_equal_solo_generate_and_twins_agree(slots, reqs):
     t_events = drive(runner("torch", slots), reqs)
     f_events = drive(runner("flax", slots), reqs)
     # The twins stream the same tokens, for the same requests, in the same order.
@@ -166,7 +185,7 @@ def test_new_prompt_length_in_a_bucket_compiles_nothing():
     bucket, a decode step per key bucket); prompts of new lengths, admissions of 1 to 3 requests
     at once, new settings and reused slots then run without a compilation."""
     r = runner("flax", 3)
-    assert r.row_buckets == (1, 2, 3) and r.key_buckets == (16, MAX_LEN)
+    assert r.row_buckets == (3,) and r.key_buckets == (16, MAX_LEN)
     assert _BUILD_COMPILES["flax", 3] >= len(r.row_buckets) * len(BUCKETS) + len(r.key_buckets)
     before = len(COMPILES)
     reqs = [Request([3] * n, max_new_tokens=3, do_sample=n % 2 == 1, top_p=0.9, seed=n, filter_order="grok",
@@ -188,7 +207,7 @@ def test_float32_streams_equal_solo_generate():
                     seed=n) for n, s in ((3, False), (12, True), (7, True), (16, False))]
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
-        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(16,))
+        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(16,), row_buckets=(2,))
         events = list(r.run(reqs))
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
@@ -206,9 +225,12 @@ def test_key_and_row_buckets():
     counts are powers of two and the slot count."""
     assert resolve_key_buckets((16, 32, 64), 192) == (16, 32, 64, 128, 192)
     assert resolve_key_buckets((8, 16), 26, (16,)) == (16, 26)
-    assert row_buckets(8) == (1, 2, 4, 8) and row_buckets(3) == (1, 2, 3) and row_buckets(1) == (1,)
+    assert resolve_row_buckets(8) == (1, 2, 4, 8) and resolve_row_buckets(3) == (1, 2, 3)
+    assert resolve_row_buckets(1) == (1,) and resolve_row_buckets(8, (2,)) == (2, 8)
     with pytest.raises(ValueError, match="key_buckets"):
         resolve_key_buckets((8,), 26, (40,))
+    with pytest.raises(ValueError, match="row_buckets"):
+        resolve_row_buckets(3, (4,))
 
 
 def test_runner_refuses_what_it_cannot_serve():

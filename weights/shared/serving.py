@@ -27,7 +27,7 @@ from .generation import FILTER_ORDERS, sampling_noise
 
 __all__ = ["DEFAULT_BUCKETS", "FILTER_ORDERS", "Request", "Scheduler", "ServingLoop", "SlotSettings", "StepOutput",
            "TokenEvent", "TopTokens", "check_request", "check_runner_config", "choose_bucket", "prefill_inputs",
-           "request_noise", "resolve_key_buckets", "row_buckets"]
+           "request_noise", "resolve_key_buckets", "resolve_row_buckets"]
 
 DEFAULT_BUCKETS = (16, 32, 64, 128)
 
@@ -126,9 +126,15 @@ def resolve_key_buckets(pad_buckets: Sequence[int], max_len: int, given: Sequenc
     return tuple(out) + (max_len,)
 
 
-def row_buckets(num_slots: int) -> tuple[int, ...]:
+def resolve_row_buckets(num_slots: int, given: Sequence[int] | None = None) -> tuple[int, ...]:
     """Row counts a batched prefill is padded to where shapes must be static (the Flax runner
-    compiles one prefill program per row count and pad bucket): powers of two, and `num_slots`."""
+    compiles one prefill program per row count and pad bucket), ending at `num_slots`. The
+    default, powers of two, pads at most twice the admitted rows; fewer row counts compile fewer
+    programs, at the price of more padding rows."""
+    if given is not None:
+        if any(not isinstance(r, (int, np.integer)) or not 1 <= r <= num_slots for r in given):
+            raise ValueError(f"row_buckets: must be integers in [1, num_slots={num_slots}], got {tuple(given)!r}")
+        return tuple(sorted(set(int(r) for r in given) | {num_slots}))
     return tuple(sorted({1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots} | {num_slots}))
 
 
@@ -350,10 +356,11 @@ class ServingLoop:
     """
 
     def __init__(self, num_slots: int, max_len: int, pad_buckets: Sequence[int], vocab_size: int, dtype: np.dtype,
-                 tokenizer=None, key_buckets: Sequence[int] | None = None):
+                 tokenizer=None, key_buckets: Sequence[int] | None = None, row_buckets: Sequence[int] | None = None):
         self.scheduler = Scheduler(num_slots, max_len, pad_buckets, vocab_size, dtype)
         self.tokenizer = tokenizer
         self.key_buckets = resolve_key_buckets(self.scheduler.buckets, self.scheduler.max_len, key_buckets)
+        self.row_buckets = resolve_row_buckets(self.scheduler.num_slots, row_buckets)
 
     @property
     def num_slots(self) -> int:
