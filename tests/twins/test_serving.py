@@ -207,7 +207,7 @@ def test_float32_streams_equal_solo_generate():
                     seed=n) for n, s in ((3, False), (12, True), (7, True), (16, False))]
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
-        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(16,), row_buckets=(2,))
+        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(2,))  # 2 programs
         events = list(r.run(reqs))
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
