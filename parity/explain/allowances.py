@@ -109,6 +109,10 @@ ALLOWANCES: dict[str, Allowance] = {
     "layers/attention.py:attention_fast": Allowance(4, "torch's fused attention takes an additive mask (a boolean one "
                                                        "gives padding queries NaN) and a GQA flag; jax's takes "
                                                        "[B, T, H, D] and the boolean mask, and groups heads itself"),
+    "layers/attention.py:Attention.__call__": Allowance(1, "a torch tensor-parallel rank computes only its heads' "
+                                                           "attention map and draws their dropout masks at their "
+                                                           "places among all heads (_attention_dropout); a Flax "
+                                                           "map is global"),
     "layers/attention.py:set_attn_implementation": Allowance(1, "torch walks model.modules(), NNX nnx.iter_graph"),
     "layers/moe.py:load_balancing_loss": Allowance(1, "torch expand+reshape against jnp.tile for the same "
                                                       "per-layer mask repeat"),

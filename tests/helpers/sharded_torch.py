@@ -67,16 +67,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _train(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
     """3 AdamW steps (`torch_impl.training.train_step`) with warmup, decay and clipping, and
-    dropout on the embeddings and both residual branches: an FSDP rank must draw the masks of
-    its rows' places in the whole batch (`torch_impl.training._first_row`), and weight its labels by
-    the whole batch's count (`_labels`: the FSDP ranks count 10 and 4). Not on the attention
-    map: under tensor parallelism each rank's map holds its own heads, whose masks follow the
-    local head index (not the one-process masks)."""
+    dropout at every site: an FSDP rank must draw the masks of its rows' places in the whole batch
+    (`torch_impl.training._first_row`), a tensor-parallel rank the attention map's masks of its
+    heads' places among all heads (`torch_impl.layers.attention._attention_dropout`); an FSDP rank
+    weights its labels by the whole batch's count (`_labels`: the FSDP ranks count 10 and 4)."""
     from torch_impl.layers.dropout import Dropout
     from torch_impl.training import TrainingHParams, make_optimizer, train_step
 
     for module in model.modules():  # on for training only; the forward comparisons run without it
-        if isinstance(module, Dropout) and module.site != "attention":
+        if isinstance(module, Dropout):
             module.rate = DROPOUT
     model.train()
     optimizer = make_optimizer(model, TrainingHParams(learning_rate=1e-3, weight_decay=0.01, warmup_steps=1,

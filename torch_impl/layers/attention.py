@@ -6,6 +6,7 @@ K kv heads, D head dim, E model width, V vocab.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Callable
 
@@ -133,6 +134,29 @@ def attention_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out, None
 
 
+def _attention_dropout(attention: "Attention", dropout_key: torch.Tensor | None
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    # The layer's attention-map dropout. Under tensor parallelism (`sharding.shard_model` cuts the
+    # q projection's output along `tensor`, whole heads per rank) this rank's map `[B, H/n, T, S]`
+    # holds heads rank * H/n on of the one-process `[B, H, T, S]`, whose masks it must draw. A mask
+    # row is the flat index of the leading axes, so those heads of batch row b are the rows of batch
+    # row b * n + rank of a `[B * n, H/n, T, S]` mask: each batch row drawn at that offset.
+    dropout = partial(attention.attention_dropout, dropout_key=dropout_key)
+    weight = attention.q_proj.weight
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
+    names = (weight.device_mesh.mesh_dim_names or ()) if dtensor and isinstance(weight, dtensor.DTensor) else ()
+    if dropout_key is None or "tensor" not in names or not weight.placements[names.index("tensor")].is_shard(0):
+        return dropout
+    rank, ranks = weight.device_mesh.get_local_rank("tensor"), weight.device_mesh.size(names.index("tensor"))
+
+    def head_sharded(weights: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attention.attention_dropout(
+            weights[b:b + 1], torch.stack([dropout_key[0], dropout_key[1], (dropout_key[2] + b) * ranks + rank]))
+            for b in range(weights.shape[0])])
+
+    return head_sharded
+
+
 class Attention(nn.Module):
     """Multi-head attention with H query heads sharing K kv heads (MHA: K = H, MQA: K = 1).
 
@@ -187,7 +211,7 @@ class Attention(nn.Module):
         else:
             out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
                                              self.num_key_value_groups, self.softcap,
-                                             partial(self.attention_dropout, dropout_key=dropout_key))
+                                             _attention_dropout(self, dropout_key))
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out), weights, past_key_value
 
