@@ -48,11 +48,12 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def _head_of(model: Any) -> str:
-    name = type(model).__name__
-    for head, cls in HEADS.items():
-        if cls == name:
-            return head
-    raise TypeError(f"expected one of {', '.join(HEADS.values())}, got {name}")
+    # By the head class in the MRO: FSDP2 (`fully_shard`) makes a subclass, FSDPForCausalLM.
+    for klass in type(model).__mro__:
+        for head, cls in HEADS.items():
+            if cls == klass.__name__:
+                return head
+    raise TypeError(f"expected one of {', '.join(HEADS.values())}, got {type(model).__name__}")
 
 
 def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batch, *,
@@ -140,8 +141,11 @@ def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: 
             param.grad = None
         return hook
 
+    # A sharded twin (`twinlm check --mesh` under torchrun): FSDP2 sets its parameters' gradients
+    # after its reduce-scatter, past the accumulation hooks; they are read, gathered, after backward.
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
     hooks = [p.register_post_accumulate_grad_hook(compare_and_free(n)) for n, p in model.named_parameters()] \
-        if grads else []
+        if grads and not sharded else []
     try:
         with torch.set_grad_enabled(grads):
             out = model(to_torch(batch.input_ids, dev), to_torch(batch.attention_mask, dev),
@@ -151,15 +155,36 @@ def _torch_forward(model: torch.nn.Module, batch: Batch, head: str, flax_grads: 
     finally:
         for h in hooks:
             h.remove()
+    if sharded:
+        out.attentions = _whole_heads(model, out.attentions)
+        for name, p in model.named_parameters() if grads else ():
+            if p.grad is not None:  # every rank gathers every gradient, in the same order
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # whole norms under TP
+                rows[name] = _gradient_row(name, grad, flax_grads, tol)
+                p.grad = None
     if not grads:
         return out, []
     # A parameter the loss does not reach (an expert no token was routed to) has no torch gradient.
-    ordered = [rows.pop(n) if n in rows else _gradient_row(n, torch.zeros_like(p), flax_grads, tol)
-               for n, p in model.named_parameters()]
+    ordered = [rows.pop(n) if n in rows else _gradient_row(n, torch.zeros(p.shape, dtype=p.dtype), flax_grads,
+                                                           tol) for n, p in model.named_parameters()]
     for name in sorted(flax_grads):
         extra = Comparison(name, float("inf"), float("inf"), (), tol, False, tuple(flax_grads[name].shape))
         ordered.append(Row("gradients", "gradients", extra, layer_of(name), note="no torch parameter"))
     return out, ordered
+
+
+def _whole_heads(model: torch.nn.Module, attentions: tuple | None) -> tuple | None:
+    """Attention maps `[B, H, S, S]` of every head: under tensor parallelism each rank computed
+    its own heads (contiguous, in rank order), gathered here over the `tensor` ranks."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    heads = model.config.num_attention_heads
+    if not attentions or attentions[0] is None or attentions[0].shape[1] == heads:
+        return attentions
+    weight = next(m.q_proj.weight for m in model.modules() if hasattr(m, "q_proj"))
+    mesh = weight.device_mesh["tensor"] if len(weight.device_mesh.mesh_dim_names) > 1 else weight.device_mesh
+    return tuple(DTensor.from_local(a.contiguous(), mesh, [Shard(1)], run_check=False).full_tensor()
+                 for a in attentions)
 
 
 def _gradient_row(name: str, t_grad: torch.Tensor, flax_grads: dict, tol: float) -> Row:
@@ -238,8 +263,12 @@ def _kv_cache_rows(torch_model: Any, flax_model: Any, batch: Batch, head: str, t
 
     with torch.no_grad():
         dev = _device(torch_model)
-        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype, device=dev)
-        t_cached = torch.cat(list(_decode(t_model, batch, cache, lambda a: to_torch(a, dev), pick, bar)), dim=1)
+        # Sharded (under torchrun): each rank caches its kv heads; FSDP2 parameters gathered for
+        # the calls below the root (the heads' decoder).
+        cache = torch_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=dtype, device=dev,
+                                        num_key_value_heads=torch_impl.sharding.local_kv_heads(torch_model))
+        with torch_impl.sharding.gathered_for_generation(torch_model):
+            t_cached = torch.cat(list(_decode(t_model, batch, cache, lambda a: to_torch(a, dev), pick, bar)), dim=1)
     cache = flax_impl.KVCache.init(config, batch.input_ids.shape[0], t, dtype=flax_model.model.dtype)
     f_cached = jnp.concatenate(list(_decode(_FlaxStep(f_model), batch, cache, to_jax, pick, bar)), axis=1)
     return kv_cache_rows(batch, head, t_out, f_out, t_cached, f_cached, tol, capped)
@@ -411,11 +440,12 @@ def _describe_config(config: Any) -> str:
 
 
 # ---- `twinlm check --mesh`: the Flax twin sharded over a device mesh ------------------------
-# The rows are the unsharded check's (torch twin against the sharded Flax twin), plus the sharded
-# Flax twin against itself on one device (logits and loss): sharding may only reorder sums. On CPU
-# the devices are simulated (the CLI sets --xla_force_host_platform_device_count before JAX
-# starts). The torch twin's sharded runs need several processes (torchrun, see the README) and
-# are tested against one process in tests/twins/test_sharding.py.
+# The rows are the unsharded check's (torch twin against the sharded Flax twin; under torchrun
+# the torch twin sharded over the ranks too), plus each sharded twin against itself whole (logits
+# and loss): sharding may only reorder sums. On CPU the devices are simulated (the CLI sets
+# --xla_force_host_platform_device_count before JAX starts). The torch twin's sharded runs need
+# several processes (torchrun, see the README); tests/twins/test_sharding.py holds them to one
+# process in float64.
 
 def device_mesh(axes: Mapping[str, int]) -> Mesh:
     """A `Mesh` of the first prod(sizes) devices, shaped and named as `axes` ({axis: size})."""
@@ -446,13 +476,17 @@ def torch_device_mesh(axes: Mapping[str, int]):
     return init_device_mesh("cpu", tuple(axes.values()), mesh_dim_names=tuple(axes))
 
 
-def _torch_sharded_rows(directory: str | os.PathLike, dtype: str, batch: Batch, head: str, whole: torch.nn.Module,
-                        mesh: Any, tol: Callable[[str], float], names: tuple[str, ...]) -> list[Row]:
-    """The torch twin loaded sharded over `mesh` (every rank the whole batch) against itself whole."""
+def _torch_sharded(directory: str | os.PathLike, dtype: str, head: str, mesh: Any) -> torch.nn.Module:
+    """The torch twin loaded sharded over `mesh` (each rank reading its slices)."""
     try:
-        sharded = getattr(torch_impl, HEADS[head]).from_pretrained(directory, dtype=dtype, mesh=mesh)
+        return getattr(torch_impl, HEADS[head]).from_pretrained(directory, dtype=dtype, mesh=mesh)
     except ValueError as e:  # a dimension the mesh does not divide, a head count, a data axis without fsdp
         raise BadInputError(" ".join(str(e).split())) from None
+
+
+def _torch_sharded_rows(batch: Batch, head: str, whole: torch.nn.Module, sharded: torch.nn.Module,
+                        mesh: Any, tol: Callable[[str], float], names: tuple[str, ...]) -> list[Row]:
+    """The torch twin sharded over `mesh` (every rank the whole batch) against itself whole."""
     kwargs = dict(input_ids=to_torch(batch.input_ids), attention_mask=to_torch(batch.attention_mask),
                   position_ids=to_torch(batch.position_ids),
                   **{k: to_torch(v) for k, v in batch.head_labels(head).items()})
@@ -473,12 +507,14 @@ def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: 
                   phases: Phases | None = None) -> Report:
     """Both twins whole, the Flax twin also loaded sharded over `axes`; `check_pair` of torch
     against the sharded Flax twin, then the sharded Flax twin against the unsharded one. Under
-    `torchrun` (as many processes as `axes` has places) also the torch twin sharded over a
-    `DeviceMesh` of `axes` against itself whole."""
+    `torchrun` (as many processes as `axes` has places) the torch twin is sharded too, over a
+    `DeviceMesh` of `axes` (every rank the whole batch): the pair rows compare the two sharded
+    twins, and the sharded torch twin is also compared with itself whole.
+    `report.meta["pair"]` names each side of the pair rows: its mesh, or "whole"."""
     mesh = device_mesh(axes)
     torch_mesh = torch_device_mesh(axes)
     phases = phases or Phases(None)
-    with phases("load", total=2, unit="model") as bar:
+    with phases("load", total=2 if torch_mesh is None else 3, unit="model") as bar:
         twins = load_twins(directory, dtype, head, allow_nonfinite=True)  # checked by the caller
         bar.update()
         try:
@@ -486,11 +522,15 @@ def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: 
         except ValueError as e:  # a dimension the mesh does not divide, named by the table
             raise BadInputError(" ".join(str(e).split())) from None
         bar.update()
+        torch_sharded = None if torch_mesh is None else _torch_sharded(directory, dtype, head, torch_mesh)
+        if torch_mesh is not None:
+            bar.update()
     labels = {k: to_jax(v) for k, v in batch.head_labels(head).items()}
     args = (to_jax(batch.input_ids), to_jax(batch.attention_mask), to_jax(batch.position_ids))
     one = flax_forward(twins.flax_model, args, labels)
     with jax.set_mesh(mesh):
-        report = check_pair(twins.torch_model, sharded, batch, dtype=dtype, sections=sections, title=title,
+        pair_torch = twins.torch_model if torch_sharded is None else torch_sharded
+        report = check_pair(pair_torch, sharded, batch, dtype=dtype, sections=sections, title=title,
                             tolerances=tolerances, phases=phases)
         many = flax_forward(sharded, args, labels)
     tol = lambda quantity: tolerance_for(dtype, quantity, tolerances)  # noqa: E731
@@ -502,12 +542,13 @@ def check_sharded(directory: str | os.PathLike, dtype: str, batch: Batch, axes: 
         rows.append(Row("head", "loss", compare("flax sharded vs unsharded (loss)", one.loss, many.loss, tol("loss")),
                         note=note))
     if torch_mesh is not None:
-        rows += _torch_sharded_rows(directory, dtype, batch, head, twins.torch_model, torch_mesh, tol, names)
+        rows += _torch_sharded_rows(batch, head, twins.torch_model, torch_sharded, torch_mesh, tol, names)
     # After the head rows, so the table shows one [head] section.
     heads = [i for i, r in enumerate(report.rows) if r.section == "head"]
     at = heads[-1] + 1 if heads else len(report.rows)
     report.rows[at:at] = rows
     report.meta["mesh"] = dict(axes)
+    report.meta["pair"] = {"torch": "whole" if torch_mesh is None else dict(axes), "flax": dict(axes)}
     if torch_mesh is not None:
         report.meta["torch_ranks"] = torch_mesh.size()
     return report
