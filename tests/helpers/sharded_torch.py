@@ -175,7 +175,7 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
     (`data=2, fsdp=2`). Each loaded sharded; rows split over the data/fsdp ranks (tensor ranks
     share theirs); forward and gradients against the single process; then both saves of the
     sharded model (gathered; one file set per process), checked by `run_all` once all ranks end,
-    and greedy `generate()` of the rank's rows."""
+    greedy `generate()` of the rank's rows, and `_train`'s 3 steps from a fresh sharded load."""
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -213,6 +213,13 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
             tokens = model.eval().generate(ids[part], max_new_tokens=NEW_TOKENS)
             row["dp_tokens_equal"] = bool(torch.equal(tokens, torch.from_numpy(want["tokens"])[part]))
             row["ok"] = row["ok"] and row["dp_tokens_equal"]
+            # K = 3 train_step updates from a fresh sharded load (both fixes of the world-2 steps at
+            # once under FSDP2 x TP; HSDP sums the label counts over two axes): one process's parameters.
+            model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
+            _train(model, ids[part], _labels()[part])
+            row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
+                                         for n, p in model.named_parameters())
+            row["ok"] = row["ok"] and row["train_param_err"] <= TOL
             row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
