@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 # CI: 8 examples per property, for the suite's 10-minute budget on 2 cores (from fresh clones:
-# 9m12s at 10 examples, 11m03s at 8 on a later run; the machine's run-to-run spread is that
-# large, so the budget is at its edge). Every @example pin still runs first; dev and thorough
-# draw more.
+# 10m25s in one process; 8m26s on two xdist workers, 16 CPU-minutes in all, so the suite is
+# CPU-bound and each added test second counts). Every @example pin still runs first; dev and
+# thorough draw more.
 settings.register_profile(
     "ci", max_examples=8, derandomize=True, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
