@@ -14,11 +14,10 @@ else the machine runs: the load average before and after is printed beside them.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from parity.bench import Row, cache_dir, run_child, section
-from parity.bench.checkpoints import _MEASURE, TINYLLAMA, ensure_tinyllama
+from parity.bench.checkpoints import _MEASURE, TINYLLAMA, ensure_synthetic, ensure_tinyllama
 
 __all__ = ["LLAMA2_7B", "bench_check", "bench_check7b", "bench_check_whole", "ensure_llama2_7b"]
 
@@ -30,23 +29,10 @@ GB = 10**9
 
 
 def ensure_llama2_7b(root: Path) -> Path:
-    """Generate the synthetic bf16 Llama-2-7B-shaped checkpoint once (13.5 GB); reuse it afterwards."""
+    """The synthetic bf16 Llama-2-7B-shaped checkpoint (13.5 GB), generated once."""
     import ml_dtypes
 
-    from weights.config import ModelConfig
-    from weights.synthetic import write_synthetic_checkpoint
-
-    path = root / "llama2-7b-bf16"
-    config = ModelConfig(**LLAMA2_7B)
-    if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
-        try:
-            if ModelConfig.from_pretrained(path).replace(architectures=None, torch_dtype=None) == config:
-                return path
-        except Exception:  # noqa: BLE001 - a stale or broken cache is regenerated
-            pass
-    print(f"generating the synthetic 6.7 B-parameter checkpoint in {path} (once, 13.5 GB) ...", file=sys.stderr)
-    write_synthetic_checkpoint(path, config, dtype=ml_dtypes.bfloat16, force=True)
-    return path
+    return ensure_synthetic(root, "llama2-7b-bf16", LLAMA2_7B, ml_dtypes.bfloat16, "6.7 B-parameter (13.5 GB)")
 
 
 def _check_child(src: Path, stream: bool) -> dict:

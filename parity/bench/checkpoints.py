@@ -9,10 +9,11 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from parity.bench import Row, cache_dir, run_child, section
 
-__all__ = ["TINYLLAMA", "bench_convert", "bench_load", "ensure_tinyllama"]
+__all__ = ["TINYLLAMA", "bench_convert", "bench_load", "ensure_synthetic", "ensure_tinyllama"]
 
 # TinyLlama-1.1B's shape, in bf16: about 2.2 GB, 201 tensors, the largest the 131 MB embedding.
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -35,24 +36,32 @@ def peak_rss():
 """
 
 
-def ensure_tinyllama(root: Path) -> Path:
-    """Generate the synthetic bf16 TinyLlama-shaped checkpoint once; reuse it afterwards."""
+def ensure_synthetic(root: Path, name: str, shape: dict, dtype: Any, what: str) -> Path:
+    """The synthetic checkpoint `root/name` of config `shape` in `dtype`, generated once (`what`
+    names it in the progress line); a cached one whose config differs, or that is broken, is
+    generated again."""
     from weights.config import ModelConfig
     from weights.synthetic import write_synthetic_checkpoint
 
-    import ml_dtypes
-
-    path = root / "tinyllama-bf16"
-    config = ModelConfig(**TINYLLAMA)
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+    path = root / name
+    config = ModelConfig(**shape)
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if weights and (path / "config.json").is_file():
         try:
             if ModelConfig.from_pretrained(path).replace(architectures=None, torch_dtype=None) == config:
                 return path
         except Exception:  # noqa: BLE001 - a stale or broken cache is regenerated
             pass
-    print(f"generating the synthetic 1.1 B-parameter checkpoint in {path} (once) ...", file=sys.stderr)
-    write_synthetic_checkpoint(path, config, dtype=ml_dtypes.bfloat16, force=True)
+    print(f"generating the synthetic {what} checkpoint in {path} (once) ...", file=sys.stderr)
+    write_synthetic_checkpoint(path, config, dtype=dtype, force=True)
     return path
+
+
+def ensure_tinyllama(root: Path) -> Path:
+    """The synthetic bf16 TinyLlama-shaped checkpoint (2.2 GB), generated once."""
+    import ml_dtypes
+
+    return ensure_synthetic(root, "tinyllama-bf16", TINYLLAMA, ml_dtypes.bfloat16, "1.1 B-parameter")
 
 
 def _copy_child(src: Path, dst: Path, fsync: bool) -> dict:

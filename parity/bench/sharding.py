@@ -24,24 +24,13 @@ AXES = ("fsdp", "tensor")
 
 
 def ensure_mid_checkpoint(root: Path) -> Path:
-    """The mid-size LLaMA as a float32 checkpoint (synthetic weights), generated once."""
+    """The mid-size LLaMA as a float32 checkpoint (synthetic weights, 623 MB), generated once."""
     import numpy as np
 
+    from parity.bench.checkpoints import ensure_synthetic
     from parity.bench.generation import MID
-    from weights.config import ModelConfig
-    from weights.synthetic import write_synthetic_checkpoint
 
-    path = root / "mid-f32"
-    config = ModelConfig(**MID)
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        try:
-            if ModelConfig.from_pretrained(path).replace(architectures=None, torch_dtype=None) == config:
-                return path
-        except Exception:  # noqa: BLE001 - a stale or broken cache is regenerated
-            pass
-    print(f"generating the mid-size float32 checkpoint in {path} (once) ...", file=sys.stderr)
-    write_synthetic_checkpoint(path, config, dtype=np.float32, force=True)
-    return path
+    return ensure_synthetic(root, "mid-f32", MID, np.float32, "mid-size float32")
 
 
 def _peak_rss() -> int:
