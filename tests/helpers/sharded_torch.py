@@ -159,15 +159,21 @@ def _rank(rank: int, world: int, port: int, directory: str) -> None:
             if axis == "fsdp":  # data parallel generate() first (FSDP2's root not yet picked), then training
                 row.update(_fsdp_generate(want, model, ids[part], rank))
                 row["ok"] = row["ok"] and row["dp_tokens_equal"]
-            _train(model, ids[part], _labels()[part])
-            row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
-                                         for n, p in model.named_parameters())
+            row["train_param_err"] = _trained_error(model, ids[part], _labels()[part], want)
             row["ok"] = row["ok"] and row["train_param_err"] <= TOL
             row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
         (Path(directory) / f"rank{rank}.json").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
+
+
+def _trained_error(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, want) -> float:
+    """`_train`'s 3 steps on the sharded `model`: the largest difference of a parameter from the
+    one process's trained value."""
+    _train(model, ids, labels)
+    return max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
+               for n, p in model.named_parameters())
 
 
 def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
@@ -216,9 +222,7 @@ def _rank_2d(rank: int, world: int, port: int, directory: str) -> None:
             # K = 3 train_step updates from a fresh sharded load (both fixes of the world-2 steps at
             # once under FSDP2 x TP; HSDP sums the label counts over two axes): one process's parameters.
             model = ForCausalLM.from_pretrained(directory, dtype=torch.float64, mesh=mesh)
-            _train(model, ids[part], _labels()[part])
-            row["train_param_err"] = max(float((_full(p).detach() - torch.from_numpy(want["trained." + n])).abs().max())
-                                         for n, p in model.named_parameters())
+            row["train_param_err"] = _trained_error(model, ids[part], _labels()[part], want)
             row["ok"] = row["ok"] and row["train_param_err"] <= TOL
             row["seconds"] = time.perf_counter() - started  # this mesh's share of the launch (--durations)
             rows.append(row)
