@@ -94,7 +94,7 @@ def test_decoder_layer(config, data, dtype):
     assert_close("attention weights", t_out[1], f_out[1], dtype)
 
 
-@settings(max_examples=15)
+@settings(max_examples=min(15, settings.default.max_examples))  # the CI profile bounds it too
 @given(tst.configs(), tst.data(), tst.dtypes())
 def test_decoder_model_every_hidden_state(config, data, dtype):
     batch = data.draw(tst.batches(config))

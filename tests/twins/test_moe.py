@@ -85,7 +85,7 @@ def aux_loss_numpy(layers: list[np.ndarray], experts: int, top_k: int, mask: np.
 
 
 # Shapes come from small sets: every new shape costs the eager Flax twin its compilations.
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=min(10, settings.default.max_examples), deadline=None)  # the CI profile bounds it too
 @given(experts=st.integers(1, 4), data=st.data(), norm_topk_prob=st.booleans(),
        tokens=st.sampled_from([(2, 3), (1, 6)]), act_name=st.sampled_from(["silu", "gelu_pytorch_tanh"]))
 def test_moe_block_forward_and_gradients(experts, data, norm_topk_prob, tokens, act_name):
@@ -170,7 +170,7 @@ def test_dispatch_is_checked():
         fmoe.set_moe_dispatch(nnx.eval_shape(lambda: fmoe.SparseMoeBlock(config, rngs=nnx.Rngs(0))), "fast")
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=min(10, settings.default.max_examples), deadline=None)  # the CI profile bounds it too
 @given(layers=st.integers(1, 2), bt=st.sampled_from([(2, 3), (1, 6)]), experts=st.integers(1, 4),
        data=st.data(), masked=st.booleans())
 def test_load_balancing_loss(layers, bt, experts, data, masked):
