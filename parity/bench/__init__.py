@@ -7,7 +7,8 @@ This module is the registry only (`Row`, `section`, `SECTIONS`, `print_table`, a
 the sections share); it imports no section. Each section module registers itself when imported,
 and `parity.bench.__main__` imports them all, in the order of the table:
 
-- `checkpoints`: `convert`, `load` (the synthetic 1.1 B TinyLlama-shaped checkpoint);
+- `checkpoints`: `convert`, `load` (the synthetic 1.1 B TinyLlama-shaped checkpoint; `--device cuda`:
+  its host memory while loading onto the GPU);
 - `check`: `check` (`twinlm check` streamed on that checkpoint), and, only when named, `check-whole`
   (the whole-model check of it) and `check7b` (a synthetic Llama-2-7B-shaped checkpoint);
 - `generation`: `decode`, `forward` (a mid-size random LLaMA, one child process per twin);

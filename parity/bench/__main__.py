@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help="sections to run, in this order (default: all but the ones run only when named)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where side_by_side runs (default cpu; cuda: the 1.1B bf16 GPU rows)")
+                        help="where side_by_side and load run (default cpu; cuda: the 1.1B bf16 GPU rows)")
     args = parser.parse_args(argv)
     options().device = args.device
     names = args.sections or [s for s in SECTIONS if s not in ON_REQUEST]
