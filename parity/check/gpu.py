@@ -11,7 +11,10 @@ Budget: under 4 minutes on one GPU. Each check compiles its own programs (most o
 the CPU), so 4 checks run at once in separate processes (`--jobs`), JAX's preallocation off.
 
     python -m parity.check.gpu [--out DIR] [--require-gpu] [--dtypes float32,bfloat16] [--jobs N]
-                               [--no-pytest] [--skip PART]
+                               [--matmul-precisions highest,tf32,bf16x3] [--no-pytest] [--skip PART]
+
+`--matmul-precisions` adds float32 checks with reduced matmuls (`float32@tf32`, `float32@bf16x3`),
+each against its own row of the tolerance table: the run that measures those rows.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..environment import MATMUL_PRECISIONS
 from ..report import SECTIONS
-from ..tolerances import QUANTITIES
+from ..tolerances import QUANTITIES, row_name
 
 BUDGET_S = 240.0
 
@@ -37,7 +41,7 @@ class Line:
 
     model: str
     head: str
-    dtype: str
+    dtype: str  # the tolerance row: a dtype, or "float32@tf32" for reduced float32 matmuls
     devices: str
     worst: dict[str, float | None]  # None: no row of that quantity
     passed: bool
@@ -63,9 +67,9 @@ def gpu_available() -> tuple[bool, str]:
 
 
 def check_one(directory: Path, name: str, head: str, dtype: str, on_gpu: bool, sections: tuple[str, ...],
-              out_dir: Path) -> Line:
-    """One `twinlm check` of one checkpoint in one dtype, summarised as a table line (the report
-    is written next to the checkpoints when a row fails)."""
+              out_dir: Path, matmul_precision: str = "highest") -> Line:
+    """One `twinlm check` of one checkpoint in one dtype and float32 matmul mode, summarised as a
+    table line (the report is written next to the checkpoints when a row fails)."""
     import jax
 
     from .pair import check_checkpoint
@@ -73,20 +77,22 @@ def check_one(directory: Path, name: str, head: str, dtype: str, on_gpu: bool, s
     jax.config.update("jax_enable_x64", True)  # as the CLI: float64 inputs need it; float32 runs are unchanged
     device, platform = ("cuda", "gpu") if on_gpu else ("cpu", "cpu")
     start = time.perf_counter()
-    report = check_checkpoint(directory, dtype, device=device, jax_platform=platform, matmul_precision="highest",
-                              sections=sections)
+    report = check_checkpoint(directory, dtype, device=device, jax_platform=platform,
+                              matmul_precision=matmul_precision, sections=sections)
+    row = row_name(dtype, None, matmul_precision)
     # None: no row of that quantity (a section skipped, or not part of this check): shown as "-", not 0.
     worst = {q: max((r.comparison.rel for r in report.rows if r.quantity == q), default=None) for q in QUANTITIES}
     devices = report.meta["describe"]["run on"].split(";")[0]
     if not report.passed:
-        report.write_json(out_dir / f"{name}-{dtype}.json")
-    return Line(name, head, dtype, devices, worst, report.passed, time.perf_counter() - start)
+        report.write_json(out_dir / f"{name}-{row.replace('@', '-')}.json")
+    return Line(name, head, row, devices, worst, report.passed, time.perf_counter() - start)
 
 
 def run_checks(out_dir: Path, dtypes: tuple[str, ...], on_gpu: bool, sections: tuple[str, ...], jobs: int = 1,
-               echo=print) -> list[Line]:
-    """Build every demo checkpoint under `out_dir`, then check each in every dtype, `jobs` checks
-    at a time (separate processes: most of a check's time is XLA compiling, on the CPU)."""
+               echo=print, matmul_precisions: tuple[str, ...] = ("highest",)) -> list[Line]:
+    """Build every demo checkpoint under `out_dir`, then check each in every dtype (float32 once
+    per mode of `matmul_precisions`), `jobs` checks at a time (separate processes: most of a
+    check's time is XLA compiling, on the CPU)."""
     from ..demo import DEMO_MODELS, build_checkpoint
 
     tasks = []
@@ -94,7 +100,8 @@ def run_checks(out_dir: Path, dtypes: tuple[str, ...], on_gpu: bool, sections: t
         directory = out_dir / model.name
         if not (directory / "config.json").exists():
             build_checkpoint(model, directory)
-        tasks += [(directory, model.name, model.head, dtype, on_gpu, sections, out_dir) for dtype in dtypes]
+        tasks += [(directory, model.name, model.head, dtype, on_gpu, sections, out_dir, mode) for dtype in dtypes
+                  for mode in (matmul_precisions if dtype == "float32" else ("highest",))]
     if jobs <= 1:
         lines = []
         for task in tasks:
@@ -139,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity.check.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary directory)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
+    parser.add_argument("--matmul-precisions", default="highest",
+                        help="float32 matmul modes, comma-separated, each checked against its own tolerance "
+                             "row (default highest; e.g. highest,tf32,bf16x3 measures the reduced rows)")
     parser.add_argument("--require-gpu", action="store_true", help="exit 3 instead of falling back to the CPU")
     parser.add_argument("--no-pytest", action="store_true", help="leave out the tests marked gpu")
     parser.add_argument("--jobs", type=int, default=None,
@@ -146,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["gradients", "kv-cache", "generation"],
                         help="leave out a part of each check (repeatable; the full check is the default)")
     args = parser.parse_args(argv)
+    modes = tuple(m for m in args.matmul_precisions.split(",") if m)
+    if not set(modes) <= set(MATMUL_PRECISIONS):
+        parser.error(f"--matmul-precisions: {args.matmul_precisions!r}; each one of {', '.join(MATMUL_PRECISIONS)}")
 
     # Before JAX starts: several processes share the GPU, so none may grab 75% of its memory.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         skipped = {name.replace("-", " ") for name in args.skip}
         jobs = args.jobs or (4 if on_gpu else 1)
-        lines = run_checks(out, dtypes, on_gpu, tuple(s for s in SECTIONS if s not in skipped), jobs)
+        lines = run_checks(out, dtypes, on_gpu, tuple(s for s in SECTIONS if s not in skipped), jobs,
+                           matmul_precisions=modes)
     status, summary = (0, "not run (--no-pytest)") if args.no_pytest else run_gpu_tests(on_gpu)
     elapsed = time.perf_counter() - start
     print()

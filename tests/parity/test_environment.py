@@ -108,17 +108,23 @@ def test_a_missing_device_is_a_clear_error(checkpoint, capsys, flags, message):
 
 
 def test_gpu_check_falls_back_to_the_cpu_and_says_so(checkpoint, tmp_path, capsys, monkeypatch):
-    """The script's CPU path (this machine has no GPU): the banner, one table row per check."""
+    """The script's CPU path (this machine has no GPU): the banner, one table row per check and
+    float32 matmul mode."""
     from parity.check import gpu
 
     monkeypatch.setattr(gpu, "gpu_available", lambda: (False, "test: no GPU"))
     monkeypatch.setattr("parity.demo.DEMO_MODELS", [m for m in __import__("parity.demo").demo.DEMO_MODELS
                                                     if m.name == "llama-tied-causal-lm"])
-    assert gpu.main(["--out", str(tmp_path), "--dtypes", "float32", "--no-pytest", "--skip", "gradients",
-                     "--skip", "kv-cache", "--skip", "generation"]) == 0
+    assert gpu.main(["--out", str(tmp_path), "--dtypes", "float32", "--matmul-precisions", "highest,bf16x3",
+                     "--no-pytest", "--skip", "gradients", "--skip", "kv-cache", "--skip", "generation"]) == 0
     out = capsys.readouterr().out
     assert "NO GPU (test: no GPU)" in out and "the GPU rows are unmeasured" in out
-    assert "llama-tied-causal-lm  causal_lm  float32  torch cpu, flax cpu:0 (cpu)" in out
+    # One line per float32 matmul mode, each named by the tolerance row it was held to.
+    assert "llama-tied-causal-lm  causal_lm  float32         torch cpu, flax cpu:0 (cpu)" in out
+    assert "llama-tied-causal-lm  causal_lm  float32@bf16x3  torch cpu, flax cpu:0 (cpu)" in out
+    with pytest.raises(SystemExit) as bad:
+        gpu.main(["--matmul-precisions", "highest,fp8"])
+    assert bad.value.code == 2
     assert out.rstrip().splitlines()[-1].startswith("NO GPU (test: no GPU): the figures above are the CPU's")
     assert gpu.main(["--require-gpu", "--no-pytest"]) == 3
 
