@@ -50,9 +50,10 @@ mutants: $(STAMP)
 # Both twins on one GPU, every family and head, float32 and bfloat16, then `pytest -m gpu`; one
 # summary table, under 4 minutes. Needs a CUDA build of torch and jax[cuda12] in the venv
 # (`pip install -e '.[gpu]'` plus torch from https://download.pytorch.org/whl/cu126); without
-# a GPU it says so and runs the same checks on the CPU.
+# a GPU it says so and runs the same checks on the CPU. ARGS passes options, e.g.
+# ARGS="--dtypes float32 --matmul-precisions tf32,bf16x3" for the reduced-matmul rows.
 gpu-check: $(STAMP)
-	$(PY) -m parity.check.gpu
+	$(PY) -m parity.check.gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
