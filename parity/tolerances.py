@@ -147,8 +147,8 @@ TOLERANCES: dict[str, Tolerance] = {
                                 "error each) against torch's float32 (torch has no bf16x3); 10x the float32 "
                                 "row. Measured on one H100 (JAX 0.11.2, 9 demo models): activations 6e-6 to "
                                 "5.5e-5 and gradients 1.4e-6 to 8.7e-5, as bf16x3 promises, but logits 7.2e-4 "
-                                "to 7.5e-3 (and one model's activations 1.2e-3), errors of a single bfloat16 "
-                                "pass, larger than TF32's: some dots did not get the three-pass algorithm on "
+                                "to 7.5e-3 (and one model's activations 1.2e-3), 1.5-3x TF32's, which three "
+                                "bfloat16 passes never give: some dots did not get the three-pass algorithm on "
                                 "that GPU, so those rows fail and the bound is NOT widened to them. On CPU XLA "
                                 "computes it in float32, and the float32 figures apply; parameters after "
                                 "training steps: not measured (1.0, no bound)"),
