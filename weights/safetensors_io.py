@@ -22,6 +22,7 @@ import mmap
 import os
 import stat
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -32,7 +33,7 @@ from .errors import (DataOffsetError, HeaderError, SafetensorsFormatError, Sourc
                      UnknownDtypeError)
 
 __all__ = ["DTYPES", "MAX_HEADER_SIZE", "TensorInfo", "TensorSpec", "SafetensorsFile", "dtype_name",
-           "load_file"]
+           "load_file", "release_pages"]
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we, before
 # reading one byte of it, so a lying length cannot make us allocate gigabytes.
@@ -65,6 +66,8 @@ DTYPES: dict[str, np.dtype] = {
 RANK = {name: i for i, name in enumerate(DTYPES)}  # the reference writer's sort key
 _NAMES = {dt: name for name, dt in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
+# The maps `SafetensorsFile.get` made (read-only, file-backed): the only memory `release_pages` touches.
+_READ_ONLY_MAPS: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()
 
 
 def dtype_name(dtype: Any) -> str:
@@ -282,6 +285,7 @@ class SafetensorsFile:
             # converter does) never reserves address space for the whole file.
             try:
                 self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+                _READ_ONLY_MAPS.add(self._mm)
             except OSError as e:
                 raise SafetensorsFormatError(f"cannot map file: {e.strerror or e}", file=self.path) from None
         count = info.nbytes // info.np_dtype.itemsize
@@ -357,6 +361,28 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop from this process the pages under `view`, a C-contiguous part of a tensor that
+    `SafetensorsFile.get` returned, once its bytes have been copied: a tensor loaded block by block
+    then keeps one block resident, not the whole tensor. Pages only partly under `view` go too
+    (touched again, they are read back from the file). Any other array (one not backed by such a
+    read-only map, or a strided view) is left alone: dropping anonymous pages would zero them."""
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if (not isinstance(base, mmap.mmap) or base not in _READ_ONLY_MAPS or not view.flags.c_contiguous
+            or view.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED")):
+        return
+    offset = view.__array_interface__["data"][0] - np.frombuffer(base, np.uint8, 1).__array_interface__["data"][0]
+    start = offset - offset % _PAGE
+    try:
+        base.madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
+    except (OSError, ValueError):
+        pass  # advice only; correctness never depends on it
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:

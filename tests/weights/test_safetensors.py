@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from weights.errors import (LOAD_ERRORS, DataOffsetError, HeaderError, SafetensorsFormatError,
                             TruncatedFileError, UnknownDtypeError)
-from weights.safetensors_io import DTYPES, MAX_HEADER_SIZE, SafetensorsFile, TensorSpec, load_file
+from weights.safetensors_io import DTYPES, MAX_HEADER_SIZE, SafetensorsFile, TensorSpec, load_file, release_pages
 from weights.safetensors_writer import SafetensorsWriter, save_file
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -76,6 +76,31 @@ def test_get_is_a_read_only_zero_copy_view_and_release_keeps_data(tmp_path):
         f.release("w")  # pages dropped from the process; reading faults them back in
         assert same_bits(w, t["w"]) and same_bits(f.get("h"), t["h"])
         assert f.shape("w") == (64, 1024) and f.dtype("w") == BF16 and f.keys() == ["w", "h"]
+
+
+def _resident_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise on this platform")
+def test_release_pages_drops_a_block_of_a_mapped_tensor_and_leaves_other_memory_alone(tmp_path):
+    """What lets a loader hold one block of a tensor, not the tensor: the pages under a row block
+    leave this process's RSS (and the data reads back the same), while an anonymous array or a
+    strided view passed by mistake is left as it was."""
+    t = {"w": random_bits((1024, 4096), np.float32, 3)}  # 16 MB
+    save_file(t, tmp_path / "m.safetensors")
+    with SafetensorsFile(tmp_path / "m.safetensors") as f:
+        w = f.get("w")
+        assert same_bits(w, t["w"])  # every page touched
+        before = _resident_file_bytes()
+        release_pages(w[:512])
+        assert before - _resident_file_bytes() >= 7 << 20  # the 8 MB under the first 512 rows (less a page)
+        release_pages(w[:, :10])  # strided: ignored
+        assert same_bits(w, t["w"])
+    anonymous = t["w"].copy()
+    release_pages(anonymous)
+    assert same_bits(anonymous, t["w"])
 
 
 def test_writer_streams_in_any_order_and_checks_what_it_is_given(tmp_path):
