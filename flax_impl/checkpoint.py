@@ -8,6 +8,7 @@ Parameter paths map to HF names by `weights.names`; linear kernels are the trans
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from weights.blockcopy import contiguous
+from weights.blockcopy import contiguous, row_blocks
 from weights.checkpoint import CheckpointReader
 from weights.names import hf_name, is_transposed
 from weights.partition import Rule
@@ -28,7 +29,7 @@ from weights.pieces import piece_file, write_pieces_index
 from weights.pretrained import (checkpoint_config, keep_on_resave, load_into, natural_key, open_pretrained,
                                 save_checkpoint)
 from weights.report import LoadReport
-from weights.safetensors_io import TensorSpec
+from weights.safetensors_io import TensorSpec, release_pages
 from weights.safetensors_writer import save_file
 from weights.staging import atomic_directory
 
@@ -91,14 +92,46 @@ def _device_array(array: np.ndarray, name: str, dtype: np.dtype, device: jax.Dev
     """One checkpoint tensor on `device` (default: JAX's default device) in Flax layout and
     `dtype`, read once.
 
-    Kernels are transposed (tile by tile) into a fresh buffer; the copy from the memory-mapped
-    view happens before the call returns, so the view's pages can be released and the file
-    closed behind it.
+    On the CPU, kernels are transposed (tile by tile) into a fresh buffer, which becomes the
+    device array. On an accelerator the tensor travels in row blocks (`_blocks_to_device`). Either
+    way the copy from the memory-mapped view happens before the call returns, so the view's pages
+    can be released and the file closed behind it.
     """
+    if not _in_host_memory(device):
+        return _blocks_to_device(array, name, dtype, device)
     if is_transposed(name) or array.dtype != dtype:
         host = contiguous(array.T if is_transposed(name) else array, dtype)
         return jax.device_put(host, device).block_until_ready()
     return jax.device_put(array, device, may_alias=False).block_until_ready()
+
+
+def _in_host_memory(device: jax.Device | None) -> bool:
+    return device is None or device.platform == "cpu"
+
+
+def _blocks_to_device(array: np.ndarray, name: str, dtype: np.dtype, device: jax.Device) -> jax.Array:
+    # One row block (`BLOCK_BYTES`, 8 MB) at a time, cast on the host as `contiguous` casts, each
+    # block's mapped pages dropped once it is on the device; the blocks are joined (and a kernel
+    # transposed) there. So the host holds a block, never the tensor, as in the torch twin's
+    # `_copy_to_device`. A Flax-layout checkpoint's kernel is already stored transposed.
+    stored = array.T if is_transposed(name) else array
+    source, transpose = (stored, False) if stored.flags.c_contiguous or not array.flags.c_contiguous else (array, True)
+    blocks, row = [], 0
+    for block in row_blocks(source, dtype):
+        blocks.append(jax.device_put(block, device, may_alias=False).block_until_ready())
+        if source.ndim:
+            release_pages(source[row:row + block.shape[0]])
+            row += block.shape[0]
+    if len(blocks) == 1 and not transpose:
+        return blocks[0]
+    return _join(tuple(blocks), transpose).block_until_ready()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _join(blocks: tuple[jax.Array, ...], transpose: bool) -> jax.Array:
+    # One small program per tensor shape (a 1.1B LLaMA has about eight), compiled on first use.
+    whole = jnp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    return whole.T if transpose else whole
 
 
 def _sharded_array(array: np.ndarray, name: str, dtype: np.dtype, sharding: NamedSharding) -> jax.Array:

@@ -27,7 +27,7 @@ from weights.pretrained import (checkpoint_config, keep_on_resave, load_into, na
 from weights.safetensors_writer import save_file
 from weights.staging import atomic_directory
 from weights.report import LoadReport
-from weights.safetensors_io import TensorSpec
+from weights.safetensors_io import TensorSpec, release_pages
 
 from . import sharding
 from .layers import precision
@@ -192,8 +192,9 @@ def _in_host_memory(t: torch.Tensor) -> bool:
 
 def _copy_to_device(param: torch.Tensor, array: np.ndarray) -> None:
     """Copy a checkpoint tensor into a parameter off the CPU, one row block (`BLOCK_BYTES`, 8 MB)
-    at a time through one reused host buffer: the host holds a block, never the tensor."""
-    flat, offset, host = param.view(-1), 0, None
+    at a time through one reused host buffer, dropping each block's mapped pages once it is on
+    the device: the host holds a block, never the tensor."""
+    flat, offset, host, row = param.view(-1), 0, None, 0
     for block in row_blocks(array, _numpy_dtype(param.dtype)):
         if host is None or host.numel() < block.size:  # only a row wider than a block needs more
             host = torch.empty(block.size, dtype=param.dtype)
@@ -201,6 +202,9 @@ def _copy_to_device(param: torch.Tensor, array: np.ndarray) -> None:
         copy_into(_writable_view(staged), block.reshape(-1))
         flat[offset:offset + block.size].copy_(staged)  # synchronous: the buffer is reused next
         offset += block.size
+        if array.ndim:
+            release_pages(array[row:row + block.shape[0]])
+            row += block.shape[0]
 
 
 def from_pretrained(cls: type[M], directory: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,

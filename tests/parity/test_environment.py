@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from parity.cli import main
@@ -31,6 +33,32 @@ def test_torch_loads_off_the_cpu_block_by_block_bit_for_bit(checkpoint, monkeypa
     assert staged.model.dtype == torch.float32 and {p.dtype for p in staged.parameters()} == {torch.bfloat16}
     for (name, a), b in zip(direct.state_dict().items(), staged.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_flax_loads_off_the_cpu_block_by_block_bit_for_bit(checkpoint, tmp_path, monkeypatch):
+    """The accelerator branch of Flax's loader (row blocks placed one by one, joined and kernels
+    transposed on the device), run on the CPU with 256-byte blocks: the same bits as the host
+    path, from an HF-layout and a Flax-layout checkpoint, with a cast."""
+    from flax import nnx
+
+    import flax_impl
+    import weights.blockcopy
+    from flax_impl import checkpoint as ck
+    from weights.convert import convert
+
+    def params(model):
+        return [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+    flax_layout = tmp_path / "flax-layout"
+    convert(checkpoint, flax_layout, layout="flax", progress=False)
+    direct = params(flax_impl.ForCausalLM.from_pretrained(checkpoint, dtype="float32", param_dtype="bfloat16"))
+    monkeypatch.setattr(ck, "_in_host_memory", lambda device: False)
+    monkeypatch.setattr(weights.blockcopy, "BLOCK_BYTES", 256)
+    for source in (checkpoint, flax_layout):
+        staged = params(flax_impl.ForCausalLM.from_pretrained(source, dtype="float32", param_dtype="bfloat16"))
+        assert len(staged) == len(direct)
+        for a, b in zip(direct, staged):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint16), b.view(np.uint16))
 
 
 def test_flax_loads_onto_the_chosen_device(checkpoint):
