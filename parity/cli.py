@@ -215,6 +215,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
          "twinlm check path/to/llama --dtype bfloat16 --json parity.json --html parity.html",
          "twinlm check path/to/llama --skip gradients --skip generation --seq-len 64",
          "twinlm check path/to/llama --mesh data=2,tensor=4",
+         "twinlm check path/to/llama --fast --device cuda --jax-platform gpu",
          "twinlm check --tolerances"],
         _PARITY_EXIT)
     p.add_argument("dir", metavar="DIR", nargs="?", help="checkpoint directory (config.json + safetensors)")
@@ -228,6 +229,11 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    help="leave out a part of the check (repeatable; the report says what was left out)")
     _nonfinite_arg(p)
     p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
+    p.add_argument("--fast", action="store_true",
+                   help="run both twins on their fused attention kernels (torch SDPA, jax.nn.dot_product_attention) "
+                   "instead of the eager reference, and compare those; the kernels return no attention maps, "
+                   "so those rows are left out (the report says so). Soft-capped scores, float64 and float16 "
+                   "stay eager")
     p.add_argument("--mesh", metavar="AXES", help="run the Flax twin sharded over a device mesh, e.g. "
                    "data=2,tensor=4 (axes data, fsdp, tensor; CPU devices are simulated), and also compare it "
                    "with itself unsharded; under torchrun (as many processes as the mesh has places) the "
@@ -438,6 +444,8 @@ def _run_check(args: argparse.Namespace) -> int:
                    whole_models=args.stream is False)
     _setup_jax()
     if args.train_steps:
+        if args.fast:
+            raise UsageError("--fast checks inference; --train-steps runs the eager attention (dropout needs it)")
         return _run_training_check(args)
     from parity.check import check_checkpoint
     from parity.report import SECTIONS
@@ -448,7 +456,8 @@ def _run_check(args: argparse.Namespace) -> int:
                               memory_budget=args.memory_budget, progress=False if args.no_progress else None,
                               announce=lambda mode: _err(f"twinlm check: {mode}"),
                               allow_nonfinite_weights=True,  # scanned by _before_models, as asked
-                              mesh=mesh, **_run_kwargs(args))
+                              mesh=mesh, attn_implementation="fast" if args.fast else "eager",
+                              **_run_kwargs(args))
     for s in skipped:
         report.skipped[s] = f"--skip {next(k for k, v in _SKIPPABLE.items() if v == s)}"
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports for all

@@ -24,6 +24,8 @@ from jax.sharding import Mesh
 
 import flax_impl
 import torch_impl
+from flax_impl.layers import attention as flax_attention
+from torch_impl.layers import attention as torch_attention
 from torch_impl.layers.precision import dtype_name
 from weights.names import hf_name, is_transposed
 
@@ -100,6 +102,8 @@ def check_pair(torch_model: torch.nn.Module, flax_model: nnx.Module, batch: Batc
     capped = capped_logit_scale(torch_model, t_out, head)
     if "forward" in sections:
         report.rows += _forward_rows(t_out, f_out, tol)
+        if any(a is None for a in t_out.attentions):
+            report.skipped["attention weights"] = "fast attention: the fused kernels return no maps"
     # Every layer's attention map is compared: drop them before decoding and generation.
     t_out.attentions, f_out = None, f_out.replace(attentions=None)
     if "head" in sections:
@@ -238,8 +242,9 @@ def _forward_rows(t_out: Any, f_out: Any, tol: Any) -> list[Row]:
     rows = [Row("forward", "activations", compare("model.embed_tokens (embeddings)",
                                                   t_out.hidden_states[0], f_out.hidden_states[0], a))]
     for i in range(n):
-        rows.append(Row("forward", "activations", compare(f"model.layers.{i}.self_attn (attention weights)",
-                                                          t_out.attentions[i], f_out.attentions[i], a), layer=i))
+        if t_out.attentions[i] is not None or f_out.attentions[i] is not None:  # fused kernels return none
+            rows.append(Row("forward", "activations", compare(f"model.layers.{i}.self_attn (attention weights)",
+                                                              t_out.attentions[i], f_out.attentions[i], a), layer=i))
         name = f"model.layers.{i} (output)" if i < n - 1 else f"model.layers.{i} + model.norm (output)"
         rows.append(Row("forward", "activations", compare(name, t_out.hidden_states[i + 1],
                                                           f_out.hidden_states[i + 1], a), layer=i))
@@ -316,7 +321,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                      matmul_precision: str = "highest", stream: bool | None = None,
                      memory_budget: int | None = None, progress: bool | None = None,
                      announce: Callable[[str], None] | None = None,
-                     allow_nonfinite_weights: bool = False, mesh: Mapping[str, int] | None = None) -> Report:
+                     allow_nonfinite_weights: bool = False, mesh: Mapping[str, int] | None = None,
+                     attn_implementation: str = "eager") -> Report:
     """Load `directory` into both twins and run `check_pair` on `seeded_batch`, or stream it layer
     by layer (`check_streamed`) when the whole-model check would not fit: activations in `dtype`,
     parameters in `param_dtype` (default: `dtype`), the torch twin on `device` ("cpu", "cuda",
@@ -328,6 +334,9 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     With `mesh` ({axis: size}, e.g. {"data": 2, "tensor": 4}) the Flax twin runs sharded over a
     device mesh and is also compared with itself unsharded (`parity.check.sharded`); like the
     streamed check, it runs on the CPU with the default settings.
+    `attn_implementation` "fast" runs both twins on their fused attention kernels
+    (`set_attn_implementation`) instead of the eager reference: the check then holds the fast
+    paths to each other, with the same tolerances, and has no attention maps to compare.
 
     `stream` forces the mode (None: choose). The choice compares the whole-model check's
     estimated peak (`memory.whole_model_bytes`) with `memory_budget` bytes (default: a fraction
@@ -350,6 +359,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("a float64 check needs JAX's 64-bit mode: call "
                            "jax.config.update('jax_enable_x64', True) before creating any array")
+    if attn_implementation not in ("eager", "fast"):
+        raise BadInputError(f"attention implementation must be 'eager' or 'fast', got {attn_implementation!r}")
     row = row_name(dtype, param_dtype, matmul_precision)
     if row not in TOLERANCES and not tolerances:
         raise BadInputError(f"no tolerance row for {row!r} (dtype {dtype}, parameters {param_dtype or dtype}, "
@@ -389,7 +400,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     off_default = [flag for flag, used in (("--param-dtype", param_dtype not in (None, dtype)),
                                            ("--device", t_device.type != "cpu"),
                                            ("--jax-platform", j_device.platform != "cpu"),
-                                           ("--matmul-precision", matmul_precision != "highest")) if used]
+                                           ("--matmul-precision", matmul_precision != "highest"),
+                                           ("--fast", attn_implementation != "eager")) if used]
     if mesh is not None and off_default:
         raise BadInputError(f"the sharded check (--mesh) runs on the CPU with parameters in --dtype and matmuls "
                             f"'highest'; {', '.join(off_default)} need the check without --mesh")
@@ -416,6 +428,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
                 twins = load_twins(directory, dtype, head, flax_directory, param_dtype=param_dtype, device=t_device,
                                    jax_device=j_device, precision=matmul_precision, allow_nonfinite=True)
                 bar.update()
+            torch_attention.set_attn_implementation(twins.torch_model, attn_implementation)
+            flax_attention.set_attn_implementation(twins.flax_model, attn_implementation)
             report = check_pair(twins.torch_model, twins.flax_model, batch, dtype=row, sections=sections,
                                 title=f"{directory}", tolerances=tolerances, phases=phases)
     report.meta["checkpoint"] = str(directory)
@@ -425,7 +439,8 @@ def check_checkpoint(directory: str | os.PathLike, dtype: str = "float32", *, se
     devices = report.meta["environment"]["devices"]
     report.meta["describe"] = {"inputs": describe_batch(batch), "model": _describe_config(config),
                                "mode": mode.describe(),
-                               "run on": f"torch {devices['torch']}, flax {devices['flax']}; matmuls {matmul_precision}"}
+                               "run on": f"torch {devices['torch']}, flax {devices['flax']}; matmuls {matmul_precision}"
+                                         f"; attention {attn_implementation}"}
     if note:
         report.meta["describe"]["note"] = note
     report.meta["mode"] = mode.as_dict()

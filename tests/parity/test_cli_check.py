@@ -30,6 +30,32 @@ def test_check_passes_and_writes_json_and_html(checkpoint, tmp_path, capsys):
     assert "<svg" in page and "model.layers.2 + model.norm (output)" in page
 
 
+def test_check_fast_compares_the_fused_attention_kernels_and_says_what_it_left_out(checkpoint, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """`--fast`: both twins really run their fused kernels (counted), every row but the attention
+    maps is compared, and the report names what the kernels could not give."""
+    import flax_impl.layers.attention as flax_attention
+    import torch_impl.layers.attention as torch_attention
+
+    calls = {"torch": 0, "flax": 0}
+    for twin, module in (("torch", torch_attention), ("flax", flax_attention)):
+        def counted(*args, _real=module.attention_fast, _twin=twin, **kwargs):
+            calls[_twin] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, "attention_fast", counted)
+    code = main(["check", str(checkpoint), "--fast", "--skip", "gradients", "--skip", "generation", "--seq-len", "6",
+                 "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert calls["torch"] > 0 and calls["flax"] > 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert not any("attention weights" in n for n in names)
+    assert f"model.layers.{TINY_DEMO.num_hidden_layers - 1} + model.norm (output)" in names
+    assert data["skipped"]["attention weights"] == "fast attention: the fused kernels return no maps"
+    assert data["meta"]["describe"]["run on"].endswith("attention fast")
+
+
 def test_check_exits_1_and_names_the_broken_layer(checkpoint, monkeypatch, capsys, tmp_path):
     real = parity.check.pair.load_twins
 
