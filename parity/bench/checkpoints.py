@@ -225,7 +225,8 @@ def bench_load() -> list[Row]:
         else:
             ratio = m["rss"] / model_bytes
             rows.append(Row("load", f"{twin}.ForCausalLM.from_pretrained: peak RSS / model bytes",
-                            f"{ratio:.2f} ({m['rss'] / 1e9:.2f} GB; baseline {m['base'] / 1e9:.2f} GB: imports and a tiny load)",
+                            f"{ratio:.2f} ({m['rss'] / 1e9:.2f} GB; baseline {m['base'] / 1e9:.2f} GB: "
+                            f"imports and a tiny load)",
                             f"<= {goal}" if goal else "", (ratio <= goal) if goal else None))
         rows.append(Row("load", f"{twin}.ForCausalLM.from_pretrained: wall ({device})", f"{m['wall']:.1f} s"))
     return rows

@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'GPU' if on_gpu else 'CPU fallback'}: {len(lines) - len(failed)}/{len(lines)} checks pass, "
           f"{elapsed:.0f} s{' (over the 4-minute budget)' if over else ''}")
     if not on_gpu:  # said again under the table, which is what gets copied into a note
-        print(f"NO GPU ({what}): the figures above are the CPU's. Not measured by this run: every GPU row (torch on CUDA, "
-              f"Flax on JAX's GPU), the float32@tf32 and float32@bf16x3 tolerance rows, the 4-minute budget "
-              f"and the host RSS of loading onto a GPU.")
+        print(f"NO GPU ({what}): the figures above are the CPU's. Not measured by this run: every GPU row "
+              f"(torch on CUDA, Flax on JAX's GPU), the float32@tf32 and float32@bf16x3 tolerance rows, the "
+              f"4-minute budget and the host RSS of loading onto a GPU.")
     return 1 if failed or status != 0 else 0
 
 
