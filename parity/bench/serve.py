@@ -23,19 +23,27 @@ before the clock (that is its static warm-up); the runner, in both twins, runs t
 prompts for 2 tokens each (a batched prefill and decode steps), and torch's static mode the
 first batch for 2 tokens, before their clocks start, since the first eager torch calls pay for
 allocations and kernel set-up that the timed steps then reuse.
+
+The two modes alternate: `TWINLM_BENCH_REPEAT` (default 3) repetitions of the pair, the first
+continuous then static, the next static then continuous, and so on, on one built runner and one
+warmed `generate()`. Each repetition's ratio compares two passes run back to back, under about
+the same load (on a shared machine the load moves within minutes); the section reports the
+median ratio, each repetition's ratio and the load average after each pass, and the median of
+each mode's figures.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from parity.bench import Row, run_child, section
 
-__all__ = ["GOAL", "RATE", "SLOTS", "bench_serve", "run_trace", "trace"]
+__all__ = ["GOAL", "RATE", "SLOTS", "bench_serve", "build_runner", "continuous", "repeats", "run_trace", "static",
+           "static_generate", "trace"]
 
 NUM_REQUESTS, RATE, SLOTS = 64, 4.0, 8
 PROMPT_LENGTHS, OUTPUT_LENGTHS = (4, 64), (4, 128)
@@ -66,8 +74,9 @@ def _figures(reqs: list[dict], finish: list[float], makespan: float) -> dict:
                 p50=float(np.percentile(per_token, 50)), p99=float(np.percentile(per_token, 99)))
 
 
-def continuous(twin: str, model, reqs: list[dict]) -> dict:
-    """The trace through the twin's `Runner` in real time."""
+def build_runner(twin: str, model, reqs: list[dict]) -> tuple[Any, dict]:
+    """The twin's `Runner`, built (the Flax one compiles every program) and warmed: it serves the
+    trace's first `SLOTS` prompts for 2 tokens. Returns it and the seconds both took."""
     from weights.shared.serving import Request
 
     if twin == "torch":
@@ -76,10 +85,16 @@ def continuous(twin: str, model, reqs: list[dict]) -> dict:
         from flax_impl.serving import Runner
     max_len = max(BUCKETS) + OUTPUT_LENGTHS[1]
     t0 = time.perf_counter()
-    runner = Runner(model, SLOTS, max_len, BUCKETS)
+    out = Runner(model, SLOTS, max_len, BUCKETS)
     build = time.perf_counter() - t0
-    list(runner.run([Request(r["prompt"], max_new_tokens=2) for r in reqs[:SLOTS]]))  # warm-up, untimed
-    warm = time.perf_counter() - t0 - build
+    list(out.run([Request(r["prompt"], max_new_tokens=2) for r in reqs[:SLOTS]]))  # warm-up, untimed
+    return out, dict(build=build, warm=time.perf_counter() - t0 - build)
+
+
+def continuous(runner, reqs: list[dict]) -> dict:
+    """The trace through a built `Runner` in real time."""
+    from weights.shared.serving import Request
+
     ids, finish, pending = {}, [0.0] * len(reqs), list(range(len(reqs)))
     start = time.perf_counter()
     while pending or not runner.scheduler.idle():
@@ -95,24 +110,27 @@ def continuous(twin: str, model, reqs: list[dict]) -> dict:
         for rid in list(ids):
             if rid in runner.scheduler.done:
                 finish[ids.pop(rid)] = now
-    out = _figures(reqs, finish, max(finish))
-    out["build"], out["warm"] = build, warm
-    return out
+    return _figures(reqs, finish, max(finish))
 
 
-def static(twin: str, model, reqs: list[dict]) -> dict:
-    """The trace through `generate()` on fixed batches of `SLOTS`, in real time."""
-    batches = [list(range(i, min(i + SLOTS, len(reqs)))) for i in range(0, len(reqs), SLOTS)]
+def _batches(reqs: list[dict]) -> list[list[int]]:
+    return [list(range(i, min(i + SLOTS, len(reqs)))) for i in range(0, len(reqs), SLOTS)]
 
-    def inputs(batch: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
-        p = max(len(reqs[i]["prompt"]) for i in batch)
-        ids = np.zeros((len(batch), p), np.int64)
-        mask = np.zeros((len(batch), p), np.int64)
-        for row, i in enumerate(batch):
-            prompt = reqs[i]["prompt"]
-            ids[row, p - len(prompt):], mask[row, p - len(prompt):] = prompt, 1
-        return ids, mask, max(reqs[i]["new"] for i in batch)
 
+def _batch_inputs(reqs: list[dict], batch: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    p = max(len(reqs[i]["prompt"]) for i in batch)
+    ids = np.zeros((len(batch), p), np.int64)
+    mask = np.zeros((len(batch), p), np.int64)
+    for row, i in enumerate(batch):
+        prompt = reqs[i]["prompt"]
+        ids[row, p - len(prompt):], mask[row, p - len(prompt):] = prompt, 1
+    return ids, mask, max(reqs[i]["new"] for i in batch)
+
+
+def static_generate(twin: str, model, reqs: list[dict]) -> tuple[Callable[..., object], dict]:
+    """`generate()` on one fixed batch `(ids, mask, max_new_tokens)`, warmed: Flax runs every batch
+    shape of the trace once (which compiles it), torch the first batch for 2 tokens. Returns the
+    function and the warm-up seconds."""
     if twin == "torch":
         import torch
 
@@ -130,35 +148,54 @@ def static(twin: str, model, reqs: list[dict]) -> dict:
             model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=n, return_scores=True))
     t0 = time.perf_counter()
     if twin == "flax":
-        for batch in batches:  # compile (and warm) every batch shape before the clock starts
-            run(*inputs(batch))
+        for batch in _batches(reqs):  # compile (and warm) every batch shape before the clock starts
+            run(*_batch_inputs(reqs, batch))
     else:
-        run(*inputs(batches[0])[:2], 2)  # warm-up, untimed
-    warm = time.perf_counter() - t0
+        run(*_batch_inputs(reqs, _batches(reqs)[0])[:2], 2)  # warm-up, untimed
+    return run, dict(warm=time.perf_counter() - t0)
+
+
+def static(run: Callable[..., object], reqs: list[dict]) -> dict:
+    """The trace through `generate()` (`run`, from `static_generate`) on fixed batches of `SLOTS`,
+    in real time."""
     finish = [0.0] * len(reqs)
     start = time.perf_counter()
-    for batch in batches:
+    for batch in _batches(reqs):
         ready = reqs[batch[-1]]["arrival"]
         now = time.perf_counter() - start
         if now < ready:
             time.sleep(ready - now)
-        run(*inputs(batch))
+        run(*_batch_inputs(reqs, batch))
         now = time.perf_counter() - start
         for i in batch:
             finish[i] = now
-    out = _figures(reqs, finish, max(finish))
-    out["warm"] = warm
-    return out
+    return _figures(reqs, finish, max(finish))
 
 
-def run_trace(twin: str) -> dict:
-    """Both modes of one twin on the trace (run in a child process by `bench_serve`)."""
+def repeats() -> int:
+    """Repetitions of the (continuous, static) pair: `TWINLM_BENCH_REPEAT`, default 3."""
+    return max(1, int(os.environ.get("TWINLM_BENCH_REPEAT", "3")))
+
+
+def run_trace(twin: str, repeat: int | None = None) -> dict:
+    """Both modes of one twin on the trace, `repeat` times, alternating which goes first (run in
+    a child process by `bench_serve`). Each repetition's ratio compares two passes run back to
+    back, under about the same load; the section reports the median."""
     from parity.bench.generation import build
 
     _, model, _ = build(twin)
     reqs = trace()
-    out: dict[str, Any] = {"twin": twin, "continuous": continuous(twin, model, reqs), "static": static(twin, model, reqs),
-                           "load": os.getloadavg()[0]}
+    serving, setup = build_runner(twin, model, reqs)
+    run, static_setup = static_generate(twin, model, reqs)
+    reps = []
+    for i in range(repeats() if repeat is None else repeat):
+        rep: dict[str, Any] = {}
+        for mode in ("continuous", "static") if i % 2 == 0 else ("static", "continuous"):
+            rep[mode] = continuous(serving, reqs) if mode == "continuous" else static(run, reqs)
+            rep[mode]["load"] = os.getloadavg()[0]
+        rep["ratio"] = rep["continuous"]["tokens_per_s"] / rep["static"]["tokens_per_s"]
+        reps.append(rep)
+    out: dict[str, Any] = {"twin": twin, "repeats": reps, "continuous_setup": setup, "static_setup": static_setup}
     if twin == "torch":
         import torch
 
@@ -182,15 +219,21 @@ def bench_serve() -> list[Row]:
                          f"{OUTPUT_LENGTHS[1]} tokens ({tokens} in all), {SLOTS} slots = static batch size", "")]
     for twin in ("torch", "flax"):
         r = _child(twin)
-        c, s = r["continuous"], r["static"]
-        for mode, m in (("continuous", c), ("static", s)):
-            build = f"; runner compile {m['build']:.1f} s" if twin == "flax" and mode == "continuous" else ""
-            build += f"; warm-up {m['warm']:.1f} s" + (" (compiles every batch shape)" if twin == "flax" and
-                                                       mode == "static" else "")
-            rows.append(Row("serve", f"{twin} {mode}",
-                            f"{m['tokens_per_s']:.1f} tok/s ({m['seconds']:.1f} s), per-token latency p50 "
-                            f"{m['p50'] * 1e3:.0f} ms, p99 {m['p99'] * 1e3:.0f} ms{build}"))
-        ratio = c["tokens_per_s"] / s["tokens_per_s"]
-        rows.append(Row("serve", f"{twin} continuous / static throughput (load {r['load']:.1f})", f"{ratio:.2f}x",
-                        f">= {GOAL}x", ratio >= GOAL))
+        reps = r["repeats"]
+        for mode in ("continuous", "static"):
+            med = {k: float(np.median([rep[mode][k] for rep in reps]))
+                   for k in ("tokens_per_s", "seconds", "p50", "p99")}
+            setup = r[f"{mode}_setup"]
+            note = f"; runner compile {setup['build']:.1f} s" if twin == "flax" and mode == "continuous" else ""
+            note += f"; warm-up {setup['warm']:.1f} s" + (" (compiles every batch shape)" if twin == "flax" and
+                                                         mode == "static" else "")
+            rows.append(Row("serve", f"{twin} {mode} (median of {len(reps)})",
+                            f"{med['tokens_per_s']:.1f} tok/s ({med['seconds']:.1f} s), per-token latency p50 "
+                            f"{med['p50'] * 1e3:.0f} ms, p99 {med['p99'] * 1e3:.0f} ms{note}"))
+        ratios = [rep["ratio"] for rep in reps]
+        ratio = float(np.median(ratios))
+        each = ", ".join(f"{x:.2f}x" for x in ratios)
+        loads = ", ".join(f"{rep[m]['load']:.1f}" for rep in reps for m in ("continuous", "static"))
+        rows.append(Row("serve", f"{twin} continuous / static throughput, median of {each} (loads {loads})",
+                        f"{ratio:.2f}x", f">= {GOAL}x", ratio >= GOAL))
     return rows
