@@ -62,7 +62,10 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Arra
     weights = jax.lax.cond(use_filters,
                            lambda: sampling_weights(x, temperature, top_k_value, top_p_value, allowed, allowed_first),
                            lambda: sampling_weights(x, temperature, None, None, allowed, allowed_first))
-    token = jnp.where(do_sample, sample_from_weights(weights, u), greedy(x, allowed))
+    best = greedy(x, allowed)
+    # Inverse-CDF sampling scans the vocabulary (a cumulative sum): skipped when every row is greedy.
+    sampled = jax.lax.cond(do_sample.any(), lambda: sample_from_weights(weights, u), lambda: best)
+    token = jnp.where(do_sample, sampled, best)
     chosen, top_ids, top_probs = token_scores(jax.nn.log_softmax(x, axis=-1), token)
     filtered, filtered_ids = top_k(weights / weights.sum(-1, keepdims=True), top_ids.shape[-1])
     return token, chosen, top_ids, top_probs, filtered_ids, filtered

@@ -51,7 +51,10 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k_value: to
         weights = sampling_weights(x, temperature, top_k_value, top_p_value, allowed, allowed_first)
     else:
         weights = sampling_weights(x, temperature, None, None, allowed, allowed_first)
-    token = torch.where(do_sample, sample_from_weights(weights, u), greedy(x, allowed))
+    best = greedy(x, allowed)
+    # Inverse-CDF sampling scans the vocabulary (a cumulative sum): skipped when every row is greedy.
+    sampled = sample_from_weights(weights, u) if bool(do_sample.any()) else best
+    token = torch.where(do_sample, sampled, best)
     chosen, top_ids, top_probs = token_scores(torch.log_softmax(x, dim=-1), token)
     filtered, filtered_ids = top_k(weights / weights.sum(-1, keepdim=True), top_ids.shape[-1])
     return token, chosen, top_ids, top_probs, filtered_ids, filtered
