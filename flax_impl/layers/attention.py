@@ -76,8 +76,9 @@ class KVCache:
         return the new cache and the layer's full buffers."""
         keys, values = list(self.keys), list(self.values)
         start = concrete_int(jnp.max(self.length))
-        if start is not None and start + key.shape[2] > self.capacity:
-            grow = ((0, 0), (0, 0), (0, start + key.shape[2] - self.capacity), (0, 0))
+        capacity = self.keys[layer_idx].shape[2]  # this layer's: the layers before it may have grown already
+        if start is not None and start + key.shape[2] > capacity:
+            grow = ((0, 0), (0, 0), (0, start + key.shape[2] - capacity), (0, 0))
             keys[layer_idx], values[layer_idx] = jnp.pad(keys[layer_idx], grow), jnp.pad(values[layer_idx], grow)
 
         def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:  # one row: [K, S, D]

@@ -126,3 +126,21 @@ def test_padding_never_changes_other_positions(case, twin):
             outs.append(np.asarray(fcall(f_model, jnp.asarray(ids), jnp.asarray(batch.attention_mask)).logits))
     keep = batch.attention_mask.astype(bool)[..., None]
     assert_close("real positions", np.where(keep, outs[0], 0), np.where(keep, outs[1], 0), "float64")
+
+
+
+def test_a_write_past_the_capacity_grows_every_layer():
+    """Outside jit a write past the capacity grows the buffers: each layer checks its own (the
+    first layer's grown buffer says nothing of the second's)."""
+    from tests.helpers.configs import TINY
+
+    k, d = TINY.resolved_num_key_value_heads, TINY.resolved_head_dim
+    new = np.random.default_rng(0).standard_normal((2, k, 3, d))
+    t_cache = torch_impl.KVCache.init(TINY, 2, 2, dtype=torch.float64)
+    f_cache = flax_impl.KVCache.init(TINY, 2, 2, dtype=jnp.float64)
+    for layer in range(TINY.num_hidden_layers):
+        t_cache, t_key, _ = t_cache.update(torch.from_numpy(new), torch.from_numpy(new), layer)
+        f_cache, f_key, _ = f_cache.update(jnp.asarray(new), jnp.asarray(new), layer)
+        for key in (t_key.numpy(), np.asarray(f_key)):
+            assert key.shape[2] == 3
+            np.testing.assert_array_equal(key, new)

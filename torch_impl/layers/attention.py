@@ -65,8 +65,9 @@ class KVCache:
         return the cache and the layer's full buffers."""
         b, _, t, _ = key.shape
         end = int(self.length.max()) + t
-        if end > self.capacity:
-            grow = end - self.capacity
+        capacity = self.keys[layer_idx].shape[2]  # this layer's: the layers before it may have grown already
+        if end > capacity:
+            grow = end - capacity
             pad = lambda x: torch.cat([x, x.new_zeros(x.shape[:2] + (grow,) + x.shape[3:])], dim=2)  # noqa: E731
             self.keys[layer_idx], self.values[layer_idx] = pad(self.keys[layer_idx]), pad(self.values[layer_idx])
         rows = torch.arange(b, device=key.device)[:, None]  # [B, 1]
