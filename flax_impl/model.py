@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -76,6 +77,65 @@ def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
     bad = (input_ids < 0) | (input_ids >= vocab_size)
     if bool(bad.any()):
         raise ValueError(f"input_ids: token id {int(input_ids[bad][0])} is outside the vocabulary [0, {vocab_size})")
+
+
+def same_structure(layers: Sequence[nnx.Module]) -> str | None:
+    """None when every layer has the first one's structure (module tree, static attributes other
+    than its index, parameter shapes and dtypes), else which layer differs and how."""
+    first = nnx.graphdef(layers[0])
+    first_attrs = [a for a in first.attributes if a[0] != "layer_idx"]
+    first_leaves = [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(layers[0]))]
+    for i, layer in enumerate(layers[1:], 1):
+        graphdef = nnx.graphdef(layer)
+        if graphdef.nodes != first.nodes or [a for a in graphdef.attributes if a[0] != "layer_idx"] != first_attrs:
+            return f"layer {i}'s modules or static attributes differ from layer 0's"
+        if [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(layer))] != first_leaves:
+            return f"layer {i}'s parameter shapes or dtypes differ from layer 0's"
+    return None
+
+
+def scan_decoder_layers(layers: Sequence[nnx.Module], hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
+                        masks: Sequence[jax.Array], past_key_values: KVCache | None,
+                        output_hidden_states: bool, output_attentions: bool
+                        ) -> tuple[jax.Array, list[jax.Array], list[jax.Array | None], list[jax.Array | None], KVCache | None]:
+    """The layers' loop as one `jax.lax.scan`: XLA then compiles one layer, not `L` copies of it.
+
+    The layers' parameters are stacked to `[L, ...]` here, at the call (the module tree and the
+    checkpoint keep one array per parameter per layer; under `jax.jit` the stack is one copy per
+    call, hoisted out of a decode loop by XLA); the body merges layer 0's graph definition with
+    layer l's parameters, so every layer must have layer 0's structure (`same_structure`). Layers
+    differ only by their mask (sliding or global window: `masks[l]`) and their cache, stacked to
+    `[L, B, K, S, D]` for the scan and handed back per layer. Returns what the loop collects:
+    (hidden `[B, T, E]`, per-layer inputs, attention weights, router logits, cache).
+    """
+    why = same_structure(layers)
+    if why is not None:
+        raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
+    graphdef, _ = nnx.split(layers[0])
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+    # One array per distinct mask (sliding / global), each layer picking its own by index.
+    distinct = list({id(m): m for m in masks}.values())
+    pick = jnp.asarray([next(j for j, d in enumerate(distinct) if d is m) for m in masks], jnp.int32)
+    stacked_masks = jnp.stack(distinct)
+    caches = None if past_key_values is None else (jnp.stack(past_key_values.keys), jnp.stack(past_key_values.values))
+
+    def body(hidden: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        state, index, cache = xs
+        layer_input = hidden
+        hidden = constrain_activations(hidden)  # the layer boundary: rows over data/fsdp
+        layer_cache = None if cache is None else KVCache((cache[0],), (cache[1],), past_key_values.length)
+        hidden, attn_weights, layer_cache, router_logits = nnx.merge(graphdef, state)(
+            hidden, position_embeddings, stacked_masks[index], layer_cache)
+        cache = None if layer_cache is None else (layer_cache.keys[0], layer_cache.values[0])
+        return hidden, (layer_input if output_hidden_states else None,
+                        attn_weights if output_attentions else None, router_logits, cache)
+
+    hidden_states, (inputs, attn, router, cache) = jax.lax.scan(body, hidden_states, (params, pick, caches))
+    n = len(layers)
+    unstack = lambda x: [None] * n if x is None else list(x)  # noqa: E731
+    if cache is not None:
+        past_key_values = past_key_values.replace(keys=tuple(cache[0]), values=tuple(cache[1]))
+    return hidden_states, unstack(inputs), unstack(attn), unstack(router), past_key_values
 
 
 class DecoderLayer(nnx.Module):
@@ -156,6 +216,9 @@ class DecoderModel(nnx.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.embed_dropout = Dropout(config.hidden_dropout, -1, "embeddings")
         self.gradient_checkpointing = False  # remat each decoder layer in the backward pass
+        # Flax only: run the layers as one lax.scan over a stacked copy of their parameters, so XLA
+        # compiles one layer instead of every one (`scan_layers`); off = the unrolled reference loop.
+        self.scan_layers = False
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings `[B, T, E]` in the activation dtype (the table is cast at use, row by
@@ -204,7 +267,15 @@ class DecoderModel(nnx.Module):
         # Remat: each layer's activations are recomputed in the backward pass, not kept (not with a
         # cache: decoding keeps nothing for a backward pass).
         remat = self.gradient_checkpointing and past_key_values is None
-        for layer, window in zip(self.layers, windows):
+        # The scan runs one program for every layer: not with per-layer dropout masks or remat, nor
+        # when the cache must grow first (outside jit; the loop grows it layer by layer).
+        grows = past_key_values is not None and key_length > past_key_values.capacity
+        scanned = self.scan_layers and not remat and dropout_key is None and not grows
+        if scanned:
+            hidden_states, all_hidden, all_attn, all_router, past_key_values = scan_decoder_layers(
+                self.layers, hidden_states, position_embeddings, [masks[w] for w in windows], past_key_values,
+                output_hidden_states, output_attentions)
+        for layer, window in zip(self.layers if not scanned else (), windows):
             all_hidden.append(hidden_states)
             hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
             run = partial(nnx.remat(DecoderLayer.__call__), layer) if remat else layer

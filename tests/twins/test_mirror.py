@@ -32,6 +32,8 @@ FRAMEWORK_PARAMS = {
 FRAMEWORK_ATTRIBUTES = {
     "deterministic": "train/eval: a torch module carries `training` (set by train()/eval()); an NNX module "
                      "holds a `deterministic` attribute that its train()/eval() set",
+    "scan_layers": "XLA compiles every unrolled layer of a jitted program (seconds per layer at 1B scale); the Flax "
+                   "twin may scan one compiled layer over stacked parameters. Eager torch compiles nothing",
 }
 # Methods whose state is each framework's own object.
 OWN_STATE = {
@@ -57,6 +59,9 @@ ONE_SIDED = {
     # FSDP2 gathers parameters in module hooks that generate()'s calls bypass: torch gathers them
     # for the whole generation; a sharded JAX array is one global array that jit reads as it is.
     "sharding.py": {"gathered_for_generation"},
+    # XLA compiles every unrolled layer of a jitted program: the Flax twin may scan one layer over
+    # stacked parameters (DecoderModel.scan_layers); eager torch has nothing to compile.
+    "model.py": {"same_structure", "scan_decoder_layers"},
 }
 # Writing one framework's dtype or module name in the other's spelling.
 _FRAMEWORK_PREFIX = re.compile(r"\b(torch|jnp|jax\.numpy|nn|nnx)\.")
