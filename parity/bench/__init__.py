@@ -17,7 +17,9 @@ and `parity.bench.__main__` imports them all, in the order of the table:
 - `training`: `train` (`train_step` of the mid-size LLaMA, with and without remat; dropout masks);
 - `serve`: `serve` (continuous against static batching on a Poisson trace, the same model);
 - `vq`: `vq` (Transformer-VQ against full attention at 1k / 4k / 16k tokens);
-- `sharding`: `sharding` (per-process peak RSS of a sharded torch `from_pretrained`, mid-size LLaMA).
+- `sharding`: `sharding` (per-process peak RSS of a sharded torch `from_pretrained`, mid-size LLaMA);
+- `flax_compile`, only when named: the Flax twin's `generate()` compile time and decode speed, layers
+  unrolled against scanned (`--device cuda`: the 1.1 B bf16 first call and tokens/s).
 
 To add a section, write a function returning `list[Row]` in one of these modules (or a new one
 listed in `SECTION_MODULES`) and decorate it.
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The section modules, in the order of the table (imported by `python -m parity.bench`).
 SECTION_MODULES = ("parity.bench.checkpoints", "parity.bench.check", "parity.bench.generation",
                    "parity.bench.side_by_side", "parity.bench.training", "parity.bench.serve", "parity.bench.vq",
-                   "parity.bench.sharding")
+                   "parity.bench.sharding", "parity.bench.flax_compile")
 
 
 @dataclass(frozen=True)
