@@ -97,7 +97,7 @@ def _device_array(array: np.ndarray, name: str, dtype: np.dtype, device: jax.Dev
     way the copy from the memory-mapped view happens before the call returns, so the view's pages
     can be released and the file closed behind it.
     """
-    if not _in_host_memory(device):
+    if not _is_host_device(device):
         return _blocks_to_device(array, name, dtype, device)
     if is_transposed(name) or array.dtype != dtype:
         host = contiguous(array.T if is_transposed(name) else array, dtype)
@@ -105,7 +105,7 @@ def _device_array(array: np.ndarray, name: str, dtype: np.dtype, device: jax.Dev
     return jax.device_put(array, device, may_alias=False).block_until_ready()
 
 
-def _in_host_memory(device: jax.Device | None) -> bool:
+def _is_host_device(device: jax.Device | None) -> bool:
     return device is None or device.platform == "cpu"
 
 

@@ -52,7 +52,7 @@ def test_flax_loads_off_the_cpu_block_by_block_bit_for_bit(checkpoint, tmp_path,
     flax_layout = tmp_path / "flax-layout"
     convert(checkpoint, flax_layout, layout="flax", progress=False)
     direct = params(flax_impl.ForCausalLM.from_pretrained(checkpoint, dtype="float32", param_dtype="bfloat16"))
-    monkeypatch.setattr(ck, "_in_host_memory", lambda device: False)
+    monkeypatch.setattr(ck, "_is_host_device", lambda device: False)
     monkeypatch.setattr(weights.blockcopy, "BLOCK_BYTES", 256)
     for source in (checkpoint, flax_layout):
         staged = params(flax_impl.ForCausalLM.from_pretrained(source, dtype="float32", param_dtype="bfloat16"))
