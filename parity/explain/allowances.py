@@ -78,7 +78,7 @@ ALLOWANCES: dict[str, Allowance] = {
     "generation.py:generate_records": Allowance(2, "torch's cache takes the embedding weight's dtype (a module may be "
                                                    "cast with .to), NNX's Embed carries its compute dtype; the used "
                                                    "length is a Python int in torch, a traced scalar under jit"),
-    "generation.py:generate": Allowance(21, "Flax pads prompts to a length bucket and runs nnx.split + jax.jit once; "
+    "generation.py:generate": Allowance(21, "Flax pads prompts to a length bucket and runs one jax.jit program; "
                                             "torch moves inputs to the model's device and runs eagerly"),
     # heads.py
     "heads.py:sequence_classification_loss": Allowance(2, "integer labels: torch compares dtypes and needs int64 "
