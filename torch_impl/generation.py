@@ -3,6 +3,12 @@
 Mirrors `flax_impl/generation.py` function for function. The loop runs under
 `torch.inference_mode()` on a KV cache preallocated to prompt + `max_new_tokens`.
 
+`generate(..., compile=True)` runs each greedy or sampled decode step (not the prefill: a
+different shape, run once) through `torch.compile`, with CUDA graphs on a GPU
+(`mode="reduce-overhead"`, as gpt-fast does). The step is the same `next_logits` as the eager
+path, on the same static cache: shapes never change inside the loop (one token per row, the
+cache's fixed capacity, positions as tensors), so it compiles once per batch shape.
+
 What both twins share (argument checks, left padding and position ids, eos handling, and the
 sampling noise with its inverse-CDF rule, so that a seed gives the same tokens in both) is
 numpy, written once in `weights.shared.generation`.
@@ -10,8 +16,9 @@ numpy, written once in `weights.shared.generation`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -146,6 +153,76 @@ def next_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     return model.logits(out.last_hidden_state[:, -1:])[:, 0], out.past_key_values
 
 
+# torch.compile modes `generate(compile=...)` takes; True picks the first on CUDA, "default" elsewhere.
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILED: dict[str, Callable] = {}  # mode -> the compiled `_decode_step` (dynamo caches per shape)
+# model -> the cache buffers its last compiled decoding used. CUDA graphs replay fixed addresses:
+# reusing the buffers (zeroed) lets the next generate() of that shape replay instead of re-record.
+_STATIC_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, KVCache]" = weakref.WeakKeyDictionary()
+
+
+def _decode_step(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 keys: list[torch.Tensor], values: list[torch.Tensor], length: torch.Tensor) -> torch.Tensor:
+    # `next_logits` as a function of tensors only (what torch.compile traces): the cache buffers
+    # are written in place, `length` is read, and the caller advances its own cache.
+    logits, _ = next_logits(model, token, attention_mask, position_ids, KVCache(list(keys), list(values), length))
+    return logits
+
+
+def _compile_mode(compile: bool | str, device: torch.device, options: GenerationOptions, config) -> str | None:
+    """The `torch.compile` mode of `generate(compile=...)`: None (eager) for False, True ->
+    "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere, or a mode named."""
+    if compile is False or compile is None:
+        return None
+    if compile is not True and compile not in COMPILE_MODES:
+        raise ValueError(f"compile: expected True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+    if options.num_beams > 1:
+        raise ValueError("compile: greedy and sampled decoding only; beam search (num_beams > 1) runs eagerly")
+    if config.rope.rope_type == "dynamic":
+        raise ValueError("compile: dynamic NTK rotary scaling reads the positions on the host each step; "
+                         "decode eagerly (compile=False)")
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile
+
+
+def _compiled_next_logits(mode: str) -> Callable:
+    """`next_logits` for the decode loop, the model call compiled with `mode` (one compiled
+    function per mode, shared by every model: dynamo keeps one graph per model and batch shape)."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+    compiled = _COMPILED[mode]
+
+    def step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        # A new CUDA graph generation: the last step's logits are consumed (choose() copied what
+        # it keeps), so this replay may overwrite them. The token (a view of the record) is
+        # copied to a tensor of its own.
+        torch.compiler.cudagraph_mark_step_begin()
+        logits = compiled(model, input_ids.clone(), attention_mask, position_ids, cache.keys, cache.values,
+                          cache.length)
+        return logits, cache.advance(input_ids.shape[1])
+
+    return step
+
+
+def _static_cache(model, cache: KVCache) -> KVCache:
+    """`cache`, or the buffers of `model`'s last compiled decoding when they have its shape,
+    dtype and device (zeroed, length 0), marked as fixed addresses for CUDA graphs."""
+    old = _STATIC_CACHES.get(model)
+    same = old is not None and len(old.keys) == len(cache.keys) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(old.keys, cache.keys))
+    if same:
+        for buffer in old.keys + old.values:
+            buffer.zero_()
+        old.length = torch.zeros_like(cache.length)
+        return old
+    for buffer in cache.keys + cache.values:
+        torch._dynamo.mark_static_address(buffer)
+    _STATIC_CACHES[model] = cache
+    return cache
+
+
 class DecodeState(NamedTuple):
     """Greedy / sampling loop state; buffers are `[B, N]` (scores `[B, N, 8]`)."""
 
@@ -184,8 +261,9 @@ def choose(state: DecodeState, logits: torch.Tensor, noise: torch.Tensor | None,
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
            noise: torch.Tensor | None, allowed: torch.Tensor | None, knobs: dict, options: GenerationOptions,
-           cache: KVCache) -> DecodeState:
-    """Greedy or sampled decoding: prefill, then one token per step until done."""
+           cache: KVCache, compile: str | None = None) -> DecodeState:
+    """Greedy or sampled decoding: prefill, then one token per step until done; with `compile`
+    (a `torch.compile` mode) each step after the prefill runs compiled."""
     b, n = input_ids.shape[0], options.max_new_tokens
     cdtype = compute_dtype(cache.keys[0].dtype)
     k = min(TOP_CANDIDATES, model.config.vocab_size)
@@ -194,12 +272,14 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positio
                         torch.zeros(b, dtype=torch.bool, device=dev), torch.zeros(b, n, dtype=cdtype, device=dev),
                         torch.full((b, n, k), pad, dtype=torch.int64, device=dev),
                         torch.zeros(b, n, k, dtype=cdtype, device=dev))
+    cache = cache if compile is None else _static_cache(model, cache)
     logits, cache = next_logits(model, input_ids, attention_mask, position_ids, cache)
     state = choose(state, logits, noise, allowed, knobs, options)
     next_position = position_ids[:, -1:] + 1
+    step = next_logits if compile is None else _compiled_next_logits(compile)
     while state.step < n and not bool(state.finished.all()):
         token = state.tokens[:, state.step - 1:state.step]
-        logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)
+        logits, cache = step(model, token, attention_mask, next_position + (state.step - 1), cache)
         state = choose(state, logits, noise, allowed, knobs, options)
     return state
 
@@ -334,7 +414,8 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
 
 def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                      noise: torch.Tensor | None, allowed: torch.Tensor | None, knobs: dict,
-                     options: GenerationOptions) -> tuple[tuple[torch.Tensor, ...], int | torch.Tensor]:
+                     options: GenerationOptions, compile: str | None = None
+                     ) -> tuple[tuple[torch.Tensor, ...], int | torch.Tensor]:
     """Prefill and the whole decode loop on rows already expanded to `[B * num_beams, ...]`.
 
     Returns the records `(tokens, logprobs, top_tokens, top_probs)` `[R, N, ...]` and how many
@@ -343,7 +424,7 @@ def generate_records(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     cache = KVCache.init(model.config, input_ids.shape[0], attention_mask.shape[1], dtype=model.model.dtype,
                          device=input_ids.device, num_key_value_heads=sharding.local_kv_heads(model))
     if options.num_beams == 1:
-        state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache)
+        state = decode(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options, cache, compile)
         return (state.tokens, state.token_logprobs, state.top_tokens, state.top_probs), state.step
     records, lengths = beam_search(model, input_ids, attention_mask, position_ids, allowed, knobs, options, cache)
     return records, lengths.max()
@@ -356,7 +437,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
              use_config_eos: bool = False, bos_token_id: int | None = None, pad_token_id: int | None = None,
-             seed: int = 0, return_scores: bool = False) -> torch.Tensor | GenerationOutput:
+             seed: int = 0, return_scores: bool = False, compile: bool | str = False
+             ) -> torch.Tensor | GenerationOutput:
     """Continue each prompt of `input_ids [B, P]` (left-padded, `attention_mask` 1 = token) by up
     to `max_new_tokens` tokens with a `ForCausalLM`; returns the sequences `[B, P + N]`
     (N <= max_new_tokens: the loop stops once every row has emitted an eos token).
@@ -371,6 +453,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     (default: the config's). `eos_token_id` None means no row ever finishes, unless
     `use_config_eos` takes the config's; `pad_token_id` defaults to the first eos token. With
     `return_scores`, returns a `GenerationOutput` with per-step log-probs and the top-8 candidates.
+
+    `compile` (torch only: the Flax twin's loop is always jitted) runs each decode step after the
+    prefill under `torch.compile`: True is `mode="reduce-overhead"` (CUDA graphs) on CUDA and
+    "default" elsewhere; a string names the mode (`COMPILE_MODES`). Same tokens as eager, logits
+    within the tolerance table; the first call of a batch shape pays the compilation. Greedy and
+    sampled decoding only (beam search reorders its cache every step).
     """
     config = model.config
     dev = input_ids.device if input_ids is not None else next(model.parameters()).device
@@ -382,6 +470,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         return_scores=return_scores, num_return_sequences=num_return_sequences, bos_token_id=bos_token_id,
         use_config_eos=use_config_eos, filter_order=filter_order)
     options = inputs.options
+    mode = _compile_mode(compile, dev, options, config)
     dtype = model.model.dtype  # the activation dtype
     np_cdtype = np.float64 if compute_dtype(dtype) == torch.float64 else np.float32
     r = inputs.input_ids.shape[0]
@@ -401,7 +490,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     # Under FSDP2 each rank generates its own rows with the whole model gathered (data parallel).
     with sharding.gathered_for_generation(model), torch.inference_mode():
         records, used = generate_records(model, ids, to_torch(full_mask), to_torch(position_ids), noise, allowed, knobs,
-                                         options)
+                                         options, mode)
     # Cloned outside inference mode: inference tensors could not be saved for a later backward
     # pass (training on generated sequences).
     records = tuple(x[:, :int(used)].clone() for x in records)

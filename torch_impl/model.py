@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from weights.config import ModelConfig
 
-from .layers.attention import Attention, KVCache
+from .layers.attention import Attention, KVCache, concrete_int
 from .layers.dropout import Dropout
 from .layers.mlp import MLP
 from .layers.moe import SparseMoeBlock
@@ -53,9 +53,10 @@ def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, qu
     if attention_mask is None:
         return keep
     width = attention_mask.shape[-1]
-    longest = int(past.max()) + query_length
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or width not in (longest, key_length):
-        raise ValueError(f"attention_mask: expected shape [{batch_size}, {longest}] "
+    past_max = concrete_int(past.max())
+    allowed = (key_length,) if past_max is None else (past_max + query_length, key_length)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or width not in allowed:
+        raise ValueError(f"attention_mask: expected shape [{batch_size}, {allowed[0]}] "
                          f"(past + new tokens), got {list(attention_mask.shape)}")
     padding = attention_mask.to(torch.bool)
     if width < key_length:
@@ -64,7 +65,13 @@ def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, qu
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise a clear error for token ids outside `[0, vocab_size)` (torch would raise deep inside)."""
+    """Raise a clear error for token ids outside `[0, vocab_size)` (torch would raise deep inside).
+
+    Under `torch.compile` the ids are graph inputs and cannot be checked; callers validate
+    before compiling (`generate()` feeds its compiled decode step only tokens it chose).
+    """
+    if torch.compiler.is_compiling():
+        return
     if not input_ids.numel():
         return
     bad = (input_ids < 0) | (input_ids >= vocab_size)

@@ -45,13 +45,20 @@ OWN_STATE = {
     "training.py:Optimizer.__init__": "torch's Optimizer wraps torch.optim.AdamW, its scheduler and step count; "
                                       "nnx.Optimizer (the Flax twin's base class) holds the optax state itself",
 }
-# One parameter of one function that only torch has: its tensors are created on an explicit
-# device, JAX's on the default device or wherever jit places them.
-TORCH_ONLY_ARGS = {("model.py", "make_attention_mask"): {"device"}}
+# Parameters of functions that only torch has, each for a framework reason.
+TORCH_ONLY_ARGS = {
+    # torch's tensors are created on an explicit device, JAX's on the default device or wherever
+    # jit places them.
+    ("model.py", "make_attention_mask"): {"device"},
+    # torch runs its decode loop eagerly unless told to compile the step (torch.compile, CUDA
+    # graphs); the Flax twin's loop is always one jitted program.
+    ("generation.py", "generate"): {"compile"},
+    ("generation.py", "generate_records"): {"compile"},
+    ("generation.py", "decode"): {"compile"},
+}
 # Public helpers that exist on one side only, each for a framework difference.
 ONE_SIDED = {
     "checkpoint.py": {"tensor_to_numpy", "numpy_to_tensor"},  # torch has no bfloat16 <-> numpy bridge
-    "layers/attention.py": {"concrete_int"},  # only JAX has traced values under jit
     # torch's optimizer applies the gradients in `.grad` and needs them zeroed before accumulating;
     # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
     "training.py": {"Optimizer.update", "Optimizer.zero_grad"},

@@ -21,6 +21,14 @@ from .precision import compute_dtype
 from .rope import apply_rotary_pos_emb
 
 
+def concrete_int(x: torch.Tensor | int) -> int | None:
+    """`x` as a Python int, or None while `torch.compile` traces it (the compiled decode step):
+    there the value is a graph input and reading it would break the graph."""
+    if torch.compiler.is_compiling():
+        return None
+    return int(x)
+
+
 class KVCache:
     """Static cache: per layer keys and values `[B, K, S_max, D]`; row b is written at its own
     index `length[b]` (`length` is `[B]` int64).
@@ -28,7 +36,8 @@ class KVCache:
     All layers of a row write at the same index; `DecoderModel` advances every row once per
     forward pass (the serving runner then holds back its free slots). `generate()` keeps all rows
     at one length; the serving runner gives each slot its own. A write past the capacity grows
-    the buffers (a slow path; preallocate with `init`).
+    the buffers (a slow path; preallocate with `init`); under `torch.compile` the capacity must
+    suffice.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: torch.Tensor):
@@ -56,18 +65,19 @@ class KVCache:
         return self.keys[0].shape[2]
 
     def key_length(self, num_new: int) -> int:
-        """Key axis length S after writing `num_new` more positions."""
-        return max(self.capacity, int(self.length.max()) + num_new)
+        """Key axis length S after writing `num_new` more positions (the capacity under compile)."""
+        start = concrete_int(self.length.max())
+        return self.capacity if start is None else max(self.capacity, start + num_new)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int
                ) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
         """Write key/value `[B, K, T, D]`, row b at indices `length[b]` ... `length[b] + T - 1`;
         return the cache and the layer's full buffers."""
         b, _, t, _ = key.shape
-        end = int(self.length.max()) + t
+        start = concrete_int(self.length.max())
         capacity = self.keys[layer_idx].shape[2]  # this layer's: the layers before it may have grown already
-        if end > capacity:
-            grow = end - capacity
+        if start is not None and start + t > capacity:
+            grow = start + t - capacity
             pad = lambda x: torch.cat([x, x.new_zeros(x.shape[:2] + (grow,) + x.shape[3:])], dim=2)  # noqa: E731
             self.keys[layer_idx], self.values[layer_idx] = pad(self.keys[layer_idx]), pad(self.values[layer_idx])
         rows = torch.arange(b, device=key.device)[:, None]  # [B, 1]

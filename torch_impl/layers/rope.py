@@ -29,6 +29,20 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+@torch._dynamo.assume_constant_result
+def _frequency_table(config: ModelConfig, seq_len: int | None, device: torch.device) -> torch.Tensor:
+    # `rope_frequencies`' float64 table as a tensor on `device`. Under torch.compile (generate's
+    # compiled decode step) the call is made once while tracing and its result is a constant of
+    # the graph (guarded by the config object's identity; on the device, so a CUDA graph holds no
+    # host tensor): dynamo would otherwise trace numpy op by op.
+    return torch.tensor(rope_frequencies(config, seq_len)[0], dtype=torch.float64, device=device)
+
+
+@torch._dynamo.assume_constant_result
+def _attention_scaling(config: ModelConfig, seq_len: int | None) -> float:
+    return rope_frequencies(config, seq_len)[1]
+
+
 class RotaryEmbedding(nn.Module):
     """Turns position ids into the (cos, sin) tables shared by every layer."""
 
@@ -42,9 +56,10 @@ class RotaryEmbedding(nn.Module):
         # Dynamic NTK depends on the current length; HF uses max(position id) + 1 over the batch.
         # Unlike HF's module, no length is remembered between calls (see README).
         seq_len = int(position_ids.max()) + 1 if self.rope_type == "dynamic" else None
-        inv_freq, scaling = rope_frequencies(self.config, seq_len)
+        inv_freq = _frequency_table(self.config, seq_len, position_ids.device)
+        scaling = _attention_scaling(self.config, seq_len)
         # Rounded once from float64, exactly as the Flax twin's numpy cast does.
-        return torch.tensor(inv_freq, dtype=torch.float64, device=position_ids.device).to(dtype), scaling
+        return inv_freq.to(dtype), scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[B, T, D]` in `x.dtype`, for integer `position_ids [B, T]`."""
