@@ -79,7 +79,7 @@ ALLOWANCES: dict[str, Allowance] = {
     "generation.py:generate_records": Allowance(2, "torch's cache takes the embedding weight's dtype (a module may be "
                                                    "cast with .to), NNX's Embed carries its compute dtype; the used "
                                                    "length is a Python int in torch, a traced scalar under jit"),
-    "generation.py:generate": Allowance(23, "Flax pads prompts to a length bucket and runs one jax.jit program; "
+    "generation.py:generate": Allowance(22, "Flax pads prompts to a length bucket and runs one jax.jit program; "
                                             "torch moves inputs to the model's device and runs eagerly, or with "
                                             "its decode step compiled (`compile`)"),
     # heads.py
