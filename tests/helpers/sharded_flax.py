@@ -6,7 +6,8 @@
 Saves a tiny float64 causal LM to DIR, then for each mesh loads it sharded
 (`from_pretrained(dir, mesh=...)`: each device reads its slice), checks every parameter's
 `.sharding` against the partition table, and compares forward logits, loss, every gradient and
-greedy tokens with the unsharded run; then 3 training steps on one mesh. Prints one JSON line per
+greedy tokens with the unsharded run; then the layers scanned on one mesh; then 3 training steps
+on one mesh. Prints one JSON line per
 mesh and one for the training steps; exits 1 on a mismatch.
 """
 
@@ -91,8 +92,29 @@ def run_all(directory: str) -> bool:
                      and grad_err <= TOL and row["tokens_equal"])
         ok &= row["ok"]
         print(json.dumps(row), flush=True)
+    ok &= scanned(directory, want_logits, want_flat, want_tokens, ids)
     ok &= train_steps(directory)
     return ok
+
+
+def scanned(directory: str, want_logits: jax.Array, want_grads: dict[str, np.ndarray], want_tokens: jax.Array,
+            ids: jax.Array) -> bool:
+    """The layers scanned (`DecoderModel.scan_layers`: parameters stacked inside the jitted
+    program) on the (2, 4) data x tensor mesh: the unsharded loop's logits, gradients and tokens."""
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "tensor"))
+    model = ForCausalLM.from_pretrained(directory, mesh=mesh)
+    model.model.scan_layers = True
+    with jax.set_mesh(mesh):
+        _, logits, grads = loss_and_grads(model, jax.device_put(ids, NamedSharding(mesh, PartitionSpec("data"))))
+        tokens = model.generate(ids[:2], max_new_tokens=4)
+    row = dict(scan_layers=True, mesh={"data": 2, "tensor": 4},
+               logits_err=float(np.abs(np.asarray(logits) - np.asarray(want_logits)).max()),
+               grad_err=max(float(np.abs(np.asarray(v.get_value()) - want_grads[hf_name(p)]).max())
+                            for p, v in nnx.to_flat_state(grads)),
+               tokens_equal=bool((np.asarray(tokens) == np.asarray(want_tokens)).all()))
+    row["ok"] = row["logits_err"] <= TOL and row["grad_err"] <= TOL and row["tokens_equal"]
+    print(json.dumps(row), flush=True)
+    return row["ok"]
 
 
 def train_steps(directory: str) -> bool:

@@ -30,9 +30,12 @@ def test_flax_sharded_equals_unsharded_on_three_meshes(tmp_path):
     """Meshes (8,) fsdp, (2, 4) data x tensor, (1, 8) fsdp x tensor: the model loaded sharded
     (each device reading its slice), every parameter's `.sharding` as the table says, and the
     forward logits, loss, every gradient and greedy tokens equal to the one-device run to 1e-12;
-    then training steps on the (2, 4) mesh equal to one device's."""
+    the layers scanned (`scan_layers`) on the (2, 4) mesh give the same; then training steps on the
+    (2, 4) mesh equal to one device's."""
     rows = _run("tests.helpers.sharded_flax", str(tmp_path / "ckpt"))
-    *rows, train = rows
+    *rows, scanned, train = rows
+    assert scanned["scan_layers"] and scanned["ok"] and scanned["tokens_equal"], scanned
+    assert max(scanned["logits_err"], scanned["grad_err"]) <= 1e-12, scanned
     assert [r["mesh"] for r in rows] == [{"fsdp": 8}, {"data": 2, "tensor": 4}, {"fsdp": 1, "tensor": 8}]
     # K = 3 train_step updates (2 micro-batches each) on the data x tensor mesh: same losses and
     # parameters as one device, shardings kept.
