@@ -2,7 +2,10 @@
 the twin's own weights (same logits, same greedy tokens), and the interleaving pairs each round's
 times. No timing is asserted (figures live in `make bench`)."""
 
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from parity.bench import side_by_side
@@ -35,3 +38,32 @@ def test_interleaved_runs_every_system_once_per_round_and_pairs_rounds():
     assert order == ["a", "b"] * 4
     assert [len(v) for v in times.values()] == [3, 3]
     assert side_by_side.ratio({"t": [2.0, 9.0, 3.0], "r": [1.0, 3.0, 3.0]}, "t", "r") == 2.0
+
+
+def test_systems_and_workloads_are_chosen_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TWINLM_BENCH_SYSTEMS", "hf, torch-compiled")
+    assert side_by_side.selected_systems() == {"hf", "torch-compiled"}
+    monkeypatch.setenv("TWINLM_BENCH_SYSTEMS", "hf,jax")
+    with pytest.raises(ValueError, match="TWINLM_BENCH_SYSTEMS: unknown jax; known: hf, hf-static"):
+        side_by_side.selected_systems()
+    monkeypatch.setenv("TWINLM_BENCH_WORKLOADS", "decode,busy")
+    assert side_by_side.wanted("greedy decode b8, 64 new (1 core kept busy)")
+    assert not side_by_side.wanted("greedy decode b8, 64 new (as is)")
+    assert not side_by_side.wanted("forward 1x128 (1 core kept busy)")
+    monkeypatch.delenv("TWINLM_BENCH_WORKLOADS")
+    assert side_by_side.wanted("forward 1x128 (as is)")
+
+
+def test_compiled_twin_is_a_decode_only_system_and_hf_is_skipped_without_transformers(monkeypatch):
+    model = randomized_pair(TINY, dtype="float32")[0]
+    compiled = side_by_side._torch_twin(model, "cpu", compile=True)
+    assert (compiled.name, compiled.key, compiled.forward) == ("torch twin (compiled)", "torch-compiled", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    systems, note = side_by_side._hf_systems(TINY, dict(model.state_dict()), "cpu", torch.float32, {"hf", "torch"})
+    assert systems == [] and note.startswith("HF torch not measured: transformers does not import")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_section_says_why_it_measured_nothing_without_a_gpu():
+    rows = side_by_side._gpu_rows()
+    assert len(rows) == 1 and rows[0].ok is False and "sees no CUDA device" in rows[0].value
