@@ -153,9 +153,15 @@ def next_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     return model.logits(out.last_hidden_state[:, -1:])[:, 0], out.past_key_values
 
 
-# torch.compile modes `generate(compile=...)` takes; True picks the first on CUDA, "default" elsewhere.
-COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes `generate(compile=...)` takes; True picks the first on CUDA, "frozen" elsewhere.
+# "frozen" is the default mode with Inductor's freezing: the weights become constants of the graph,
+# which on the CPU turns each float32 linear into an MKL GEMM on a weight packed once (at batch 8,
+# 2-2.5x faster per matmul than the unpacked one every eager call repacks).
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs", "frozen")
 _COMPILED: dict[str, Callable] = {}  # mode -> the compiled `_decode_step` (dynamo caches per shape)
+# model -> (address, version) of each parameter when a compiled step last ran it: a frozen graph
+# keeps the weights it was built with, so a change (training, a load) rebuilds the compiled steps.
+_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # model -> the cache buffers its last compiled decoding used. CUDA graphs replay fixed addresses:
 # reusing the buffers (zeroed) lets the next generate() of that shape replay instead of re-record.
 _STATIC_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, KVCache]" = weakref.WeakKeyDictionary()
@@ -171,7 +177,7 @@ def _decode_step(model, token: torch.Tensor, attention_mask: torch.Tensor, posit
 
 def _compile_mode(compile: bool | str, device: torch.device, options: GenerationOptions, config) -> str | None:
     """The `torch.compile` mode of `generate(compile=...)`: None (eager) for False, True ->
-    "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere, or a mode named."""
+    "reduce-overhead" (CUDA graphs) on CUDA and "frozen" elsewhere, or a mode named."""
     if compile is False or compile is None:
         return None
     if compile is not True and compile not in COMPILE_MODES:
@@ -182,7 +188,7 @@ def _compile_mode(compile: bool | str, device: torch.device, options: Generation
         raise ValueError("compile: dynamic NTK rotary scaling reads the positions on the host each step; "
                          "decode eagerly (compile=False)")
     if compile is True:
-        return "reduce-overhead" if device.type == "cuda" else "default"
+        return "reduce-overhead" if device.type == "cuda" else "frozen"
     return compile
 
 
@@ -190,7 +196,8 @@ def _compiled_next_logits(mode: str) -> Callable:
     """`next_logits` for the decode loop, the model call compiled with `mode` (one compiled
     function per mode, shared by every model: dynamo keeps one graph per model and batch shape)."""
     if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+        how = dict(options={"freezing": True}) if mode == "frozen" else dict(mode=mode)
+        _COMPILED[mode] = torch.compile(_decode_step, fullgraph=True, dynamic=False, **how)
     compiled = _COMPILED[mode]
 
     def step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -208,7 +215,13 @@ def _compiled_next_logits(mode: str) -> Callable:
 
 def _static_cache(model, cache: KVCache) -> KVCache:
     """`cache`, or the buffers of `model`'s last compiled decoding when they have its shape,
-    dtype and device (zeroed, length 0), marked as fixed addresses for CUDA graphs."""
+    dtype and device (zeroed, length 0), marked as fixed addresses for CUDA graphs. Compiled
+    steps built before `model`'s weights last changed are dropped first (`_WEIGHTS`)."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    if _WEIGHTS.get(model, weights) != weights and "frozen" in _COMPILED:
+        torch._dynamo.reset()  # every compiled graph goes (and recompiles at its next call)
+        _COMPILED.clear()
+    _WEIGHTS[model] = weights
     old = _STATIC_CACHES.get(model)
     same = old is not None and len(old.keys) == len(cache.keys) and all(
         a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(old.keys, cache.keys))
@@ -456,8 +469,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
 
     `compile` (torch only: the Flax twin's loop is always jitted) runs each decode step after the
     prefill under `torch.compile`: True is `mode="reduce-overhead"` (CUDA graphs) on CUDA and
-    "default" elsewhere; a string names the mode (`COMPILE_MODES`). Same tokens as eager, logits
-    within the tolerance table; the first call of a batch shape pays the compilation. Greedy and
+    "frozen" elsewhere (weights as graph constants, rebuilt when they change); a string names the
+    mode (`COMPILE_MODES`). Same tokens as eager, logits within the tolerance table; the first call
+    of a batch shape and length pays the compilation (a minute or more on a CPU). Greedy and
     sampled decoding only (beam search reorders its cache every step).
     """
     config = model.config

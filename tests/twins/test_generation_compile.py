@@ -41,8 +41,10 @@ def backends():
 @pytest.mark.parametrize("backend", backends())
 def test_compiled_decoding_equals_eager_and_compiles_once(monkeypatch, backend):
     model = randomized_pair(CONFIG, dtype="float32")[0]
-    step = torch.compile(tg._decode_step, backend=backend, fullgraph=True, dynamic=False)
-    monkeypatch.setitem(tg._COMPILED, "default", step)  # what compile=True picks on the CPU
+    # What compile=True picks on the CPU: "frozen" (Inductor's freezing; aot_eager has none).
+    freezing = dict(options={"freezing": True}) if backend == "inductor" else {}
+    step = torch.compile(tg._decode_step, backend=backend, fullgraph=True, dynamic=False, **freezing)
+    monkeypatch.setitem(tg._COMPILED, "frozen", step)
     ids, mask = torch.from_numpy(IDS), torch.from_numpy(MASK)
     kw = dict(max_new_tokens=6, return_scores=True)
     counters.clear()
@@ -62,6 +64,13 @@ def test_compiled_decoding_equals_eager_and_compiles_once(monkeypatch, backend):
                                   tg.generate(model, other, mask, **sample).numpy())
     assert [t.data_ptr() for t in tg._STATIC_CACHES[model].keys] == buffers
     assert counters["stats"]["unique_graphs"] == 1
+
+    # A frozen graph holds the weights it was built with: once they change, the compiled steps go.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with torch.inference_mode():  # as generate() calls it
+        tg._static_cache(model, tg._STATIC_CACHES[model])
+    assert "frozen" not in tg._COMPILED
 
 
 def test_compile_argument_errors():
