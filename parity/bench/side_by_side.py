@@ -227,8 +227,10 @@ def _hf_flax() -> tuple[Any, str]:
     try:
         from transformers import FlaxLlamaForCausalLM  # removed in transformers 5
     except ImportError:
-        import transformers
-
+        try:
+            import transformers
+        except ImportError as e:
+            return None, f"HF Flax not measured: transformers does not import ({e})"
         return None, (f"HF Flax not measured: transformers {transformers.__version__} has no Flax models "
                       "(they were removed in v5; install transformers 4.57 in a separate environment)")
     return FlaxLlamaForCausalLM, ""

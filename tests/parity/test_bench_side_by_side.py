@@ -61,6 +61,7 @@ def test_compiled_twin_is_a_decode_only_system_and_hf_is_skipped_without_transfo
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     systems, note = side_by_side._hf_systems(TINY, dict(model.state_dict()), "cpu", torch.float32, {"hf", "torch"})
     assert systems == [] and note.startswith("HF torch not measured: transformers does not import")
+    assert side_by_side._hf_flax()[1].startswith("HF Flax not measured: transformers does not import")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
