@@ -34,6 +34,9 @@ FRAMEWORK_ATTRIBUTES = {
                      "holds a `deterministic` attribute that its train()/eval() set",
     "scan_layers": "XLA compiles every unrolled layer of a jitted program (seconds per layer at 1B scale); the Flax "
                    "twin may scan one compiled layer over stacked parameters. Eager torch compiles nothing",
+    "config_key": "torch.compile (torch <= 2.11) cannot take a frozen dataclass (the config) as a constant "
+                  "argument of the rotary tables it folds into the graph; the torch twin passes a number for it. "
+                  "jax.jit never traces the numpy tables",
 }
 # Methods whose state is each framework's own object.
 OWN_STATE = {

@@ -29,18 +29,33 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+# The configs of the rotary embeddings built so far, by a number: what `_frequency_table` and
+# `_attention_scaling` take instead of the config itself, since dynamo (torch <= 2.11) cannot
+# hold a frozen dataclass as a constant argument ("can't reconstruct arbitrary frozen dataclass
+# instances"), and an int it can.
+_CONFIGS: list[ModelConfig] = []
+
+
+def _config_key(config: ModelConfig) -> int:
+    for key, known in enumerate(_CONFIGS):
+        if known is config:
+            return key
+    _CONFIGS.append(config)
+    return len(_CONFIGS) - 1
+
+
 @torch._dynamo.assume_constant_result
-def _frequency_table(config: ModelConfig, seq_len: int | None, device: torch.device) -> torch.Tensor:
+def _frequency_table(config_key: int, seq_len: int | None, device: torch.device) -> torch.Tensor:
     # `rope_frequencies`' float64 table as a tensor on `device`. Under torch.compile (generate's
     # compiled decode step) the call is made once while tracing and its result is a constant of
-    # the graph (guarded by the config object's identity; on the device, so a CUDA graph holds no
-    # host tensor): dynamo would otherwise trace numpy op by op.
-    return torch.tensor(rope_frequencies(config, seq_len)[0], dtype=torch.float64, device=device)
+    # the graph (guarded by the config's key; on the device, so a CUDA graph holds no host
+    # tensor): dynamo would otherwise trace numpy op by op.
+    return torch.tensor(rope_frequencies(_CONFIGS[config_key], seq_len)[0], dtype=torch.float64, device=device)
 
 
 @torch._dynamo.assume_constant_result
-def _attention_scaling(config: ModelConfig, seq_len: int | None) -> float:
-    return rope_frequencies(config, seq_len)[1]
+def _attention_scaling(config_key: int, seq_len: int | None) -> float:
+    return rope_frequencies(_CONFIGS[config_key], seq_len)[1]
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,14 +65,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = config.rope.rope_type
+        self.config_key = _config_key(config)
 
     def inv_freq(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         """`(inv_freq [D/2] in dtype, attention_scaling)` for these positions."""
         # Dynamic NTK depends on the current length; HF uses max(position id) + 1 over the batch.
         # Unlike HF's module, no length is remembered between calls (see README).
         seq_len = int(position_ids.max()) + 1 if self.rope_type == "dynamic" else None
-        inv_freq = _frequency_table(self.config, seq_len, position_ids.device)
-        scaling = _attention_scaling(self.config, seq_len)
+        inv_freq = _frequency_table(self.config_key, seq_len, position_ids.device)
+        scaling = _attention_scaling(self.config_key, seq_len)
         # Rounded once from float64, exactly as the Flax twin's numpy cast does.
         return inv_freq.to(dtype), scaling
 
