@@ -29,6 +29,7 @@ from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, bucket
 from . import sharding
 from .layers.attention import KVCache
 from .layers.precision import compute_dtype
+from .model import reading_layer_stack
 
 # HF's score for an impossible beam; adding it keeps the arithmetic finite, unlike -inf.
 IMPOSSIBLE = -1.0e9
@@ -363,8 +364,11 @@ def _generate_compiled(model: nnx.Module, input_ids: jax.Array, attention_mask: 
     calls it directly. An NNX module is a pytree (its structure and static attributes the jit
     cache key, its arrays the arguments): at 22 layers jit flattens it in about a tenth of the
     host time of `nnx.split` -> `jax.jit` with the graph definition static -> `nnx.merge`, which
-    walks the graph and hashes and compares the graph definition on every call."""
-    return generate_records(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options)
+    walks the graph and hashes and compares the graph definition on every call. With
+    `scan_layers` the layers' parameters are stacked once here, for the prefill and every decode
+    step (`reading_layer_stack`), not once per step inside the loop."""
+    with reading_layer_stack(model.model):
+        return generate_records(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options)
 
 
 def generate(model, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None, *,

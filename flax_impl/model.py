@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import flax.struct
 import jax
@@ -94,25 +96,83 @@ def same_structure(layers: Sequence[nnx.Module]) -> str | None:
     return None
 
 
+# The stacks of the `reading_layer_stack` blocks being traced: (the layers' parameter arrays, their
+# stack). A forward finds its layers' stack by the identity of those arrays (tracers under jit), so a
+# stack is never read for parameters other than the ones it was built from.
+_LAYER_STACKS: contextvars.ContextVar[tuple[tuple[tuple[jax.Array, ...], nnx.State], ...]] = \
+    contextvars.ContextVar("layer_stacks", default=())
+
+
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.State:
+    """The layers' parameters stacked to `[L, ...]` (layer 0's state tree, each leaf one array for
+    every layer): what `scan_decoder_layers` scans over. One copy of the layers' weights."""
+    why = same_structure(layers)
+    if why is not None:
+        raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+
+
+@contextlib.contextmanager
+def reading_layer_stack(model: DecoderModel, stack: nnx.State | None = None) -> Iterator[None]:
+    """Within the block, every scanned forward of `model` (`scan_layers`) reads one stack of its
+    layers' parameters instead of stacking them at each call: `stack` (`stack_layers` of the same
+    weights, e.g. built once outside jit and passed in) or, when None, one built here on entry.
+
+    Used inside a jitted program around several forwards, e.g. `generate()`'s prefill and decode
+    loop: the stack is built once, before the loop, and the loop's body reads it as a constant (XLA
+    does not hoist a stack built inside the body). Without `scan_layers` it does nothing.
+    """
+    if not model.scan_layers:
+        yield
+        return
+    if stack is None:
+        stack = stack_layers(model.layers)
+    else:
+        why = same_structure(model.layers)
+        if why is not None:
+            raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
+        first = nnx.state(model.layers[0])
+        shapes = [(len(model.layers),) + tuple(x.shape) for x in jax.tree.leaves(first)]
+        if jax.tree.structure(stack) != jax.tree.structure(first) or [tuple(x.shape) for x in jax.tree.leaves(stack)] != shapes:
+            raise ValueError(f"reading_layer_stack: the stack is not stack_layers() of this model's "
+                             f"{len(model.layers)} layers (leaf shapes {[tuple(x.shape) for x in jax.tree.leaves(stack)]}, "
+                             f"expected {shapes})")
+    leaves = tuple(x for layer in model.layers for x in jax.tree.leaves(nnx.state(layer)))
+    token = _LAYER_STACKS.set(_LAYER_STACKS.get() + ((leaves, stack),))
+    try:
+        yield
+    finally:
+        _LAYER_STACKS.reset(token)
+
+
+def _stack_of(layers: Sequence[nnx.Module]) -> nnx.State | None:
+    """The stack of an enclosing `reading_layer_stack` block built from exactly these parameter
+    arrays, or None."""
+    leaves = tuple(x for layer in layers for x in jax.tree.leaves(nnx.state(layer)))
+    for held, stack in reversed(_LAYER_STACKS.get()):
+        if len(held) == len(leaves) and all(a is b for a, b in zip(held, leaves)):
+            return stack
+    return None
+
+
 def scan_decoder_layers(layers: Sequence[nnx.Module], hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                         masks: Sequence[jax.Array], past_key_values: KVCache | None,
                         output_hidden_states: bool, output_attentions: bool
                         ) -> tuple[jax.Array, list[jax.Array], list[jax.Array | None], list[jax.Array | None], KVCache | None]:
     """The layers' loop as one `jax.lax.scan`: XLA then compiles one layer, not `L` copies of it.
 
-    The layers' parameters are stacked to `[L, ...]` here, at the call (the module tree and the
-    checkpoint keep one array per parameter per layer; under `jax.jit` the stack is one copy per
-    call, hoisted out of a decode loop by XLA); the body merges layer 0's graph definition with
+    The layers' parameters are stacked to `[L, ...]` (`stack_layers`: the module tree and the
+    checkpoint keep one array per parameter per layer): read from an enclosing `reading_layer_stack`
+    block, else stacked here, one copy per call. The body merges layer 0's graph definition with
     layer l's parameters, so every layer must have layer 0's structure (`same_structure`). Layers
     differ only by their mask (sliding or global window: `masks[l]`) and their cache, stacked to
     `[L, B, K, S, D]` for the scan and handed back per layer. Returns what the loop collects:
     (hidden `[B, T, E]`, per-layer inputs, attention weights, router logits, cache).
     """
-    why = same_structure(layers)
-    if why is not None:
-        raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
-    graphdef, _ = nnx.split(layers[0])
-    params = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+    params = _stack_of(layers)
+    if params is None:
+        params = stack_layers(layers)
+    graphdef = nnx.graphdef(layers[0])
     # One array per distinct mask (sliding / global), each layer picking its own by index.
     distinct = list({id(m): m for m in masks}.values())
     pick = jnp.asarray([next(j for j, d in enumerate(distinct) if d is m) for m in masks], jnp.int32)

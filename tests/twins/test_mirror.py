@@ -71,7 +71,9 @@ ONE_SIDED = {
     "sharding.py": {"gathered_for_generation"},
     # XLA compiles every unrolled layer of a jitted program: the Flax twin may scan one layer over
     # stacked parameters (DecoderModel.scan_layers); eager torch has nothing to compile.
-    "model.py": {"same_structure", "scan_decoder_layers"},
+    # Its stack of the layers' parameters is built once per jitted program (generate()'s prefill
+    # and decode loop, the serving runner's programs) and read by every scanned forward in it.
+    "model.py": {"same_structure", "scan_decoder_layers", "stack_layers", "reading_layer_stack"},
 }
 # Writing one framework's dtype or module name in the other's spelling.
 _FRAMEWORK_PREFIX = re.compile(r"\b(torch|jnp|jax\.numpy|nn|nnx)\.")

@@ -5,6 +5,10 @@ and float32, for families whose layers differ by window (alternating sliding / g
 experts; cached decoding with per-row lengths; identical greedy tokens; a clear refusal for
 layers of different kinds. The loop stays the default."""
 
+import contextlib
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import pytest
 import flax_impl
 from flax import nnx
 
+from flax_impl import generation
 from flax_impl.generation import generate
 from flax_impl.layers.attention import set_attn_implementation
 from flax_impl.model import same_structure
@@ -77,14 +82,56 @@ def test_scan_decodes_through_a_cache_with_per_row_lengths():
         assert_close(f"{name} cache buffer {i}", f64(ka), f64(kb), dtype)
 
 
-def test_scan_generates_the_loops_tokens():
-    config = CONFIGS["gemma2"]
-    model = randomized_pair(config, dtype="float32")[1]
-    x = batch(config, b=2, t=5)
+def stacks_in_decode_loop(model, ids, mask) -> list[tuple[int, ...]]:
+    """Shapes of the `[L, ...]` layer-parameter stacks built inside `generate()`'s decode loop
+    (the jaxpr of its while body, nested jaxprs included): traced, not compiled."""
+    layers = model.model.layers
+    shapes = {(len(layers),) + tuple(x.shape) for x in jax.tree.leaves(nnx.state(layers[0]))}
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        return (jnp.zeros((ids.shape[0], 0), jnp.int32),), 0
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_generate_compiled", capture)
+        generate(model, ids, mask, max_new_tokens=2)
+    # The unjitted function in a fresh partial: jit's cache would hand back an earlier trace.
+    closed = jax.make_jaxpr(functools.partial(generation._generate_compiled.__wrapped__, **captured["kwargs"]))(
+        *captured["args"])
+    found = []
+
+    def walk(jaxpr, in_loop: bool) -> None:
+        for eqn in jaxpr.eqns:
+            if in_loop and eqn.primitive.name in ("stack", "concatenate"):
+                found.extend(s for v in eqn.outvars if (s := tuple(v.aval.shape)) in shapes)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub, in_loop or eqn.primitive.name == "while")
+
+    walk(closed.jaxpr, False)
+    return found
+
+
+def test_scan_generates_the_loops_tokens_and_scores():
+    """generate() with the layers scanned: the loop's tokens and scores; the stack of the layers'
+    parameters is built once per call, before the decode loop (`reading_layer_stack`), and no step
+    of the loop stacks them again."""
+    config, dtype = CONFIGS["gemma2"], "float32"
+    model = randomized_pair(config, dtype=dtype)[1]
+    x = batch(config, b=3, t=5)  # 3 rows: no activation shares a shape with a [2, ...] stack
     ids, mask = x["input_ids"], x["attention_mask"]
-    loop = np.asarray(generate(model, ids, mask, max_new_tokens=6))
+    loop = generate(model, ids, mask, max_new_tokens=6, return_scores=True)
     model.model.scan_layers = True
-    np.testing.assert_array_equal(np.asarray(generate(model, ids, mask, max_new_tokens=6)), loop)
+    scan = generate(model, ids, mask, max_new_tokens=6, return_scores=True)
+    np.testing.assert_array_equal(np.asarray(scan.sequences), np.asarray(loop.sequences))
+    np.testing.assert_array_equal(np.asarray(scan.top_tokens), np.asarray(loop.top_tokens))
+    for field in ("token_logprobs", "top_probs"):
+        assert_close(f"generate() {field}", f64(getattr(loop, field)), f64(getattr(scan, field)), dtype, "logits")
+    assert stacks_in_decode_loop(model, ids, mask) == []
+    # The same check sees a stack built inside the loop (a forward outside any reading_layer_stack).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "reading_layer_stack", lambda model: contextlib.nullcontext())
+        assert stacks_in_decode_loop(model, ids, mask)
 
 
 def test_scan_refuses_layers_of_different_kinds():
