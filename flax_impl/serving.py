@@ -26,7 +26,9 @@ and one decode program per key bucket over all slots, all compiled ahead of time
 runner is built (`jax.jit(...).lower(...).compile()`, then run once, as XLA:CPU's first run of a
 program pays a set-up), with a progress bar. Prompt lengths
 within a bucket, slots and settings are values, not shapes, so calls never trace or compile
-again; the cache buffers are donated, so each step updates them in place.
+again; the cache buffers are donated, so each step updates them in place. With the layers
+scanned (`DecoderModel.scan_layers`) every program reads one stack of their parameters, made when
+the runner is built (and remade if the weights change), passed in as an argument.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from weights.shared.serving import DEFAULT_BUCKETS, ServingLoop, SlotSettings, S
 from .generation import greedy, sample_from_weights, sampling_weights, token_scores, top_k
 from .layers.attention import KVCache
 from .layers.precision import compute_dtype
+from .model import reading_layer_stack, stack_layers
 
 __all__ = ["Runner", "sample_rows"]
 
@@ -71,13 +74,16 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Arra
     return token, chosen, top_ids, top_probs, filtered_ids, filtered
 
 
-def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, ids: jax.Array, positions: jax.Array,
-                     last: jax.Array, slots: jax.Array, *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
+def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None, cache: KVCache,
+                     ids: jax.Array, positions: jax.Array, last: jax.Array, slots: jax.Array,
+                     *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
     """Prefill `ids [R, L]` in one forward pass, row r into cache row `slots[r]` (a slot index
-    past the cache is a padding row: dropped); each row's token chosen at its `last` position."""
+    past the cache is a padding row: dropped); each row's token chosen at its `last` position.
+    `layer_stack`: the layers' stacked parameters when they are scanned (`Runner`), else None."""
     model = nnx.merge(graphdef, state)
     rows = KVCache.init(model.config, ids.shape[0], ids.shape[1], dtype=cache.keys[0].dtype)
-    out = model.model(ids, None, positions, rows, use_cache=True)
+    with reading_layer_stack(model.model, layer_stack):
+        out = model.model(ids, None, positions, rows, use_cache=True)
     hidden = jnp.take_along_axis(out.last_hidden_state, last[:, None, None], axis=1)
     logits = model.logits(hidden)[:, 0]
     rows = out.past_key_values
@@ -88,14 +94,16 @@ def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, i
     return cache, sample_rows(logits, *settings)
 
 
-def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
-                    lengths: jax.Array, active: jax.Array, *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
+def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None,
+                    cache: KVCache, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
+                    *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
     """One token for every slot, attending over the first `key_length` cache positions; only
     `active` slots move their position."""
     model = nnx.merge(graphdef, state)
     view = KVCache(tuple(k[:, :, :key_length] for k in cache.keys), tuple(v[:, :, :key_length] for v in cache.values),
                    lengths)
-    out = model.model(tokens[:, None], None, lengths[:, None], view, use_cache=True)
+    with reading_layer_stack(model.model, layer_stack):
+        out = model.model(tokens[:, None], None, lengths[:, None], view, use_cache=True)
     view = out.past_key_values
     # The written first positions go back into the (donated) buffers, in place.
     keys = tuple(jax.lax.dynamic_update_slice_in_dim(k, w, 0, axis=2) for k, w in zip(cache.keys, view.keys))
@@ -128,6 +136,13 @@ class Runner(ServingLoop):
                          row_buckets)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype)
         self.graphdef, self.state = nnx.split(model)
+        # Scanned layers (`scan_layers`, as split here) read one stack of their parameters, made
+        # here and remade only when the model's weights change (`_layer_stack`), not one per
+        # program call: a copy per decode step would triple each step's weight traffic. It costs
+        # one more copy of the layers' weights in memory while the runner lives.
+        self.layer_variables = [v for layer in model.model.layers for _, v in nnx.to_flat_state(nnx.state(layer))]
+        self.scanned = model.model.scan_layers
+        self.stacked_from, self.layer_stack = [], None
         self.compiled = {}
         s, v = self.num_slots, config.vocab_size
         settings = lambda r: (np.ones(r, cdtype), np.ones(r, np.int32), np.ones(r, cdtype), np.ones((r, v), bool),  # noqa: E731
@@ -139,11 +154,23 @@ class Runner(ServingLoop):
                   (np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, bool)) + settings(s))
                  for k in self.key_buckets]
         for name, fn, args in tqdm(jobs, desc=f"compiling {len(jobs)} programs ({s} slots)", disable=not progress):
-            self.compiled[name] = jax.jit(fn, donate_argnums=(1,)).lower(self.state, self.cache, *args).compile()
+            self.compiled[name] = jax.jit(fn, donate_argnums=(2,)).lower(self.state, self._layer_stack(), self.cache,
+                                                                         *args).compile()
             # A program's first run pays a one-time set-up on XLA:CPU (measured: 0.3 to 1 s for the
             # bench's mid-size model): each runs once here, on dummy inputs, so no request pays it.
-            self.cache, _ = self.compiled[name](self.state, self.cache, *args)
+            self.cache, _ = self.compiled[name](self.state, self._layer_stack(), self.cache, *args)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype)  # the dummy runs wrote in it
+
+    def _layer_stack(self) -> nnx.State | None:
+        """The layers' stacked parameters when they are scanned (else None), remade when any of
+        them is no longer the array it was stacked from (the model's weights were changed)."""
+        if not self.scanned:
+            return None
+        current = [v.get_value() for v in self.layer_variables]
+        if len(current) != len(self.stacked_from) or any(a is not b for a, b in zip(current, self.stacked_from)):
+            self.layer_stack = stack_layers(self.model.model.layers)
+            self.stacked_from = current
+        return self.layer_stack
 
     def _settings(self, settings: SlotSettings, u: np.ndarray) -> tuple[np.ndarray, ...]:
         return (settings.temperature, settings.top_k.astype(np.int32), settings.top_p, settings.allowed,
@@ -160,7 +187,7 @@ class Runner(ServingLoop):
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - r, axis=0)])  # noqa: E731
         index = np.concatenate([slots, np.full(rows - r, self.num_slots)]).astype(np.int32)
         self.cache, out = self.compiled[rows, ids.shape[1]](
-            self.state, self.cache, pad(ids).astype(np.int32), pad(positions).astype(np.int32),
+            self.state, self._layer_stack(), self.cache, pad(ids).astype(np.int32), pad(positions).astype(np.int32),
             pad(last).astype(np.int32), index, *map(pad, self._settings(settings, u)))
         return StepOutput(*(a[:r] for a in jax.device_get(out)))
 
@@ -168,7 +195,8 @@ class Runner(ServingLoop):
                settings: SlotSettings, u: np.ndarray) -> StepOutput:
         """One token for every slot (`tokens [S]`: each slot's last token, written at `lengths [S]`),
         attending over the first `key_length` cache positions; only `active` slots move on."""
-        self.cache, out = self.compiled["decode", key_length](self.state, self.cache, tokens.astype(np.int32),
+        self.cache, out = self.compiled["decode", key_length](self.state, self._layer_stack(), self.cache,
+                                                              tokens.astype(np.int32),
                                                               lengths.astype(np.int32), active,
                                                               *self._settings(settings, u))
         return StepOutput(*jax.device_get(out))

@@ -200,14 +200,22 @@ def test_float32_streams_equal_solo_generate():
     tests hold equal to the torch one). Runner and solo differ only in summation order (cache
     width, batch size), and the twins by the float32 logits tolerance, so a step whose two best
     logits are closer than twice that may legitimately flip; this fixed set of requests has
-    none (asserted), so every token is compared."""
+    none (asserted), so every token is compared. The Flax runner here scans its layers
+    (`scan_layers`: every program reads one stack of the layers' parameters, made when the runner
+    is built and remade when the weights change); the float64 tests hold the loop's runner."""
     t_model, f_model = pair("float32")
     rng = np.random.default_rng(5)
     reqs = [Request([int(x) for x in rng.integers(1, CONFIG.vocab_size, n)], max_new_tokens=8, do_sample=s, top_k=9,
                     seed=n) for n, s in ((3, False), (12, True), (7, True), (16, False))]
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
-        r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(2,))  # 2 programs
+        if twin == "flax":
+            model.model.scan_layers = True
+        try:
+            r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(2,))  # 2 programs
+        finally:
+            if twin == "flax":
+                model.model.scan_layers = False
         events = list(r.run(reqs))
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
@@ -218,6 +226,12 @@ def test_float32_streams_equal_solo_generate():
                                  do_sample=req.do_sample, top_k=req.top_k, seed=req.seed)
             assert r.result(i) == out[0, len(req.prompt):].tolist()
     assert streams["torch"] == streams["flax"]
+    # The stack follows the weights: the same stack while they stay, a new one once one changes.
+    stack = r._layer_stack()
+    assert r._layer_stack() is stack
+    kernel = f_model.model.layers[1].self_attn.o_proj.kernel
+    kernel.set_value(kernel.get_value() * 1)
+    assert r._layer_stack() is not stack
 
 
 def test_key_and_row_buckets():
