@@ -13,8 +13,10 @@ it, and a second process's first call, with the loop, is what a user's second ru
   host work, so the CPU figure tracks the GPU's; it is not the same number.
 - GPU (`--device cuda`): the 1.1B bf16 shape with random weights made on the device; per batch
   (1 and 8) the first `generate()` call (compile + run, the issue's "first call" figure), then
-  decode tokens/s (median of `TWINLM_BENCH_REPEAT` calls, default 3; 128 new tokens). Both settings
-  take about a minute together on an H100.
+  decode tokens/s (median of `TWINLM_BENCH_REPEAT` calls, default 3; 128 new tokens); then scan
+  again with XLA:GPU's dynamic-slice fusion forced on (`DYNAMIC_SLICE_FUSION`: the GEMMs read
+  each layer's weights in place in the stack instead of a copy sliced out per step). The
+  settings take one to two minutes together on an H100.
 
 `python -m parity.bench flax_compile --device cuda`
 """
@@ -34,6 +36,7 @@ from parity.bench import Row, options, run_child, section
 __all__ = ["bench_flax_compile", "compile_seconds", "gpu_generate_figures"]
 
 PROMPT, NEW, GPU_BATCHES = 32, 128, (1, 8)
+DYNAMIC_SLICE_FUSION = "--xla_gpu_enable_dynamic_slice_fusion=true"
 
 
 def _model(config, dtype, scan: bool, abstract: bool):
@@ -126,13 +129,17 @@ def gpu_generate_figures(scan: bool, repeat: int = 3, config_expr: str = "ModelC
     return out
 
 
-def _child(call: str, cache: str | None = None) -> dict:
-    """`call`'s JSON in a fresh interpreter; `cache`: JAX's persistent compilation cache directory."""
+def _child(call: str, cache: str | None = None, xla_flags: str | None = None) -> dict:
+    """`call`'s JSON in a fresh interpreter; `cache`: JAX's persistent compilation cache directory;
+    `xla_flags`: appended to XLA_FLAGS."""
     code = "import json\nfrom parity.bench.flax_compile import _config, compile_seconds, gpu_generate_figures\n"
     env = None
     if cache is not None:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if xla_flags is not None:
+        env = dict(env or os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     return run_child(f"{code}print(json.dumps({call}))", env=env, what=f"flax_compile child ({call})")
 
 
@@ -192,6 +199,18 @@ def _gpu_rows() -> list[Row]:
     f = warm["b1"]
     rows.append(Row("flax_compile", "b1 first generate() call, loop, persistent cache filled by an earlier process",
                     f"{f['first']:.1f} s", "<= 3 s", f["first"] <= 3.0))
+    # Each scanned step slices its layer's weights out of the stack; unless the GEMM reads the slice
+    # in place (XLA:GPU's dynamic-slice fusion, off by default in some XLA versions), that is a
+    # copy of every weight per step. Measured with the fusion forced on:
+    try:
+        fused = _child(f"gpu_generate_figures(True, {repeat})", xla_flags=DYNAMIC_SLICE_FUSION)
+    except RuntimeError as e:
+        return rows + [Row("flax_compile", f"scan with {DYNAMIC_SLICE_FUSION}",
+                           f"not measured: {str(e).strip().splitlines()[-1]}", "", None)]
+    for b in GPU_BATCHES:
+        f = fused[f"b{b}"]
+        rows.append(Row("flax_compile", f"b{b} decode, scan, {DYNAMIC_SLICE_FUSION}",
+                        f"{f['tok_s']:.0f} tok/s ({f['run'] * 1e3:.0f} ms; first call {f['first']:.1f} s)"))
     return rows
 
 
