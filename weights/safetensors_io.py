@@ -330,13 +330,8 @@ class SafetensorsFile:
         and counted in this process's RSS until the map is closed.
         """
         info = self.tensors.get(name)
-        if info is None or self._mm is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = info.start - info.start % _PAGE
-        try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
-        except (OSError, ValueError):
-            pass  # advice only; correctness never depends on it
+        if info is not None and self._mm is not None:
+            _drop_pages(self._mm, info.start, info.end - info.start)
 
     def fileno(self) -> int:
         """The open file's descriptor (for kernel copies of tensor bytes)."""
@@ -374,15 +369,23 @@ def release_pages(view: np.ndarray) -> None:
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    if (not isinstance(base, mmap.mmap) or base not in _READ_ONLY_MAPS or not view.flags.c_contiguous
-            or view.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED")):
+    if not isinstance(base, mmap.mmap) or base not in _READ_ONLY_MAPS or not view.flags.c_contiguous:
         return
     offset = view.__array_interface__["data"][0] - np.frombuffer(base, np.uint8, 1).__array_interface__["data"][0]
+    _drop_pages(base, offset, view.nbytes)
+
+
+def _drop_pages(mm: mmap.mmap, offset: int, nbytes: int) -> None:
+    # MADV_DONTNEED over the pages holding bytes [offset, offset + nbytes) of a read-only file map:
+    # they leave this process (and its RSS) but stay in the page cache. Advice only: correctness
+    # never depends on it, so a refusal is ignored.
+    if nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
     start = offset - offset % _PAGE
     try:
-        base.madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
+        mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
     except (OSError, ValueError):
-        pass  # advice only; correctness never depends on it
+        pass
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
