@@ -95,11 +95,13 @@ class KVCache:
         return self.replace(length=self.length + num_tokens)
 
 
-def repeat_kv(hidden_states: jax.Array, n_rep: int) -> jax.Array:
-    """`[B, K, S, D] -> [B, K * n_rep, S, D]`, each kv head repeated for its query group."""
-    if n_rep == 1:
-        return hidden_states
-    return jnp.repeat(hidden_states, n_rep, axis=1)
+def group_query_heads(x: jax.Array, num_key_value_groups: int) -> jax.Array:
+    """`[B, H, T, X] -> [B, K, G * T, X]`: the G = H / K query heads sharing a kv head, stacked as
+    that head's rows (heads k * G to k * G + G - 1 use kv head k, the pairing of HF's `repeat_kv`).
+    A free reshape, so one matmul per kv head scores its whole group; `repeat_kv` would copy every
+    cached key and value G times, on every decoding step."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)
 
 
 def soft_cap(x: jax.Array, cap: float) -> jax.Array:
@@ -117,9 +119,9 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
-    key = repeat_kv(key, num_key_value_groups)
-    value = repeat_kv(value, num_key_value_groups)
-    scores = jnp.matmul(query, jnp.swapaxes(key, 2, 3), precision=precision) * scaling
+    b, h, t, d = query.shape
+    grouped = group_query_heads(query, num_key_value_groups)  # [B, K, G * T, D]
+    scores = jnp.matmul(grouped, jnp.swapaxes(key, 2, 3), precision=precision).reshape(b, h, t, -1) * scaling
     if softcap is not None:
         scores = soft_cap(scores, softcap)  # in the activation dtype, before the upcast, as HF does
     cdtype = compute_dtype(query.dtype)
@@ -129,7 +131,8 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
     weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.matmul(weights, value, precision=precision), weights
+    out = jnp.matmul(group_query_heads(weights, num_key_value_groups), value, precision=precision)
+    return out.reshape(b, h, t, d), weights
 
 
 def attention_fast(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,

@@ -104,8 +104,6 @@ ALLOWANCES: dict[str, Allowance] = {
                                                                           "advanced indexing, Flax by a vmapped "
                                                                           "dynamic_update_slice"),
     "layers/attention.py:KVCache.advance": Allowance(2, IMMUTABLE_CACHE),
-    "layers/attention.py:repeat_kv": Allowance(1, "one op, two names: torch.repeat_interleave is numpy's repeat "
-                                                  "(torch's `repeat` tiles)"),
     "layers/linear.py:Linear.__call__": Allowance(2, "torch's F.linear takes the [out, in] weight and adds the bias in "
                                                      "the same BLAS call; XLA's dot takes the [in, out] kernel and a "
                                                      "precision, the bias added after"),

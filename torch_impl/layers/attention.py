@@ -93,11 +93,13 @@ class KVCache:
         return self
 
 
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """`[B, K, S, D] -> [B, K * n_rep, S, D]`, each kv head repeated for its query group."""
-    if n_rep == 1:
-        return hidden_states
-    return torch.repeat_interleave(hidden_states, n_rep, dim=1)
+def group_query_heads(x: torch.Tensor, num_key_value_groups: int) -> torch.Tensor:
+    """`[B, H, T, X] -> [B, K, G * T, X]`: the G = H / K query heads sharing a kv head, stacked as
+    that head's rows (heads k * G to k * G + G - 1 use kv head k, the pairing of HF's `repeat_kv`).
+    A free reshape, so one matmul per kv head scores its whole group; `repeat_kv` would copy every
+    cached key and value G times, on every decoding step."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -114,9 +116,9 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     Returns the output `[B, H, T, D]` and the weights `[B, H, T, S]`.
     """
-    key = repeat_kv(key, num_key_value_groups)
-    value = repeat_kv(value, num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    b, h, t, d = query.shape
+    grouped = group_query_heads(query, num_key_value_groups)  # [B, K, G * T, D]
+    scores = torch.matmul(grouped, key.transpose(2, 3)).reshape(b, h, t, -1) * scaling
     if softcap is not None:
         scores = soft_cap(scores, softcap)  # in the activation dtype, before the upcast, as HF does
     cdtype = compute_dtype(query.dtype)
@@ -126,7 +128,8 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     weights = torch.softmax(scores, dim=-1).to(query.dtype)
     if dropout is not None:
         weights = dropout(weights)
-    return torch.matmul(weights, value), weights
+    out = torch.matmul(group_query_heads(weights, num_key_value_groups), value)
+    return out.reshape(b, h, t, d), weights
 
 
 def attention_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
