@@ -26,9 +26,11 @@ Environment: TWINLM_BENCH_REPEAT (rounds, default 3), TWINLM_BENCH_SYSTEMS (a co
 `SYSTEM_KEYS`, default all), TWINLM_BENCH_WORKLOADS (a comma list of "forward", "decode",
 "b1", "b8", "busy", "idle": a workload runs when it is of every kind named; default all).
 
-HF transformers: the torch `LlamaForCausalLM` with `attn_implementation="sdpa"`. HF's Flax models
-were removed in transformers 5; they are measured only where `FlaxLlamaForCausalLM` imports
-(transformers 4.x), otherwise the Flax twin's row says so and shows its ratio to HF torch.
+HF transformers: the torch `LlamaForCausalLM` with `attn_implementation="sdpa"`, and on the CPU
+HF's `FlaxLlamaForCausalLM` (system "hf-flax", jitted forward and `generate`), the Flax twin's
+reference. HF's Flax models were removed in transformers 5: they are measured where transformers
+4.x is importable (a row says how to install it beside the project's 5.x), and otherwise the Flax
+twin is shown against HF torch only.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ GPU_FORWARD, GPU_BATCHES, GPU_PROMPT, GPU_NEW = ((1, 512), (8, 512)), (1, 8), 32
 GOALS = {("torch", "forward"): 1.0, ("flax", "forward"): 1.0,
          ("torch", "decode"): 1 / 1.5, ("flax", "decode"): 1 / 1.1}
 # The systems TWINLM_BENCH_SYSTEMS may name.
-SYSTEM_KEYS = ("hf", "hf-static", "torch", "torch-fast", "torch-compiled", "flax", "flax-fast")
+SYSTEM_KEYS = ("hf", "hf-static", "hf-flax", "torch", "torch-fast", "torch-compiled", "flax", "flax-fast")
 
 
 @dataclass
@@ -222,18 +224,59 @@ def _flax_twin(model, attn: str = "eager") -> System:
                   key="flax-fast" if attn == "fast" else "flax")
 
 
-def _hf_flax() -> tuple[Any, str]:
-    """HF's Flax LLaMA class, or None and why not."""
+def _hf_flax(config, state: dict) -> tuple[System | None, str]:
+    """HF's Flax `FlaxLlamaForCausalLM` (transformers 4.x) on the torch twin's float32 tensors, or
+    None and why not. Both workloads run jitted whole, as HF's Flax docs advise (`generate` included:
+    its greedy loop is then one `lax.while_loop`, like the Flax twin's)."""
     try:
-        from transformers import FlaxLlamaForCausalLM  # removed in transformers 5
+        from transformers import FlaxLlamaForCausalLM, LlamaConfig  # removed in transformers 5
     except ImportError:
         try:
             import transformers
         except ImportError as e:
             return None, f"HF Flax not measured: transformers does not import ({e})"
         return None, (f"HF Flax not measured: transformers {transformers.__version__} has no Flax models "
-                      "(they were removed in v5; install transformers 4.57 in a separate environment)")
-    return FlaxLlamaForCausalLM, ""
+                      "(they were removed in v5): `pip install --no-deps --target DIR 'transformers==4.57.*' "
+                      "'huggingface_hub<1.0' 'tokenizers<0.23' requests`, then run with PYTHONPATH=DIR:.")
+    import jax
+    import jax.numpy as jnp
+
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                            num_attention_heads=config.num_attention_heads,
+                            num_key_value_heads=config.resolved_num_key_value_heads,
+                            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+                            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings)
+    model = FlaxLlamaForCausalLM(hf_config, _do_init=False, dtype=jnp.float32)
+    # HF's Flax names are the torch names, with `kernel` ([in, out]) for a linear's weight and
+    # `embedding` for the embedding table.
+    params: dict = {}
+    for name, tensor in state.items():
+        *path, leaf = name.split(".")
+        value = tensor.detach().numpy()
+        if path[-1] == "embed_tokens":
+            leaf = "embedding"
+        elif value.ndim == 2:
+            leaf, value = "kernel", value.T
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    # No end-of-sequence stop, as for every other system: HF Flax takes no eos of None, so it gets
+    # an id past the vocabulary, which no step can produce.
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = config.vocab_size, 0
+    run_forward = jax.jit(lambda p, i: model(i, params=p).logits)
+
+    def forward(ids):
+        j = jnp.asarray(ids, jnp.int32)  # HF's generate writes int32 token ids into the prompt's array
+        return lambda: run_forward(params, j).block_until_ready()
+
+    def decode(ids, new):
+        j = jnp.asarray(ids, jnp.int32)
+        run = jax.jit(lambda p, i: model.generate(i, params=p, max_new_tokens=new, do_sample=False).sequences)
+        return lambda: np.asarray(run(params, j))
+
+    return System("HF Flax", forward, decode, key="hf-flax"), ""
 
 
 # ---- building the three models on the same weights ------------------------------------------------
@@ -252,8 +295,9 @@ def _hf_systems(config, state: dict, device: str, dtype, keys: set[str]) -> tupl
 
 
 def _build_cpu(keys: set[str]):
-    """(config, HF systems, torch twins, Flax twins, HF note) on the mid-size float32 model, same
-    weights; each twin eager and with fast attention, the torch twin also compiled."""
+    """(config, HF systems, torch twins, Flax twins, notes on HF systems not measured) on the
+    mid-size float32 model, same weights; each twin eager and with fast attention, the torch twin
+    also compiled; HF Flax where transformers 4.x is installed."""
     import torch
 
     from parity.bench.generation import build
@@ -267,7 +311,11 @@ def _build_cpu(keys: set[str]):
         _, flax_model, _ = build("flax")
         flaxes = [f for f in (_flax_twin(flax_model, attn) for attn in ("eager", "fast")) if f.key in keys]
     hfs, note = _hf_systems(config, state, "cpu", torch.float32, keys - {"hf-static"})  # static: GPU only
-    return config, hfs, twins, flaxes, note
+    flax_note = ""
+    if "hf-flax" in keys:
+        hf_flax, flax_note = _hf_flax(config, state)
+        hfs += [hf_flax] if hf_flax is not None else []
+    return config, hfs, twins, flaxes, [n for n in (note, flax_note) if n]
 
 
 def _build_gpu(keys: set[str]):
@@ -362,9 +410,9 @@ def _same_tokens(results: dict[str, Any], name: str, reference: str) -> str:
 
 def _cpu_rows() -> list[Row]:
     keys = selected_systems()
-    config, hfs, twins, flaxes, hf_note = _build_cpu(keys)
+    config, hfs, twins, flaxes, notes = _build_cpu(keys)
     hf = next((s for s in hfs if s.key == "hf"), None)
-    hf_flax, flax_note = _hf_flax()
+    hf_flax = next((s for s in hfs if s.key == "hf-flax"), None)
     systems = [*hfs, *twins, *flaxes]
     rng = np.random.default_rng(0)
     workloads = [(f"forward {b}x{t}", "forward", rng.integers(0, config.vocab_size, (b, t)), None)
@@ -375,10 +423,7 @@ def _cpu_rows() -> list[Row]:
                 f"cpu ({os.cpu_count()} CPUs), mid-size LLaMA {config.num_hidden_layers} layers float32, "
                 f"{_repeats()} interleaved rounds, median of per-round ratios; systems: "
                 + ", ".join(s.name for s in systems))]
-    if hf_note:
-        rows.append(Row("side_by_side", "HF torch", hf_note))
-    if hf_flax is None and flaxes:
-        rows.append(Row("side_by_side", "HF Flax", flax_note))
+    rows += [Row("side_by_side", "HF not measured", note) for note in notes]
     for busy in (False, True):
         tag = "1 core kept busy" if busy else "as is"
         chosen = [w for w in workloads if wanted(f"{w[0]} ({tag})")]
@@ -402,10 +447,14 @@ def _cpu_rows() -> list[Row]:
                     r = ratio(times, twin.name, hf.name)
                     rows.append(Row("side_by_side", f"{label} ({tag}): {twin.name} / HF torch", f"{r:.2f}",
                                     f"<= {goal:.2f}", r <= goal))
-                for flax in (f for f in runs if f in flaxes and hf is not None):
-                    r = ratio(times, flax.name, hf.name)
-                    rows.append(Row("side_by_side", f"{label} ({tag}): {flax.name} / HF torch", f"{r:.2f}",
-                                    "(HF Flax: not measured)" if hf_flax is None else ""))
+                for flax in (f for f in runs if f in flaxes):
+                    if hf_flax is not None:
+                        r, goal = ratio(times, flax.name, hf_flax.name), GOALS[("flax", kind)]
+                        rows.append(Row("side_by_side", f"{label} ({tag}): {flax.name} / HF Flax", f"{r:.2f}",
+                                        f"<= {goal:.2f}", r <= goal))
+                    if hf is not None:
+                        r = ratio(times, flax.name, hf.name)
+                        rows.append(Row("side_by_side", f"{label} ({tag}): {flax.name} / HF torch", f"{r:.2f}"))
                 rows += _compiled_rows(f"{label} ({tag})", times, results, twins)
             rows.append(Row("side_by_side", f"load average ({tag})", f"{load:.1f} / {os.getloadavg()[0]:.1f}"))
         finally:
