@@ -32,13 +32,16 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 # The configs of the rotary embeddings built so far, by a number: what `_frequency_table` and
 # `_attention_scaling` take instead of the config itself, since dynamo (torch <= 2.11) cannot
 # hold a frozen dataclass as a constant argument ("can't reconstruct arbitrary frozen dataclass
-# instances"), and an int it can.
+# instances"), and an int it can. Equal configs share a number (their tables are equal), so the
+# list holds one entry per distinct config, not per model built; a number is never reused for
+# another config, since a compiled graph keeps the table its number named when it was traced.
+# (A linear scan by equality: configs may hold unhashable `extra` values.)
 _CONFIGS: list[ModelConfig] = []
 
 
 def _config_key(config: ModelConfig) -> int:
     for key, known in enumerate(_CONFIGS):
-        if known is config:
+        if known == config:
             return key
     _CONFIGS.append(config)
     return len(_CONFIGS) - 1
