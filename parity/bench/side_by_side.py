@@ -112,18 +112,24 @@ def ratio(times: dict[str, list[float]], twin: str, reference: str) -> float:
 
 # ---- the systems ---------------------------------------------------------------------------------
 
+def _llama_config(config, **extra: Any) -> Any:
+    """HF's `LlamaConfig` of the bench model's shape (`config`), for HF torch and HF Flax alike."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                       num_attention_heads=config.num_attention_heads,
+                       num_key_value_heads=config.resolved_num_key_value_heads,
+                       max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+                       rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings, **extra)
+
+
 def _hf_torch(config, state: dict, device: str, dtype, static_compile: bool = False) -> System:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                            num_attention_heads=config.num_attention_heads,
-                            num_key_value_heads=config.resolved_num_key_value_heads,
-                            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-                            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
-                            attn_implementation="sdpa")
+    hf_config = _llama_config(config, attn_implementation="sdpa")
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_config).to(dtype)
     # The twin's own tensors, shared (assign=True): both systems read the same memory. Every
@@ -229,7 +235,7 @@ def _hf_flax(config, state: dict) -> tuple[System | None, str]:
     None and why not. Both workloads run jitted whole, as HF's Flax docs advise (`generate` included:
     its greedy loop is then one `lax.while_loop`, like the Flax twin's)."""
     try:
-        from transformers import FlaxLlamaForCausalLM, LlamaConfig  # removed in transformers 5
+        from transformers import FlaxLlamaForCausalLM  # removed in transformers 5
     except ImportError:
         try:
             import transformers
@@ -241,13 +247,7 @@ def _hf_flax(config, state: dict) -> tuple[System | None, str]:
     import jax
     import jax.numpy as jnp
 
-    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                            num_attention_heads=config.num_attention_heads,
-                            num_key_value_heads=config.resolved_num_key_value_heads,
-                            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-                            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings)
-    model = FlaxLlamaForCausalLM(hf_config, _do_init=False, dtype=jnp.float32)
+    model = FlaxLlamaForCausalLM(_llama_config(config), _do_init=False, dtype=jnp.float32)
     # HF's Flax names are the torch names, with `kernel` ([in, out]) for a linear's weight and
     # `embedding` for the embedding table.
     params: dict = {}
