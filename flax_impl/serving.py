@@ -5,10 +5,11 @@ own write position (`KVCache.length[slot]`). The requests admitted in one step a
 together: their prompts, right-padded to the largest of their pad buckets, run through the
 model in one forward pass on a cache of that many positions, and each row then replaces its
 slot's row (every position: the rest is zeroed, so nothing of the slot's previous request
-survives), with the slot's position set to its prompt length. One decode step then runs every
-slot at once, each row at its own position with its own sampling settings, attending only over
-the filled part of the cache: the smallest key bucket holding every active row's next position
-(the buffers' first positions, sliced, written, and put back). The bookkeeping (queue, slots,
+survives), with the slot's position set to its prompt length. One decode step then runs the
+slots at once, each row at its own position with its own sampling settings: the first slots up
+to the smallest row bucket holding every active one, attending only over the filled part of the
+cache, the smallest key bucket holding every active row's next position (the buffers' first
+rows and positions, sliced, written, and put back). The bookkeeping (queue, slots,
 settings, lengths, the loop) is `weights.shared.serving.ServingLoop`.
 
 Why the padded prompt positions do no harm: they are written at cache indices at or after the
@@ -22,7 +23,7 @@ so its tokens equal `generate()` on that request alone.
 
 Compilation: one prefill program per (row count, pad bucket) — the admitted rows are padded to
 a row bucket (by default powers of two and `num_slots`), the padding rows aimed at no slot —
-and one decode program per key bucket over all slots, all compiled ahead of time when the
+and one decode program per (row count, key bucket), all compiled ahead of time when the
 runner is built (`jax.jit(...).lower(...).compile()`, then run once, as XLA:CPU's first run of a
 program pays a set-up), with a progress bar. Prompt lengths
 within a bucket, slots and settings are values, not shapes, so calls never trace or compile
@@ -97,18 +98,20 @@ def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.
 def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None,
                     cache: KVCache, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
                     *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
-    """One token for every slot, attending over the first `key_length` cache positions; only
-    `active` slots move their position."""
+    """One token for each of the first R slots (R = `tokens.shape[0]`), attending over the first
+    `key_length` cache positions; only `active` slots move their position."""
     model = nnx.merge(graphdef, state)
-    view = KVCache(tuple(k[:, :, :key_length] for k in cache.keys), tuple(v[:, :, :key_length] for v in cache.values),
-                   lengths)
+    rows = tokens.shape[0]
+    view = KVCache(tuple(k[:rows, :, :key_length] for k in cache.keys),
+                   tuple(v[:rows, :, :key_length] for v in cache.values), lengths)
     with reading_layer_stack(model.model, layer_stack):
         out = model.model(tokens[:, None], None, lengths[:, None], view, use_cache=True)
     view = out.past_key_values
-    # The written first positions go back into the (donated) buffers, in place.
-    keys = tuple(jax.lax.dynamic_update_slice_in_dim(k, w, 0, axis=2) for k, w in zip(cache.keys, view.keys))
-    values = tuple(jax.lax.dynamic_update_slice_in_dim(v, w, 0, axis=2) for v, w in zip(cache.values, view.values))
-    cache = cache.replace(keys=keys, values=values, length=jnp.where(active, lengths + 1, lengths))
+    # The written first rows and positions go back into the (donated) buffers, in place.
+    keys = tuple(jax.lax.dynamic_update_slice(k, w, (0, 0, 0, 0)) for k, w in zip(cache.keys, view.keys))
+    values = tuple(jax.lax.dynamic_update_slice(v, w, (0, 0, 0, 0)) for v, w in zip(cache.values, view.values))
+    cache = cache.replace(keys=keys, values=values,
+                          length=cache.length.at[:rows].set(jnp.where(active, lengths + 1, lengths)))
     logits = model.logits(out.last_hidden_state)[:, 0]
     return cache, sample_rows(logits, *settings)
 
@@ -121,7 +124,8 @@ class Runner(ServingLoop):
     `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
     (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
     the admitted rows of a prefill are padded to the smallest of `row_buckets` (default: powers
-    of two and `num_slots`) that holds them; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets
+    of two and `num_slots`) that holds them, and a decode step runs the first slots up to the
+    smallest row bucket holding every active one; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets
     prompts be text. Every program is compiled here, with a progress bar when `progress`."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
@@ -150,9 +154,9 @@ class Runner(ServingLoop):
         jobs = [((r, b), functools.partial(_prefill_program, self.graphdef),
                  (np.zeros((r, b), np.int32), np.zeros((r, b), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))
                  + settings(r)) for r in self.row_buckets for b in self.pad_buckets]
-        jobs += [(("decode", k), functools.partial(_decode_program, k, self.graphdef),
-                  (np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, bool)) + settings(s))
-                 for k in self.key_buckets]
+        jobs += [(("decode", r, k), functools.partial(_decode_program, k, self.graphdef),
+                  (np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, bool)) + settings(r))
+                 for r in self.row_buckets for k in self.key_buckets]
         for name, fn, args in tqdm(jobs, desc=f"compiling {len(jobs)} programs ({s} slots)", disable=not progress):
             self.compiled[name] = jax.jit(fn, donate_argnums=(2,)).lower(self.state, self._layer_stack(), self.cache,
                                                                          *args).compile()
@@ -193,9 +197,10 @@ class Runner(ServingLoop):
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
                settings: SlotSettings, u: np.ndarray) -> StepOutput:
-        """One token for every slot (`tokens [S]`: each slot's last token, written at `lengths [S]`),
-        attending over the first `key_length` cache positions; only `active` slots move on."""
-        self.cache, out = self.compiled["decode", key_length](self.state, self._layer_stack(), self.cache,
+        """One token for each of the first R slots (`tokens [R]`: each slot's last token, written
+        at `lengths [R]`), attending over the first `key_length` cache positions; only `active`
+        slots move on."""
+        self.cache, out = self.compiled["decode", len(tokens), key_length](self.state, self._layer_stack(), self.cache,
                                                               tokens.astype(np.int32),
                                                               lengths.astype(np.int32), active,
                                                               *self._settings(settings, u))

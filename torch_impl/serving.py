@@ -5,10 +5,11 @@ own write position (`KVCache.length[slot]`). The requests admitted in one step a
 together: their prompts, right-padded to the largest of their pad buckets, run through the
 model in one forward pass on a cache of that many positions, and each row then replaces its
 slot's row (every position: the rest is zeroed, so nothing of the slot's previous request
-survives), with the slot's position set to its prompt length. One decode step then runs every
-slot at once, each row at its own position with its own sampling settings, attending only over
-the filled part of the cache: the smallest key bucket holding every active row's next position
-(a view of the first positions of each buffer, written through in place). The bookkeeping
+survives), with the slot's position set to its prompt length. One decode step then runs the
+slots at once, each row at its own position with its own sampling settings: the first slots up
+to the smallest row bucket holding every active one, attending only over the filled part of the
+cache, the smallest key bucket holding every active row's next position (a view of the first
+rows and positions of each buffer, written through in place). The bookkeeping
 (queue, slots, settings, lengths, the loop) is `weights.shared.serving.ServingLoop`.
 
 Why the padded prompt positions do no harm: they are written at cache indices at or after the
@@ -69,10 +70,11 @@ class Runner(ServingLoop):
     `submit(Request(...)) -> id`, `step() -> [TokenEvent]`, `run(requests) -> iterator of
     TokenEvent (request id, token, log-prob, top-8)`. A prompt is padded to the smallest of
     `pad_buckets` that holds it; a decode step attends over the smallest of `key_buckets`
-    (default: doubling from the smallest pad bucket to `max_len`) that holds every active row;
-    `tokenizer` (`weights.tokenizer.load_tokenizer`) lets prompts be text. `row_buckets` and
-    `progress` are accepted for the Flax twin's signature (nothing is compiled here: a prefill
-    runs on exactly the admitted rows)."""
+    (default: doubling from the smallest pad bucket to `max_len`) that holds every active row,
+    and runs the first slots up to the smallest of `row_buckets` (default: powers of two and
+    `num_slots`) holding every active one; `tokenizer` (`weights.tokenizer.load_tokenizer`) lets
+    prompts be text. `progress` is accepted for the Flax twin's signature (nothing is compiled
+    here: a prefill runs on exactly the admitted rows)."""
 
     def __init__(self, model, num_slots: int, max_len: int, pad_buckets: Sequence[int] = DEFAULT_BUCKETS, *,
                  key_buckets: Sequence[int] | None = None, row_buckets: Sequence[int] | None = None, tokenizer=None,
@@ -112,15 +114,16 @@ class Runner(ServingLoop):
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
                settings: SlotSettings, u: np.ndarray) -> StepOutput:
-        """One token for every slot (`tokens [S]`: each slot's last token, written at `lengths [S]`),
-        attending over the first `key_length` cache positions; only `active` slots move on."""
+        """One token for each of the first R slots (`tokens [R]`: each slot's last token, written
+        at `lengths [R]`), attending over the first `key_length` cache positions; only `active`
+        slots move on."""
         as_t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        length = as_t(lengths)
+        rows, length = len(tokens), as_t(lengths)
         with torch.inference_mode():
-            # Views of the buffers' first positions: the model's writes land in the cache itself.
-            view = KVCache([k[:, :, :key_length] for k in self.cache.keys],
-                           [v[:, :, :key_length] for v in self.cache.values], length)
+            # Views of the buffers' first rows and positions: the model's writes land in the cache itself.
+            view = KVCache([k[:rows, :, :key_length] for k in self.cache.keys],
+                           [v[:rows, :, :key_length] for v in self.cache.values], length)
             out = self.model.model(as_t(tokens[:, None]), None, length[:, None], view, use_cache=True)
-            self.cache.length = torch.where(as_t(active), length + 1, length)
+            self.cache.length[:rows] = torch.where(as_t(active), length + 1, length)
             logits = self.model.logits(out.last_hidden_state)[:, 0]
             return StepOutput(*(t.cpu().numpy() for t in sample_rows(logits, *self._settings(settings, u))))

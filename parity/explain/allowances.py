@@ -38,10 +38,10 @@ VQ_RNG = ("JAX randomness is explicit keys folded per block/layer; torch uses on
           "Flax twin scans blocks with lax.scan under jit where torch loops")
 TRAIN_MODE = ("train/eval: a torch module carries `training` (set by train()/eval()); an NNX module holds a "
               "`deterministic` attribute that its train()/eval() set")
-SERVING = ("the Flax runner compiles every program (a prefill per row count and pad bucket, a decode step per key "
-           "bucket) ahead of time, runs each once, and calls them on numpy inputs, padding the admitted rows to a compiled row count; "
+SERVING = ("the Flax runner compiles every program (a prefill per row count and pad bucket, a decode step per row "
+           "count and key bucket) ahead of time, runs each once, and calls them on numpy inputs, padding the admitted rows to a compiled row count; "
            "the torch runner runs the model eagerly on its device, on exactly the admitted rows, writes the slots' "
-           "cache rows in place and decodes on a view of the buffers' first positions")
+           "cache rows in place and decodes on a view of the buffers' first rows and positions")
 
 ALLOWANCES: dict[str, Allowance] = {
     # checkpoint.py: the two frameworks' parameter containers

@@ -59,11 +59,15 @@ def runner(twin: str, slots: int):
         cls, model = (ts.Runner, t_model) if twin == "torch" else (fs.Runner, f_model)
         before = len(COMPILES)
         # Each Flax program costs a compilation, so the several-slot runner has two key buckets
-        # (decode over 16 keys while every row fits, else all 26) and pads every prefill to its 3
-        # rows (padding rows included whenever fewer are admitted); one slot, one key bucket.
+        # (decode over 16 keys while every row fits, else all 26) and pads every prefill and
+        # decode step to its 3 rows (padding rows included whenever fewer are admitted); one slot,
+        # one key bucket. The torch runner, compiling nothing, also has a row bucket of 1: its
+        # decode steps run slot 0 alone whenever it is the only busy one, and its streams must
+        # still equal the Flax runner's and `generate()`'s.
         many = slots > 1
+        rows = (1, slots) if twin == "torch" else (slots,)
         _RUNNERS[twin, slots] = cls(model, slots, MAX_LEN, BUCKETS, key_buckets=(16,) if many else (MAX_LEN,),
-                                    row_buckets=(slots,))
+                                    row_buckets=rows)
         _BUILD_COMPILES[twin, slots] = len(COMPILES) - before
     return _RUNNERS[twin, slots]
 
@@ -182,11 +186,11 @@ def test_reused_slot_keeps_nothing_of_its_previous_request(twin):
 
 def test_new_prompt_length_in_a_bucket_compiles_nothing():
     """Every program is compiled when the Flax runner is built (a prefill per row count and pad
-    bucket, a decode step per key bucket); prompts of new lengths, admissions of 1 to 3 requests
+    bucket, a decode step per row count and key bucket); prompts of new lengths, admissions of 1 to 3 requests
     at once, new settings and reused slots then run without a compilation."""
     r = runner("flax", 3)
     assert r.row_buckets == (3,) and r.key_buckets == (16, MAX_LEN)
-    assert _BUILD_COMPILES["flax", 3] >= len(r.row_buckets) * len(BUCKETS) + len(r.key_buckets)
+    assert _BUILD_COMPILES["flax", 3] >= len(r.row_buckets) * (len(BUCKETS) + len(r.key_buckets))
     before = len(COMPILES)
     reqs = [Request([3] * n, max_new_tokens=3, do_sample=n % 2 == 1, top_p=0.9, seed=n, filter_order="grok",
                     allowed_tokens=np.arange(CONFIG.vocab_size) != n) for n in (1, 2, 5, 8, 9, 11, 16)]
@@ -202,17 +206,18 @@ def test_float32_streams_equal_solo_generate():
     logits are closer than twice that may legitimately flip; this fixed set of requests has
     none (asserted), so every token is compared. The Flax runner here scans its layers
     (`scan_layers`: every program reads one stack of the layers' parameters, made when the runner
-    is built and remade when the weights change); the float64 tests hold the loop's runner."""
+    is built and remade when the weights change); the float64 tests hold the loop's runner.
+    The last request ends first, so the one before it finishes decoding alone, in one row."""
     t_model, f_model = pair("float32")
     rng = np.random.default_rng(5)
-    reqs = [Request([int(x) for x in rng.integers(1, CONFIG.vocab_size, n)], max_new_tokens=8, do_sample=s, top_k=9,
-                    seed=n) for n, s in ((3, False), (12, True), (7, True), (16, False))]
+    reqs = [Request([int(x) for x in rng.integers(1, CONFIG.vocab_size, n)], max_new_tokens=new, do_sample=s,
+                    top_k=9, seed=n) for n, s, new in ((3, False, 8), (12, True, 8), (7, True, 8), (16, False, 4))]
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
         if twin == "flax":
             model.model.scan_layers = True
         try:
-            r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(2,))  # 2 programs
+            r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(1, 2))  # 4 programs
         finally:
             if twin == "flax":
                 model.model.scan_layers = False

@@ -99,7 +99,8 @@ def check_runner_config(config, max_len: int) -> None:
 
 
 def choose_bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest pad bucket holding a prompt of `length` tokens."""
+    """The smallest of `buckets` holding `length`: a prompt's tokens, a key length or a row count
+    (only a prompt can outgrow its buckets: key and row buckets end at `max_len` and `num_slots`)."""
     for b in sorted(buckets):
         if length <= b:
             return b
@@ -127,9 +128,11 @@ def resolve_key_buckets(pad_buckets: Sequence[int], max_len: int, given: Sequenc
 
 
 def resolve_row_buckets(num_slots: int, given: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Row counts a batched prefill is padded to where shapes must be static (the Flax runner
-    compiles one prefill program per row count and pad bucket), ending at `num_slots`. The
-    default, powers of two, pads at most twice the admitted rows; fewer row counts compile fewer
+    """Row counts, ending at `num_slots`, that a batched prefill is padded to and that a decode
+    step runs (the first slots, holding every active one): a step's cost grows with its rows, so
+    a runner with few busy slots decodes only those. The Flax runner compiles one prefill program
+    per row count and pad bucket and one decode program per row count and key bucket. The
+    default, powers of two, pads at most twice the rows needed; fewer row counts compile fewer
     programs, at the price of more padding rows."""
     if given is not None:
         if any(not isinstance(r, (int, np.integer)) or not 1 <= r <= num_slots for r in given):
@@ -350,9 +353,9 @@ class ServingLoop:
 
     A subclass provides `prefill(slots, ids, positions, last, settings, u)` (the requests admitted
     in one step, in one forward pass, each into its slot; their first tokens) and
-    `decode(tokens, lengths, active, key_length, settings, u)` (one token for every slot,
-    attending over the first `key_length` cache positions), both returning a `StepOutput`; the
-    model work and the KV cache are the subclass's.
+    `decode(tokens, lengths, active, key_length, settings, u)` (one token for each of the first R
+    slots, R = `len(tokens)`, attending over the first `key_length` cache positions), both
+    returning a `StepOutput`; the model work and the KV cache are the subclass's.
     """
 
     def __init__(self, num_slots: int, max_len: int, pad_buckets: Sequence[int], vocab_size: int, dtype: np.dtype,
@@ -386,7 +389,11 @@ class ServingLoop:
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests into free slots (one batched prefill: each emits its first
         token), then one decode step for every active slot. Returns the tokens emitted, admitted
-        requests first, then in slot order."""
+        requests first, then in slot order.
+
+        The decode step runs the first R slots only, R the smallest row bucket holding the last
+        active slot (requests take the lowest free slot, so the busy ones gather at the front):
+        with few requests left, as when a trace drains, a step costs what its rows need."""
         sched = self.scheduler
         events = []
         admitted = sched.admit()
@@ -403,10 +410,12 @@ class ServingLoop:
                 sched.record(slot, int(out.tokens[row]))
         active = sched.active
         if active.any():
-            tokens = np.array([a.tokens[-1] if a is not None else 0 for a in sched.slots], np.int64)
-            lengths = sched.lengths()
+            rows = choose_bucket(int(np.flatnonzero(active)[-1]) + 1, self.row_buckets)
+            tokens = np.array([a.tokens[-1] if a is not None else 0 for a in sched.slots[:rows]], np.int64)
+            lengths = sched.lengths()[:rows]
             key_length = choose_bucket(int(lengths.max()) + 1, self.key_buckets)
-            out = self.decode(tokens, lengths, active, key_length, sched.settings, sched.noise())
+            out = self.decode(tokens, lengths, active[:rows], key_length, sched.settings.rows(np.arange(rows)),
+                              sched.noise()[:rows])
             for slot in np.flatnonzero(active):
                 events.append(out.event(sched.slots[slot].request_id, slot))
                 sched.record(slot, int(out.tokens[slot]))
