@@ -158,11 +158,12 @@ COMPONENTS: tuple[Component, ...] = (
         "serving", "Serving: continuous batching",
         "A runner keeps a fixed number of slots, each a row of one KV cache with its own length. A "
         "request is prefilled into a free slot at a padded bucket length; one decode step then "
-        "advances every active slot, each with its own sampling settings. The slot bookkeeping is "
+        "advances every active slot, each with its own sampling settings, running only the first R "
+        "slots that hold them all (requests take the lowest free slot). The slot bookkeeping is "
         "shared numpy, so both twins admit and retire requests in the same order.",
         code=(Code("serving.py"),),
         shapes=(("cache", "[S, K, L, D] per layer, length [S]"), ("prefill prompt", "[1, bucket]"),
-                ("decode tokens", "[S]"), ("next-token logits", "[S, V]"))),
+                ("decode tokens", "[R], R <= S"), ("next-token logits", "[R, V]"))),
     Component(
         "training", "Training: AdamW, accumulation, dropout",
         "One step: the loss of each micro-batch weighted by its share of the counted labels (so "
