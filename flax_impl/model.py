@@ -103,12 +103,17 @@ _LAYER_STACKS: contextvars.ContextVar[tuple[tuple[tuple[jax.Array, ...], nnx.Sta
     contextvars.ContextVar("layer_stacks", default=())
 
 
-def stack_layers(layers: Sequence[nnx.Module]) -> nnx.State:
-    """The layers' parameters stacked to `[L, ...]` (layer 0's state tree, each leaf one array for
-    every layer): what `scan_decoder_layers` scans over. One copy of the layers' weights."""
+def _check_scannable(layers: Sequence[nnx.Module]) -> None:
+    """Raise, saying which layer differs and how, unless every layer has layer 0's structure."""
     why = same_structure(layers)
     if why is not None:
         raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
+
+
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.State:
+    """The layers' parameters stacked to `[L, ...]` (layer 0's state tree, each leaf one array for
+    every layer): what `scan_decoder_layers` scans over. One copy of the layers' weights."""
+    _check_scannable(layers)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
 
 
@@ -128,9 +133,7 @@ def reading_layer_stack(model: DecoderModel, stack: nnx.State | None = None) -> 
     if stack is None:
         stack = stack_layers(model.layers)
     else:
-        why = same_structure(model.layers)
-        if why is not None:
-            raise ValueError(f"scan_layers: {why}; a scan needs layers of one kind (set model.scan_layers = False)")
+        _check_scannable(model.layers)
         first = nnx.state(model.layers[0])
         shapes = [(len(model.layers),) + tuple(x.shape) for x in jax.tree.leaves(first)]
         if jax.tree.structure(stack) != jax.tree.structure(first) or [tuple(x.shape) for x in jax.tree.leaves(stack)] != shapes:
