@@ -20,7 +20,9 @@ each. Blocks are carved from reusable scratch buffers: a fresh 8 MB allocation p
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterator
@@ -28,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = ["BLOCK_BYTES", "BlockWriter", "contiguous", "copy_file_range", "copy_into", "pwrite_all",
-           "row_blocks", "scratch", "workers"]
+           "row_blocks", "scratch", "start_writeback", "workers"]
 
 BLOCK_BYTES = 8 << 20  # extra memory of a transpose or a cast, per tensor being written
 # Packed tiles: 512 source rows x as many words as fit in 512 KB (in L2), moved in strips of
@@ -83,6 +85,36 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _sync_file_range() -> Any:
+    # glibc's sync_file_range(2), which the os module does not wrap; None elsewhere.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes, f.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the dirty pages, do not wait
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing bytes [offset, offset + nbytes) of `fd` to disk, without waiting (Linux's
+    `sync_file_range(SYNC_FILE_RANGE_WRITE)`; nothing elsewhere). Advice only: durability still
+    comes from `fsync`.
+
+    Why: a checkpoint written at memory speed otherwise sits dirty in the page cache until the
+    final fsync, which then writes it all while nothing else runs (1-2 s of a 1.1B conversion),
+    and the writes themselves cost more CPU once gigabytes are dirty (measured: 0.7-0.9 s of CPU
+    per GB of bf16 written, against 0.3-0.6 with the writeback started after each tensor).
+    """
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # an error (EBADF, ESPIPE) is ignored
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .blockcopy import BlockWriter, copy_file_range, pwrite_all
+from .blockcopy import BlockWriter, copy_file_range, pwrite_all, start_writeback
 from .errors import HeaderError, SafetensorsFormatError
 from .safetensors_io import DTYPES, MAX_HEADER_SIZE, RANK, SafetensorsFile, TensorSpec, dtype_name
 
@@ -107,6 +107,7 @@ class SafetensorsWriter:
             if self._blocks is None:
                 self._blocks = BlockWriter()
             self._blocks.write(fd, self._base[name], array, target)
+        self._start_writeback(name)
         self._written.add(name)
 
     def write_from(self, name: str, source: "SafetensorsFile", key: str) -> None:
@@ -120,7 +121,13 @@ class SafetensorsWriter:
                                          tensor=name, expected=f"{dtype_name(spec.dtype)}{list(spec.shape)}",
                                          found=f"{info.dtype}{list(info.shape)} in {source.path}")
         copy_file_range(source.fileno(), info.start, self._f.fileno(), self._base[name], info.nbytes)
+        self._start_writeback(name)
         self._written.add(name)
+
+    def _start_writeback(self, name: str) -> None:
+        # Each tensor's pages go to disk as soon as it is written (see `start_writeback`): the
+        # final fsync then has almost nothing left, and writes stay cheap.
+        start_writeback(self._f.fileno(), self._base[name], self.specs[name].nbytes)
 
     def commit(self) -> Path:
         """Finish the file and rename it onto `path`."""
