@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["BLOCK_BYTES", "BlockWriter", "contiguous", "copy_file_range", "copy_into", "pwrite_all",
+__all__ = ["BLOCK_BYTES", "BlockWriter", "contiguous", "copy_file_range", "copy_into", "pread_into", "pwrite_all",
            "row_blocks", "scratch", "start_writeback", "workers"]
 
 BLOCK_BYTES = 8 << 20  # extra memory of a transpose or a cast, per tensor being written
@@ -77,6 +77,25 @@ def copy_file_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, 
             raise EOFError(f"source file ended {count - done} bytes early")
         os.pwrite(dst_fd, chunk, dst_offset + done)
         done += len(chunk)
+
+
+def pread_into(fd: int, view: Any, offset: int) -> int:
+    """Fill `view` (writable, bytes-like) with the bytes of `fd` from `offset`, by positioned
+    reads (no memory map); returns how many were read, fewer than `len(view)` only where the file
+    ends early."""
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            n = len(chunk)
+            view[done:done + n] = chunk
+        if n == 0:
+            break  # the file ends here
+        done += n
+    return done
 
 
 def pwrite_all(fd: int, data: Any, offset: int) -> None:

@@ -201,11 +201,12 @@ class CheckpointReader:
         arr = f.get(key)
         return arr.T if self.layout == "flax" and is_transposed(name) else arr
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor in HF layout, read into fresh memory with positioned reads (no memory map:
-        a file truncated meanwhile is a `SourceChangedError`, never SIGBUS)."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor in HF layout, read with positioned reads (no memory map: a file truncated
+        meanwhile is a `SourceChangedError`, never SIGBUS), into fresh memory or into `out` (see
+        `SafetensorsFile.read`)."""
         f, key = self._locate(name)
-        arr = f.read(key)
+        arr = f.read(key, out)
         return arr.T if self.layout == "flax" and is_transposed(name) else arr
 
     def check_unchanged(self) -> None:

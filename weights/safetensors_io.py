@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import ml_dtypes
 import numpy as np
 
+from .blockcopy import pread_into
 from .errors import (DataOffsetError, HeaderError, SafetensorsFormatError, SourceChangedError, TruncatedFileError,
                      UnknownDtypeError)
 
@@ -291,21 +292,24 @@ class SafetensorsFile:
         count = info.nbytes // info.np_dtype.itemsize
         return np.frombuffer(self._mm, info.np_dtype, count, info.start).reshape(info.shape)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a fresh, writable array, read with positioned reads (no memory map):
-        a file truncated while it is read gives `SourceChangedError`, never SIGBUS."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor as a writable array, read with positioned reads (no memory map): a file
+        truncated while it is read gives `SourceChangedError`, never SIGBUS.
+
+        In fresh memory, or, when `out` (a C-contiguous uint8 buffer) is large enough, in its
+        first bytes: the result is then only valid until `out` is reused.
+        """
         info = self.info(name)
-        out = np.empty(info.shape, info.np_dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8)) if info.nbytes else memoryview(b"")
-        done, fd = 0, self.fileno()
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.start + done) if hasattr(os, "preadv") else \
-                _pread_into(fd, view[done:], info.start + done)
-            if n == 0:
+        if out is not None and out.flags.c_contiguous and out.dtype == np.uint8 and out.nbytes >= info.nbytes:
+            arr = out.reshape(-1)[:info.nbytes].view(info.np_dtype).reshape(info.shape)
+        else:
+            arr = np.empty(info.shape, info.np_dtype)
+        if info.nbytes:
+            done = pread_into(self.fileno(), arr.reshape(-1).view(np.uint8), info.start)
+            if done < info.nbytes:
                 raise SourceChangedError(f"file ended {info.nbytes - done} bytes early: truncated while "
                                          "being read", file=self.path, tensor=name)
-            done += n
-        return out
+        return arr
 
     def check_unchanged(self, name: str | None = None) -> None:
         """Raise `SourceChangedError` when the file on disk is no longer the one opened (size,
@@ -386,12 +390,6 @@ def _drop_pages(mm: mmap.mmap, offset: int, nbytes: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
     except (OSError, ValueError):
         pass
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    chunk = os.pread(fd, len(view), offset)
-    view[:len(chunk)] = chunk
-    return len(chunk)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -311,6 +311,9 @@ def test_row_blocks_and_copy_into_equal_a_contiguous_copy(rows, cols, dtype, to,
             writer.write(f.fileno(), 4, view, target)
             f.seek(0)
             assert f.read() == b"head" + want
+            back = bytearray(len(want) + 3)  # read back, past the end of the file
+            assert bc.pread_into(f.fileno(), back, 4) == len(want)
+            assert bytes(back[:len(want)]) == want
     finally:
         writer.close()
         bc.BLOCK_BYTES, bc._TILE_BYTES, bc._TILE_ROWS, bc._STRIP, bc._PARALLEL_BYTES = saved
