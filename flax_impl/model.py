@@ -67,6 +67,18 @@ def make_attention_mask(attention_mask: jax.Array | None, batch_size: int, query
     return keep & padding[:, None, None, :]
 
 
+def mask_is_causal(attention_mask: jax.Array | None, query_length: int, past_length: jax.Array | int,
+                   sliding_window: int | None = None) -> bool:
+    """Whether `make_attention_mask` with these arguments gives exactly the causal mask, query i
+    seeing keys j <= i (a fused kernel's `is_causal`, which then skips the mask): no padding mask,
+    every row's queries starting at cache index 0, and no window shorter than the query block.
+    Decided from Python values alone: a cache's lengths are an array, and reading one would cost a
+    host sync (and is impossible under jit), so a cached call keeps its mask (False is always safe).
+    """
+    no_window = sliding_window is None or sliding_window >= query_length
+    return attention_mask is None and isinstance(past_length, int) and past_length == 0 and no_window
+
+
 def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
     """Raise a clear error for token ids outside `[0, vocab_size)` (JAX would silently clamp).
 
@@ -160,7 +172,7 @@ def _stack_of(layers: Sequence[nnx.Module]) -> nnx.State | None:
 
 def scan_decoder_layers(layers: Sequence[nnx.Module], hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                         masks: Sequence[jax.Array], past_key_values: KVCache | None,
-                        output_hidden_states: bool, output_attentions: bool
+                        output_hidden_states: bool, output_attentions: bool, is_causal: bool = False
                         ) -> tuple[jax.Array, list[jax.Array], list[jax.Array | None], list[jax.Array | None], KVCache | None]:
     """The layers' loop as one `jax.lax.scan`: XLA then compiles one layer, not `L` copies of it.
 
@@ -169,8 +181,9 @@ def scan_decoder_layers(layers: Sequence[nnx.Module], hidden_states: jax.Array, 
     block, else stacked here, one copy per call. The body merges layer 0's graph definition with
     layer l's parameters, so every layer must have layer 0's structure (`same_structure`). Layers
     differ only by their mask (sliding or global window: `masks[l]`) and their cache, stacked to
-    `[L, B, K, S, D]` for the scan and handed back per layer. Returns what the loop collects:
-    (hidden `[B, T, E]`, per-layer inputs, attention weights, router logits, cache).
+    `[L, B, K, S, D]` for the scan and handed back per layer. `is_causal`: every layer's mask is the
+    plain causal one (`mask_is_causal`; one program takes it for all layers). Returns what the loop
+    collects: (hidden `[B, T, E]`, per-layer inputs, attention weights, router logits, cache).
     """
     params = _stack_of(layers)
     if params is None:
@@ -188,7 +201,7 @@ def scan_decoder_layers(layers: Sequence[nnx.Module], hidden_states: jax.Array, 
         hidden = constrain_activations(hidden)  # the layer boundary: rows over data/fsdp
         layer_cache = None if cache is None else KVCache((cache[0],), (cache[1],), past_key_values.length)
         hidden, attn_weights, layer_cache, router_logits = nnx.merge(graphdef, state)(
-            hidden, position_embeddings, stacked_masks[index], layer_cache)
+            hidden, position_embeddings, stacked_masks[index], layer_cache, None, is_causal)
         cache = None if layer_cache is None else (layer_cache.keys[0], layer_cache.values[0])
         return hidden, (layer_input if output_hidden_states else None,
                         attn_weights if output_attentions else None, router_logits, cache)
@@ -232,13 +245,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                  attention_mask: jax.Array, past_key_value: KVCache | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None, jax.Array | None]:
+                 dropout_key: jax.Array | None = None, is_causal: bool = False
+                 ) -> tuple[jax.Array, jax.Array, KVCache | None, jax.Array | None]:
         """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache,
-        router logits `[B * T, X]` or None without experts)."""
+        router logits `[B * T, X]` or None without experts). `is_causal`: see `mask_is_causal`."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights, past_key_value = self.self_attn(
-            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key)
+            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key, is_causal)
         if self.sandwich_norm:
             hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = residual + self.attention_output_dropout(hidden_states, dropout_key)
@@ -316,6 +330,7 @@ class DecoderModel(nnx.Module):
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)
+        causal = {w: mask_is_causal(attention_mask, t, past_length, w) for w in masks}  # fused kernels skip these
 
         hidden_states = inputs_embeds
         if self.config.scale_embeddings:
@@ -337,13 +352,14 @@ class DecoderModel(nnx.Module):
         if scanned:
             hidden_states, all_hidden, all_attn, all_router, past_key_values = scan_decoder_layers(
                 self.layers, hidden_states, position_embeddings, [masks[w] for w in windows], past_key_values,
-                output_hidden_states, output_attentions)
+                output_hidden_states, output_attentions, all(causal[w] for w in windows))
         for layer, window in zip(self.layers if not scanned else (), windows):
             all_hidden.append(hidden_states)
             hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
-            run = partial(nnx.remat(DecoderLayer.__call__), layer) if remat else layer
+            # `is_causal` (argument 6 with the layer) stays a Python bool: it chooses code, not values.
+            run = partial(nnx.remat(DecoderLayer.__call__, static_argnums=6), layer) if remat else layer
             hidden_states, attn_weights, past_key_values, router_logits = run(
-                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key)
+                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key, causal[window])
             all_attn.append(attn_weights)
             all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)

@@ -64,6 +64,18 @@ def make_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, qu
     return keep & padding[:, None, None, :]
 
 
+def mask_is_causal(attention_mask: torch.Tensor | None, query_length: int, past_length: torch.Tensor | int,
+                   sliding_window: int | None = None) -> bool:
+    """Whether `make_attention_mask` with these arguments gives exactly the causal mask, query i
+    seeing keys j <= i (a fused kernel's `is_causal`, which then skips the mask): no padding mask,
+    every row's queries starting at cache index 0, and no window shorter than the query block.
+    Decided from Python values alone: a cache's lengths are a tensor, and reading one would cost a
+    host sync (and break a compiled graph), so a cached call keeps its mask (False is always safe).
+    """
+    no_window = sliding_window is None or sliding_window >= query_length
+    return attention_mask is None and isinstance(past_length, int) and past_length == 0 and no_window
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a clear error for token ids outside `[0, vocab_size)` (torch would raise deep inside).
 
@@ -110,13 +122,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor, past_key_value: KVCache | None = None,
-                dropout_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None, torch.Tensor | None]:
+                dropout_key: torch.Tensor | None = None, is_causal: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None, torch.Tensor | None]:
         """hidden `[B, T, E]` -> (hidden `[B, T, E]`, attention weights `[B, H, T, S]`, cache,
-        router logits `[B * T, X]` or None without experts)."""
+        router logits `[B * T, X]` or None without experts). `is_causal`: see `mask_is_causal`."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights, past_key_value = self.self_attn(
-            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key)
+            hidden_states, position_embeddings, attention_mask, past_key_value, dropout_key, is_causal)
         if self.sandwich_norm:
             hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = residual + self.attention_output_dropout(hidden_states, dropout_key)
@@ -186,6 +199,7 @@ class DecoderModel(nn.Module):
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, inputs_embeds.device, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)
+        causal = {w: mask_is_causal(attention_mask, t, past_length, w) for w in masks}  # fused kernels skip these
 
         hidden_states = inputs_embeds
         if self.config.scale_embeddings:
@@ -205,7 +219,7 @@ class DecoderModel(nn.Module):
             hidden_states = constrain_activations(hidden_states)  # the layer boundary: rows over data/fsdp
             run = partial(checkpoint, layer, use_reentrant=False) if remat else layer
             hidden_states, attn_weights, past_key_values, router_logits = run(
-                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key)
+                hidden_states, position_embeddings, masks[window], past_key_values, dropout_key, causal[window])
             all_attn.append(attn_weights)
             all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)

@@ -136,16 +136,22 @@ def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array, mask: 
 
 
 def attention_fast(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                   scaling: float, num_key_value_groups: int) -> tuple[jax.Array, None]:
+                   scaling: float, num_key_value_groups: int, is_causal: bool = False) -> tuple[jax.Array, None]:
     """The fused path (`jax.nn.dot_product_attention`): `attention_forward`'s output without its
     weights, held to it by the tolerance table (`tests/twins/test_attention_fast.py`).
 
-    The keep-mask goes in as a mask: the function fills masked scores with a large finite
-    negative, so a padding query (no visible key) gets uniform weights, as on the eager path,
-    not NaN. It takes `[B, T, H, D]`, hence the swaps, and groups the kv heads itself.
+    With `is_causal` (the model's `mask_is_causal`: `mask` is exactly query i seeing keys j <= i)
+    the function takes its own causal rule instead of the mask (cuDNN then skips the blocks above
+    the diagonal; XLA builds the same mask from iotas). Otherwise the keep-mask goes in as a
+    mask: the function fills masked scores with a large finite negative, so a padding query (no
+    visible key) gets uniform weights, as on the eager path, not NaN. It takes `[B, T, H, D]`,
+    hence the swaps, and groups the kv heads itself.
     """
-    out = jax.nn.dot_product_attention(query.swapaxes(1, 2), key.swapaxes(1, 2), value.swapaxes(1, 2), mask=mask,
-                                       scale=scaling)
+    attn_mask = None
+    if not is_causal:
+        attn_mask = mask
+    out = jax.nn.dot_product_attention(query.swapaxes(1, 2), key.swapaxes(1, 2), value.swapaxes(1, 2),
+                                       mask=attn_mask, is_causal=is_causal, scale=scaling)
     return out.swapaxes(1, 2), None
 
 
@@ -185,9 +191,11 @@ class Attention(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, position_embeddings: tuple[jax.Array, jax.Array],
                  attention_mask: jax.Array, past_key_value: KVCache | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+                 dropout_key: jax.Array | None = None, is_causal: bool = False
+                 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
         """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
-        (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
+        (output `[B, T, E]`, weights `[B, H, T, S]`, cache). `is_causal`: the keep-mask is the
+        plain causal one (the model's `mask_is_causal`), which the fast path then need not read."""
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         query = self.q_proj(hidden_states).reshape(shape).swapaxes(1, 2)  # [B, H, T, D]
@@ -200,7 +208,8 @@ class Attention(nnx.Module):
         # The fused kernels cannot cap scores or drop weights by this project's masks (dropout_key).
         fast = self.attn_implementation == "fast" and self.softcap is None and dropout_key is None
         if fast and query.dtype in (jnp.float32, jnp.bfloat16):
-            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
+                                          is_causal)
         else:
             out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
                                              self.num_key_value_groups, self.softcap,

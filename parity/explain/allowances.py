@@ -108,7 +108,7 @@ ALLOWANCES: dict[str, Allowance] = {
                                                      "the same BLAS call; XLA's dot takes the [in, out] kernel and a "
                                                      "precision, the bias added after"),
     "layers/linear.py:linear": Allowance(6, NNX_BUILD),
-    "layers/attention.py:attention_fast": Allowance(4, "torch's fused attention takes an additive mask (a boolean one "
+    "layers/attention.py:attention_fast": Allowance(3, "torch's fused attention takes an additive mask (a boolean one "
                                                        "gives padding queries NaN) and a GQA flag; jax's takes "
                                                        "[B, T, H, D] and the boolean mask, and groups heads itself"),
     "layers/attention.py:Attention.__call__": Allowance(1, "a torch tensor-parallel rank computes only its heads' "

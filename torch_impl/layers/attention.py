@@ -133,18 +133,22 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def attention_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                   scaling: float, num_key_value_groups: int) -> tuple[torch.Tensor, None]:
+                   scaling: float, num_key_value_groups: int, is_causal: bool = False) -> tuple[torch.Tensor, None]:
     """The fused path (`scaled_dot_product_attention`): `attention_forward`'s output without its
     weights, held to it by the tolerance table (`tests/twins/test_attention_fast.py`).
 
-    The keep-mask becomes an additive bias of the most negative finite value, as the eager
-    path masks: a boolean mask would give a padding query (no visible key) NaN instead of
-    uniform weights, and the NaN would reach every later layer through that row's keys.
+    With `is_causal` (the model's `mask_is_causal`: `mask` is exactly query i seeing keys j <= i)
+    the kernel takes its own causal rule instead of the mask and skips the blocks above the
+    diagonal. Otherwise the keep-mask becomes an additive bias of the most negative finite value,
+    as the eager path masks: a boolean mask would give a padding query (no visible key) NaN
+    instead of uniform weights, and the NaN would reach every later layer through that row's keys.
     """
-    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-    bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min)
-    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                                     enable_gqa=num_key_value_groups > 1)
+    attn_mask = None
+    if not is_causal:
+        attn_mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                                     scale=scaling, enable_gqa=num_key_value_groups > 1)
     return out, None
 
 
@@ -206,9 +210,11 @@ class Attention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor, past_key_value: KVCache | None = None,
-                dropout_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+                dropout_key: torch.Tensor | None = None, is_causal: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
-        (output `[B, T, E]`, weights `[B, H, T, S]`, cache)."""
+        (output `[B, T, E]`, weights `[B, H, T, S]`, cache). `is_causal`: the keep-mask is the
+        plain causal one (the model's `mask_is_causal`), which the fast path then need not read."""
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
@@ -221,7 +227,8 @@ class Attention(nn.Module):
         # The fused kernels cannot cap scores or drop weights by this project's masks (dropout_key).
         fast = self.attn_implementation == "fast" and self.softcap is None and dropout_key is None
         if fast and query.dtype in (torch.float32, torch.bfloat16):
-            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups)
+            out, weights = attention_fast(query, key, value, attention_mask, self.scaling, self.num_key_value_groups,
+                                          is_causal)
         else:
             out, weights = attention_forward(query, key, value, attention_mask, self.scaling,
                                              self.num_key_value_groups, self.softcap,
