@@ -125,9 +125,11 @@ class SafetensorsWriter:
         self._written.add(name)
 
     def _start_writeback(self, name: str) -> None:
-        # Each tensor's pages go to disk as soon as it is written (see `start_writeback`): the
-        # final fsync then has almost nothing left, and writes stay cheap.
-        start_writeback(self._f.fileno(), self._base[name], self.specs[name].nbytes)
+        # A durable file's tensors go to disk as soon as each is written (see `start_writeback`):
+        # the final fsync then has almost nothing left. Without fsync the caller chose not to wait
+        # for the disk, and a slow one could make the writeback block: nothing is started.
+        if self._fsync:
+            start_writeback(self._f.fileno(), self._base[name], self.specs[name].nbytes)
 
     def commit(self) -> Path:
         """Finish the file and rename it onto `path`."""
