@@ -324,9 +324,10 @@ class DecoderModel(nnx.Module):
         past_length = past_key_values.length if past_key_values is not None else 0
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
-            # Each row continues from its own cache position.
-            position_ids = jnp.broadcast_to(jnp.asarray(past_length).reshape(-1, 1) + jnp.arange(t, dtype=jnp.int32),
-                                            (b, t))
+            # Each row continues from its own cache position: `[B, T]` with a cache, else `[1, T]`, so
+            # the rotary tables are made once and broadcast over the rows, as HF's are (a table per row
+            # costs more to make and more to read in every layer's rotation).
+            position_ids = jnp.asarray(past_length).reshape(-1, 1) + jnp.arange(t, dtype=jnp.int32)
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)

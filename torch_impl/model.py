@@ -193,9 +193,11 @@ class DecoderModel(nn.Module):
         past_length = past_key_values.length if past_key_values is not None else 0
         key_length = past_key_values.key_length(t) if past_key_values is not None else t
         if position_ids is None:
-            # Each row continues from its own cache position.
+            # Each row continues from its own cache position: `[B, T]` with a cache, else `[1, T]`, so
+            # the rotary tables are made once and broadcast over the rows, as HF's are (a table per row
+            # costs more to make and more to read in every layer's rotation).
             position_ids = (torch.as_tensor(past_length, device=inputs_embeds.device).reshape(-1, 1)
-                            + torch.arange(t, device=inputs_embeds.device)).expand(b, t)
+                            + torch.arange(t, device=inputs_embeds.device))
         windows = self.config.layer_windows
         masks = {w: make_attention_mask(attention_mask, b, t, key_length, past_length, inputs_embeds.device, w)
                  for w in dict.fromkeys(windows)}  # one mask per distinct window (None = global)

@@ -25,7 +25,7 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 def apply_rotary_pos_emb(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
-    """Rotate q `[B, H, T, D]` and k `[B, K, T, D]` by angles given as cos/sin `[B, T, D]`."""
+    """Rotate q `[B, H, T, D]` and k `[B, K, T, D]` by angles given as cos/sin `[B or 1, T, D]`."""
     cos = cos[:, None]
     sin = sin[:, None]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -57,7 +57,7 @@ class RotaryEmbedding(nnx.Module):
         return inv_freq, rope_frequencies(self.config)[1]
 
     def __call__(self, x: jax.Array, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos, sin `[B, T, D]` in `x.dtype`, for integer `position_ids [B, T]`."""
+        """cos, sin `[B or 1, T, D]` in `x.dtype`, for integer `position_ids [B or 1, T]`."""
         cdtype = compute_dtype(x.dtype)
         inv_freq, attention_scaling = self.inv_freq(position_ids, cdtype)
         freqs = position_ids.astype(cdtype)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]

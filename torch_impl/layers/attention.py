@@ -212,7 +212,7 @@ class Attention(nn.Module):
                 attention_mask: torch.Tensor, past_key_value: KVCache | None = None,
                 dropout_key: torch.Tensor | None = None, is_causal: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
-        """hidden `[B, T, E]`, (cos, sin) `[B, T, D]`, keep-mask `[B, 1, T, S]` ->
+        """hidden `[B, T, E]`, (cos, sin) `[B or 1, T, D]`, keep-mask `[B, 1, T, S]` ->
         (output `[B, T, E]`, weights `[B, H, T, S]`, cache). `is_causal`: the keep-mask is the
         plain causal one (the model's `mask_is_causal`), which the fast path then need not read."""
         b, t, _ = hidden_states.shape

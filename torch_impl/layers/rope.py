@@ -23,7 +23,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q `[B, H, T, D]` and k `[B, K, T, D]` by angles given as cos/sin `[B, T, D]`."""
+    """Rotate q `[B, H, T, D]` and k `[B, K, T, D]` by angles given as cos/sin `[B or 1, T, D]`."""
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
         return inv_freq.to(dtype), scaling
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[B, T, D]` in `x.dtype`, for integer `position_ids [B, T]`."""
+        """cos, sin `[B or 1, T, D]` in `x.dtype`, for integer `position_ids [B or 1, T]`."""
         cdtype = compute_dtype(x.dtype)
         inv_freq, attention_scaling = self.inv_freq(position_ids, cdtype)
         freqs = position_ids.to(cdtype)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
