@@ -216,11 +216,15 @@ MUTANTS: list[Mutant] = [
                  "keep = jnp.ones_like(jnp.tile(attention_mask.reshape(-1), layers)).astype(probs.dtype)"),
            (WITNESS, HF)),
     Mutant("gqa-heads-interleaved",
-           "kv heads tiled (head h uses kv h % K) instead of repeated per group (h // (H / K))",
+           "query heads grouped as if kv heads were tiled (head h with kv h % K) instead of repeated per "
+           "group (h // (H / K))",
            twins("layers/attention.py",
-                 "hidden_states[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)",
-                 "hidden_states[:, None].expand(b, n_rep, k, s, d).reshape(b, k * n_rep, s, d)",
-                 "jnp.repeat(hidden_states, n_rep, axis=1)", "jnp.tile(hidden_states, (1, n_rep, 1, 1))"),
+                 "return x.reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)",
+                 "return x.reshape(b, num_key_value_groups, h // num_key_value_groups, t, d).transpose(1, 2)"
+                 ".reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)",
+                 "return x.reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)",
+                 "return x.reshape(b, num_key_value_groups, h // num_key_value_groups, t, d).transpose(0, 2, 1, 3, 4)"
+                 ".reshape(b, h // num_key_value_groups, num_key_value_groups * t, d)"),
            (WITNESS, HF)),
     Mutant("causal-mask-excludes-self",
            "strict causal mask j < i: a token cannot attend to itself",
@@ -256,9 +260,9 @@ MUTANTS: list[Mutant] = [
            "the decode step's position counted from the step instead of step - 1",
            (Edit("torch_impl/generation.py",
                  "token = state.tokens[:, state.step - 1:state.step]\n"
-                 "        logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)",
+                 "        logits, cache = step(model, token, attention_mask, next_position + (state.step - 1), cache)",
                  "token = state.tokens[:, state.step - 1:state.step]\n"
-                 "        logits, cache = next_logits(model, token, attention_mask, next_position + state.step, cache)"),
+                 "        logits, cache = step(model, token, attention_mask, next_position + state.step, cache)"),
             Edit("flax_impl/generation.py",
                  "token = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)\n"
                  "        logits, cache = next_logits(model, token, attention_mask, next_position + (state.step - 1), cache)",

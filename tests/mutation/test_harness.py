@@ -19,6 +19,14 @@ def test_a_snippet_must_occur_exactly_once(tmp_path):
     assert "file not found" in stale_reason(tmp_path, Mutant("m", "why", (Edit("n.py", "a", "b"),), ()))
 
 
+def test_every_mutant_still_applies_to_the_code():
+    """A change that moves a mutant's snippet must update the mutant in the same change (keeping
+    its bug): `make mutants` is not part of `make test`, so a stale one would go unseen."""
+    root = Path(__file__).resolve().parents[2]
+    stale = {m.name: why for m in MUTANTS if (why := stale_reason(root, m))}
+    assert not stale, stale
+
+
 def test_the_list_names_each_mutant_once_with_a_reason_and_guards():
     names = [m.name for m in MUTANTS]
     assert len(names) == len(set(names))
