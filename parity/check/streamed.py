@@ -91,8 +91,9 @@ class TorchStandIn(torch.nn.Module):
         self.index = index
 
     def forward(self, hidden_states: Any, position_embeddings: Any, attention_mask: Any,
-                past_key_value: Any = None, dropout_key: Any = None) -> tuple:
-        # The check runs in eval mode: no dropout, so the key is not passed on.
+                past_key_value: Any = None, dropout_key: Any = None, is_causal: bool = False) -> tuple:
+        # The check runs in eval mode (no dropout key), and each real layer is run on its own mask
+        # (no `is_causal` needed): neither is passed on.
         return _BOARD.get()(self.index, hidden_states, position_embeddings, attention_mask, past_key_value)
 
 
@@ -103,8 +104,9 @@ class FlaxStandIn(nnx.Module):
         self.index = index
 
     def __call__(self, hidden_states: Any, position_embeddings: Any, attention_mask: Any,
-                 past_key_value: Any = None, dropout_key: Any = None) -> tuple:
-        # The check runs in eval mode: no dropout, so the key is not passed on.
+                 past_key_value: Any = None, dropout_key: Any = None, is_causal: bool = False) -> tuple:
+        # The check runs in eval mode (no dropout key), and each real layer is run on its own mask
+        # (no `is_causal` needed): neither is passed on.
         return _BOARD.get()(self.index, hidden_states, position_embeddings, attention_mask, past_key_value)
 
 
