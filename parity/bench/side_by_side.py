@@ -16,10 +16,12 @@ figure is the median over repetitions of the per-repetition ratio.
   bandwidth); the Flax twin's first `generate` call (compile) time; HF with its static cache and
   `torch.compile` as a second HF row.
 
-The torch twin runs three ways: eager attention, fast attention (SDPA), and compiled decoding
-(`generate(..., compile=True)`: each decode step under `torch.compile`, CUDA graphs on a GPU); its
-first call per batch shape compiles (a warm-up round, untimed), and a row says whether its tokens
-equal the eager twin's. Without transformers the HF systems are skipped with a message and the
+The torch twin runs four ways: eager attention, fast attention (SDPA), compiled decoding
+(`generate(..., compile=True)`: each decode step under `torch.compile`, CUDA graphs on a GPU; its
+first call per batch shape compiles, in a warm-up round, untimed), and, on the CPU, eager with
+MKL-packed linears (`prepack_linears` for the workload's row counts, packed outside the clock,
+on a second model sharing the weights). A row says whether the compiled and packed systems'
+tokens equal the eager twin's. Without transformers the HF systems are skipped with a message and the
 twins' figures stand alone.
 
 Environment: TWINLM_BENCH_REPEAT (rounds, default 3), TWINLM_BENCH_SYSTEMS (a comma list of
@@ -55,7 +57,8 @@ GPU_FORWARD, GPU_BATCHES, GPU_PROMPT, GPU_NEW = ((1, 512), (8, 512)), (1, 8), 32
 GOALS = {("torch", "forward"): 1.0, ("flax", "forward"): 1.0,
          ("torch", "decode"): 1 / 1.5, ("flax", "decode"): 1 / 1.1}
 # The systems TWINLM_BENCH_SYSTEMS may name.
-SYSTEM_KEYS = ("hf", "hf-static", "hf-flax", "torch", "torch-fast", "torch-compiled", "flax", "flax-fast")
+SYSTEM_KEYS = ("hf", "hf-static", "hf-flax", "torch", "torch-fast", "torch-compiled", "torch-packed", "flax",
+               "flax-fast")
 
 
 @dataclass
@@ -166,19 +169,24 @@ def _hf_torch(config, state: dict, device: str, dtype, static_compile: bool = Fa
     return System(name, forward, decode, sync, key="hf-static" if static_compile else "hf")
 
 
-def _torch_twin(model, device: str, attn: str = "eager", compile: bool = False) -> System:
+def _torch_twin(model, device: str, attn: str = "eager", compile: bool = False, packed: bool = False) -> System:
     """The torch twin with its attention path `attn` ("eager" or "fast"), set at every call: the
     eager and fast systems share one model. With `compile`, greedy decoding runs its steps
-    compiled (`generate(..., compile=True)`, eager attention) and there is no forward workload."""
+    compiled (`generate(..., compile=True)`, eager attention) and there is no forward workload.
+    With `packed` (CPU), each workload first packs `model`'s linears for the row counts it
+    multiplies (`prepack_linears`): a model of its own, since a pack serves every call of its rows."""
     import torch
 
     from torch_impl.generation import generate
     from torch_impl.layers.attention import set_attn_implementation
+    from torch_impl.layers.linear import prepack_linears
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward(ids):
         t = torch.from_numpy(ids).to(device)
+        if packed:
+            prepack_linears(model, (ids.size,))
 
         def run():
             set_attn_implementation(model, attn)
@@ -188,6 +196,8 @@ def _torch_twin(model, device: str, attn: str = "eager", compile: bool = False) 
 
     def decode(ids, new):
         t = torch.from_numpy(ids).to(device)
+        if packed:  # the decode steps' one row per sequence, and the prompt pass
+            prepack_linears(model, (ids.shape[0], ids.size))
 
         def run():
             set_attn_implementation(model, attn)
@@ -196,6 +206,8 @@ def _torch_twin(model, device: str, attn: str = "eager", compile: bool = False) 
 
     if compile:
         return System("torch twin (compiled)", None, decode, sync, key="torch-compiled")
+    if packed:
+        return System("torch twin (packed)", forward, decode, sync, key="torch-packed")
     return System("torch twin" + (" (fast)" if attn == "fast" else ""), forward, decode, sync,
                   key="torch-fast" if attn == "fast" else "torch")
 
@@ -297,8 +309,10 @@ def _hf_systems(config, state: dict, device: str, dtype, keys: set[str]) -> tupl
 def _build_cpu(keys: set[str]):
     """(config, HF systems, torch twins, Flax twins, notes on HF systems not measured) on the
     mid-size float32 model, same weights; each twin eager and with fast attention, the torch twin
-    also compiled; HF Flax where transformers 4.x is installed."""
+    also compiled and on packed linears; HF Flax where transformers 4.x is installed."""
     import torch
+
+    import torch_impl
 
     from parity.bench.generation import build
 
@@ -306,6 +320,11 @@ def _build_cpu(keys: set[str]):
     state = dict(torch_model.state_dict())
     twins = [_torch_twin(torch_model, "cpu", attn) for attn in ("eager", "fast")]
     twins = [t for t in twins + [_torch_twin(torch_model, "cpu", compile=True)] if t.key in keys]
+    if "torch-packed" in keys:
+        with torch.device("meta"):
+            packed_model = torch_impl.ForCausalLM(config, dtype=torch.float32)
+        packed_model.load_state_dict(state, strict=True, assign=True)  # the same tensors, its own packs
+        twins.append(_torch_twin(packed_model.eval(), "cpu", packed=True))
     flaxes = []
     if keys & {"flax", "flax-fast"}:
         _, flax_model, _ = build("flax")
@@ -466,13 +485,18 @@ def _cpu_rows() -> list[Row]:
 
 def _compiled_rows(label: str, times: dict[str, list[float]], results: dict[str, Any], twins: list[System]
                    ) -> list[Row]:
-    """The compiled torch twin against the eager one: speed-up and whether the tokens agree."""
+    """The compiled and packed torch twins against the eager one: speed-up, and (decode) whether
+    the tokens agree."""
     names = {t.key: t.name for t in twins}
-    eager, compiled = names.get("torch"), names.get("torch-compiled")
-    if eager is None or compiled is None or compiled not in times:
-        return []
-    return [Row("side_by_side", f"{label}: {compiled} / torch twin", f"{ratio(times, compiled, eager):.2f}"),
-            Row("side_by_side", f"{label}: {compiled} tokens vs torch twin", _same_tokens(results, compiled, eager))]
+    eager, rows = names.get("torch"), []
+    for other in (names.get(k) for k in ("torch-compiled", "torch-packed")):
+        if eager is None or other is None or other not in times or eager not in times:
+            continue
+        rows.append(Row("side_by_side", f"{label}: {other} / torch twin", f"{ratio(times, other, eager):.2f}"))
+        if "decode" in label:
+            rows.append(Row("side_by_side", f"{label}: {other} tokens vs torch twin",
+                            _same_tokens(results, other, eager)))
+    return rows
 
 
 def _compile_counters() -> str:

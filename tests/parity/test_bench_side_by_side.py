@@ -11,6 +11,7 @@ import torch
 from parity.bench import side_by_side
 from tests.helpers.configs import TINY
 from tests.helpers.twins import assert_close, randomized_pair
+from torch_impl.layers.linear import Linear
 
 
 def test_hf_torch_runs_the_twins_weights_with_the_same_results():
@@ -62,6 +63,11 @@ def test_compiled_twin_is_a_decode_only_system_and_hf_is_skipped_without_transfo
     model = randomized_pair(TINY, dtype="float32")[0]
     compiled = side_by_side._torch_twin(model, "cpu", compile=True)
     assert (compiled.name, compiled.key, compiled.forward) == ("torch twin (compiled)", "torch-compiled", None)
+    # The packed system packs the rows each workload multiplies when its call is made (untimed).
+    packed = side_by_side._torch_twin(model, "cpu", packed=True)
+    assert (packed.name, packed.key) == ("torch twin (packed)", "torch-packed")
+    packed.decode(np.zeros((2, 5), np.int64), 2)  # decode steps of 2 rows, a prompt pass of 10
+    assert {tuple(m.packed) for m in model.modules() if isinstance(m, Linear)} == {(2, 10)}
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     systems, note = side_by_side._hf_systems(TINY, dict(model.state_dict()), "cpu", torch.float32, {"hf", "torch"})
     assert systems == [] and note.startswith("HF torch not measured: transformers does not import")

@@ -66,6 +66,9 @@ ONE_SIDED = {
     # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
     "training.py": {"Optimizer.update", "Optimizer.zero_grad"},
     "layers/precision.py": {"dot_precision"},  # only XLA takes a precision per dot
+    # MKL's packed float32 GEMM is torch's CPU backend's (eager F.linear hands MKL the weight
+    # unpacked, and MKL packs it again on every call); XLA chooses and lays out its own GEMMs.
+    "layers/linear.py": {"PackedWeight", "Linear.packed_for", "prepack_linears"},
     # FSDP2 gathers parameters in module hooks that generate()'s calls bypass: torch gathers them
     # for the whole generation; a sharded JAX array is one global array that jit reads as it is.
     "sharding.py": {"gathered_for_generation"},
