@@ -145,23 +145,33 @@ def test_force_fallback_without_exchange(tmp_path, monkeypatch):
 
 _TRUNCATED = r"""
 import os, sys
-import weights.safetensors_writer as w
-for method in ("write", "write_from"):
-    real = getattr(w.SafetensorsWriter, method)
-    def truncating(self, *a, _real=real, **k):
-        os.truncate(sys.argv[1] + "/model.safetensors", 4096)  # another process cuts the source short
-        return _real(self, *a, **k)
-    setattr(w.SafetensorsWriter, method, truncating)
+import weights.safetensors_io as io, weights.safetensors_writer as w
+def cutting(real, after):
+    calls = []
+    def truncating(self, *a, **k):
+        calls.append(None)
+        if len(calls) > after:
+            os.truncate(sys.argv[1] + "/model.safetensors", 4096)  # another process cuts the source short
+        return real(self, *a, **k)
+    return truncating
+if sys.argv[3] == "read-ahead":
+    # Cut by the second read, the first made ahead on the converter's read thread: the error comes
+    # from that thread or from the next tensor's check, whichever sees the cut first; both are clean.
+    io.SafetensorsFile.read = cutting(io.SafetensorsFile.read, 1)
+else:
+    for method in ("write", "write_from"):
+        setattr(w.SafetensorsWriter, method, cutting(getattr(w.SafetensorsWriter, method), 0))
 from parity.cli import main
-sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--no-progress"] + sys.argv[3:]))
+sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--no-progress"] + sys.argv[4:]))
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["--dtype", "float32"], ["--layout", "flax"]],
-                         ids=["kernel-copy", "cast", "transpose"])
-def test_a_source_truncated_mid_conversion_is_a_clean_error(tmp_path, extra):
+@pytest.mark.parametrize("when, extra", [("write", []), ("write", ["--dtype", "float32"]),
+                                         ("write", ["--layout", "flax"]), ("read-ahead", ["--layout", "flax"])],
+                         ids=["kernel-copy", "cast", "transpose", "read-ahead"])
+def test_a_source_truncated_mid_conversion_is_a_clean_error(tmp_path, when, extra):
     src = write_synthetic_checkpoint(tmp_path / "src", TINY.replace(vocab_size=4096), dtype=BF16)
-    proc = subprocess.run([sys.executable, "-c", _TRUNCATED, str(src), str(tmp_path / "dst"), *extra],
+    proc = subprocess.run([sys.executable, "-c", _TRUNCATED, str(src), str(tmp_path / "dst"), when, *extra],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 2, (proc.returncode, proc.stderr)  # not -7 (SIGBUS)
