@@ -471,8 +471,9 @@ class _Reads:
     Why: a `preadv` from the page cache is a copy the kernel makes on the calling thread; read in
     turn, it ran alone between two tensors' transposes, with the other core idle (0.6 s of the
     1.1B checkpoint's ~3 s). Ahead, it runs while the transposes and writes do. Measured (hf ->
-    flax, 1.1B bf16, wall / a file copy, both fsync'd, paired runs at load 2-4.5 from other
-    jobs): faster in 10 of 12 pairs, medians 2.52 -> 2.27 and 2.11 -> 2.06; CPU time unchanged.
+    flax, 1.1B bf16, wall / a file copy, both fsync'd, paired runs at load 2-5.6 from other
+    jobs): faster in 18 of 26 pairs, the median 2-10% lower in each of four series; CPU time
+    unchanged, so where no core is idle (as there) it gains little.
 
     Memory: two buffers instead of one. Each grows only to the largest tensor read into it, and
     tensors alternate between them, so the extra is about the second-largest tensor read, not the
