@@ -313,7 +313,6 @@ def _build_cpu(keys: set[str]):
     import torch
 
     import torch_impl
-
     from parity.bench.generation import build
 
     config, torch_model, _ = build("torch")
