@@ -98,8 +98,9 @@ def prepack_linears(model: nn.Module, rows: Iterable[int]) -> nn.Module:
     write through `.data` bypasses the version counter that tells: pack again after one).
     Each row count costs one more copy of the packed weights: 488 MB for the bench's mid-size
     model, about 4 GB at 1.1 B parameters. Measured on the 2-core CPU (`make bench` section
-    `side_by_side`, system "torch-packed"): greedy decoding at batch 8 1.7x faster; at 1 or 2
-    rows nothing gained, and at 2048 rows (a 4 x 512 forward) slower.
+    `side_by_side`, system "torch-packed"): greedy decoding at batch 8 1.7x faster, a 1 x 128
+    forward 1.45x; at 1 or 2 rows nothing gained, nor at 2048 (a 4 x 512 forward: 0.97x the plain
+    time quiet, 1.28x in a busier run).
 
     Example: `prepack_linears(model, (8,))`, then `generate(model, ids_8_rows, ...)` decodes on
     packed weights (its prompt pass, 8 x prompt length rows, stays plain unless packed too)."""
