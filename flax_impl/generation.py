@@ -28,6 +28,7 @@ from weights.shared.generation import (TOP_CANDIDATES, GenerationOptions, bucket
 
 from . import sharding
 from .layers.attention import KVCache
+from .layers.linear import linear_packs, reading_packed_linears
 from .layers.precision import compute_dtype
 from .model import reading_layer_stack
 
@@ -357,7 +358,7 @@ def generate_records(model, input_ids: jax.Array, attention_mask: jax.Array, pos
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
-def _generate_compiled(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
+def _generate_compiled(model: nnx.Module, packs: dict, input_ids: jax.Array, attention_mask: jax.Array,
                        position_ids: jax.Array, noise: jax.Array | None, allowed: jax.Array | None, knobs: dict,
                        *, options: GenerationOptions) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """`generate_records`, compiled once per (model structure, shapes, options): the torch twin
@@ -366,8 +367,9 @@ def _generate_compiled(model: nnx.Module, input_ids: jax.Array, attention_mask: 
     host time of `nnx.split` -> `jax.jit` with the graph definition static -> `nnx.merge`, which
     walks the graph and hashes and compares the graph definition on every call. With
     `scan_layers` the layers' parameters are stacked once here, for the prefill and every decode
-    step (`reading_layer_stack`), not once per step inside the loop."""
-    with reading_layer_stack(model.model):
+    step (`reading_layer_stack`), not once per step inside the loop. `packs` are the linears'
+    packed weights (`prepack_linears`) that `generate()` found still fresh (`linear_packs`)."""
+    with reading_layer_stack(model.model), reading_packed_linears(model, packs):
         return generate_records(model, input_ids, attention_mask, position_ids, noise, allowed, knobs, options)
 
 
@@ -421,7 +423,7 @@ def generate(model, input_ids: jax.Array | None = None, attention_mask: jax.Arra
                  hyp_at_max=np.bool_(early_stopping == "never" and length_penalty > 0.0))
     allowed = None if inputs.allowed is None else to_jax(inputs.allowed, bool)
     noise = jnp.asarray(sampling_noise(seed, n, r).astype(np_cdtype)) if options.do_sample else None
-    records, used = _generate_compiled(model, to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
+    records, used = _generate_compiled(model, linear_packs(model), to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
                                        to_jax(position_ids, np.int32), noise, allowed, knobs, options=options)
     records = tuple(x[:, :int(used)] for x in records)
     # Beam search returns its best hypotheses per prompt; sampled rows were repeated already.

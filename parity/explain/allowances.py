@@ -106,8 +106,17 @@ ALLOWANCES: dict[str, Allowance] = {
     "layers/attention.py:KVCache.advance": Allowance(2, IMMUTABLE_CACHE),
     "layers/linear.py:Linear.__call__": Allowance(5, "torch's F.linear takes the [out, in] weight and adds the bias in "
                                                      "the same BLAS call; XLA's dot takes the [in, out] kernel and a "
-                                                     "precision, the bias added after; torch may multiply by an "
-                                                     "MKL-packed weight (prepack_linears), XLA picks its own GEMM"),
+                                                     "precision, the bias added after; a pack is MKL's packed GEMM in "
+                                                     "torch, a dot on the [out, in] copy in XLA, which a traced NNX "
+                                                     "layer (a copy of the module) finds through generate()"),
+    "layers/linear.py:Linear.packed_for": Allowance(5, "torch skips packs under autograd and torch.compile and stamps a "
+                                                       "weight by address and version; JAX arrays are immutable, so an "
+                                                       "unchanged kernel is the same array, and traced (jit, grad) only "
+                                                       "the packs generate() checked and passed in apply"),
+    "layers/linear.py:prepack_linears": Allowance(12, "torch walks model.modules() and keeps packs on the module, made by "
+                                                      "MKL for every row count; NNX walks nnx.iter_graph and keeps them "
+                                                      "beside it (its state stays its parameters): one [out, in] copy "
+                                                      "of the kernel for every row count, checked by array identity"),
     "layers/linear.py:linear": Allowance(6, NNX_BUILD),
     "layers/attention.py:attention_fast": Allowance(3, "torch's fused attention takes an additive mask (a boolean one "
                                                        "gives padding queries NaN) and a GQA flag; jax's takes "

@@ -66,9 +66,10 @@ ONE_SIDED = {
     # `nnx.Optimizer` (the Flax twin's base class) has its own `update(model, grads)`.
     "training.py": {"Optimizer.update", "Optimizer.zero_grad"},
     "layers/precision.py": {"dot_precision"},  # only XLA takes a precision per dot
-    # MKL's packed float32 GEMM is torch's CPU backend's (eager F.linear hands MKL the weight
-    # unpacked, and MKL packs it again on every call); XLA chooses and lays out its own GEMMs.
-    "layers/linear.py": {"PackedWeight", "Linear.packed_for", "prepack_linears"},
+    # torch keeps a layer's packs on the module and takes them in any call outside autograd; NNX
+    # keeps them beside the module (its state stays its parameters), and a jitted program reads
+    # only the packs its caller checked against the kernels and passed in.
+    "layers/linear.py": {"Linear.packed", "linear_packs", "reading_packed_linears"},
     # FSDP2 gathers parameters in module hooks that generate()'s calls bypass: torch gathers them
     # for the whole generation; a sharded JAX array is one global array that jit reads as it is.
     "sharding.py": {"gathered_for_generation"},

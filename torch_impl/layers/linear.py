@@ -6,7 +6,8 @@ keep full precision while every product runs in bfloat16.
 
 `prepack_linears` is a CPU speed switch of this twin only: MKL's float32 GEMM on a weight packed
 once, instead of the weight `F.linear` hands MKL unpacked on every call (which MKL then packs
-itself, every call: at 8 rows that is half the product's time). XLA picks its own GEMM.
+itself, every call: at 8 rows that is half the product's time). The Flax twin's switch of the
+same name keeps an `[out, in]` copy of each kernel for XLA:CPU's one-row products.
 """
 
 from __future__ import annotations
