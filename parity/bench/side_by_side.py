@@ -58,7 +58,7 @@ GOALS = {("torch", "forward"): 1.0, ("flax", "forward"): 1.0,
          ("torch", "decode"): 1 / 1.5, ("flax", "decode"): 1 / 1.1}
 # The systems TWINLM_BENCH_SYSTEMS may name.
 SYSTEM_KEYS = ("hf", "hf-static", "hf-flax", "torch", "torch-fast", "torch-compiled", "torch-packed", "flax",
-               "flax-fast")
+               "flax-fast", "flax-packed")
 
 
 @dataclass
@@ -212,32 +212,48 @@ def _torch_twin(model, device: str, attn: str = "eager", compile: bool = False, 
                   key="torch-fast" if attn == "fast" else "torch")
 
 
-def _flax_twin(model, attn: str = "eager") -> System:
+def _flax_twin(model, attn: str = "eager", packed: bool = False) -> System:
     """The Flax twin with its attention path `attn`; the switch is part of the graph definition,
-    so each path compiles its own program."""
+    so each path compiles its own program. With `packed` (CPU), each workload first gives
+    `model`'s linears their `[out, in]` copies for the row counts it multiplies
+    (`prepack_linears`), which the jitted forward reads through `reading_packed_linears`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from flax_impl.generation import generate
     from flax_impl.layers.attention import set_attn_implementation
+    from flax_impl.layers.linear import linear_packs, prepack_linears, reading_packed_linears
 
     set_attn_implementation(model, attn)
     graphdef, state = nnx.split(model)
-    run_forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).logits)
+
+    def logits(s, packs, i):
+        merged = nnx.merge(graphdef, s)
+        with reading_packed_linears(merged, packs):
+            return merged(i).logits
+
+    run_forward = jax.jit(logits)
 
     def forward(ids):
         j = jnp.asarray(ids)
-        return lambda: run_forward(state, j).block_until_ready()
+        if packed:
+            prepack_linears(model, (ids.size,))
+        packs = linear_packs(model)
+        return lambda: run_forward(state, packs, j).block_until_ready()
 
     def decode(ids, new):
         j = jnp.asarray(ids)
+        if packed:  # the decode steps' one row per sequence, and the prompt pass
+            prepack_linears(model, (ids.shape[0], ids.size))
 
         def run():
             set_attn_implementation(model, attn)
             return np.asarray(generate(model, j, max_new_tokens=new))
         return run
 
+    if packed:
+        return System("Flax twin (packed)", forward, decode, key="flax-packed")
     return System("Flax twin" + (" (fast)" if attn == "fast" else ""), forward, decode,
                   key="flax-fast" if attn == "fast" else "flax")
 
@@ -325,9 +341,13 @@ def _build_cpu(keys: set[str]):
         packed_model.load_state_dict(state, strict=True, assign=True)  # the same tensors, its own packs
         twins.append(_torch_twin(packed_model.eval(), "cpu", packed=True))
     flaxes = []
-    if keys & {"flax", "flax-fast"}:
+    if keys & {"flax", "flax-fast", "flax-packed"}:
         _, flax_model, _ = build("flax")
         flaxes = [f for f in (_flax_twin(flax_model, attn) for attn in ("eager", "fast")) if f.key in keys]
+    if "flax-packed" in keys:  # the same arrays in a module of its own: its own packs
+        from flax import nnx
+
+        flaxes.append(_flax_twin(nnx.merge(*nnx.split(flax_model)), packed=True))
     hfs, note = _hf_systems(config, state, "cpu", torch.float32, keys - {"hf-static"})  # static: GPU only
     flax_note = ""
     if "hf-flax" in keys:
@@ -473,7 +493,7 @@ def _cpu_rows() -> list[Row]:
                     if hf is not None:
                         r = ratio(times, flax.name, hf.name)
                         rows.append(Row("side_by_side", f"{label} ({tag}): {flax.name} / HF torch", f"{r:.2f}"))
-                rows += _compiled_rows(f"{label} ({tag})", times, results, twins)
+                rows += _compiled_rows(f"{label} ({tag})", times, results, twins + flaxes)
             rows.append(Row("side_by_side", f"load average ({tag})", f"{load:.1f} / {os.getloadavg()[0]:.1f}"))
         finally:
             if spinner is not None:
@@ -484,17 +504,16 @@ def _cpu_rows() -> list[Row]:
 
 def _compiled_rows(label: str, times: dict[str, list[float]], results: dict[str, Any], twins: list[System]
                    ) -> list[Row]:
-    """The compiled and packed torch twins against the eager one: speed-up, and (decode) whether
-    the tokens agree."""
-    names = {t.key: t.name for t in twins}
-    eager, rows = names.get("torch"), []
-    for other in (names.get(k) for k in ("torch-compiled", "torch-packed")):
+    """The compiled and packed twins against their eager one: speed-up, and (decode) whether the
+    tokens agree."""
+    names, rows = {t.key: t.name for t in twins}, []
+    for eager_key, key in (("torch", "torch-compiled"), ("torch", "torch-packed"), ("flax", "flax-packed")):
+        eager, other = names.get(eager_key), names.get(key)
         if eager is None or other is None or other not in times or eager not in times:
             continue
-        rows.append(Row("side_by_side", f"{label}: {other} / torch twin", f"{ratio(times, other, eager):.2f}"))
+        rows.append(Row("side_by_side", f"{label}: {other} / {eager}", f"{ratio(times, other, eager):.2f}"))
         if "decode" in label:
-            rows.append(Row("side_by_side", f"{label}: {other} tokens vs torch twin",
-                            _same_tokens(results, other, eager)))
+            rows.append(Row("side_by_side", f"{label}: {other} tokens vs {eager}", _same_tokens(results, other, eager)))
     return rows
 
 
