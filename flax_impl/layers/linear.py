@@ -6,8 +6,9 @@ keep full precision while every product runs in bfloat16.
 
 `prepack_linears` is a CPU speed switch, the torch twin's mirrored: XLA:CPU multiplies one row
 (a decode step at batch 1) by a matrix laid out `[out, in]` faster than by the kernel's `[in, out]`
-(the mid-size model's 2816 x 1024 down projection: 0.61-0.67 ms against 0.94-1.06 ms), so a copy
-of the kernel in `[out, in]`, kept beside it, makes greedy decoding at batch 1 1.2x faster.
+(the mid-size model's 2816 x 1024 down projection: 0.61-0.67 ms against 0.94-1.06 ms), and a
+hundred-odd rows too; so a copy of the kernel in `[out, in]`, kept beside it, makes greedy
+decoding at batch 1 1.2x faster. At 2-8 rows XLA's GEMM reads the kernel's layout faster.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
     kernel. A kernel given a new value drops its pack: pack again. The copy costs one more copy of
     the linears' weights: 488 MB for the bench's mid-size model, about 4 GB at 1.1 B float32
     parameters. Measured on the 2-core CPU (`make bench` section `side_by_side`, system
-    "flax-packed", packed for the workload's row counts): greedy decoding at batch 1 1.2x faster
-    (0.78x HF Flax's time), at batch 8 1.04x; a 1 x 128 or 4 x 512 forward none (XLA's GEMM).
+    "flax-packed", packed for the workload's row counts): greedy decoding at batch 1 1.23x faster
+    (0.81x HF Flax's time), a 1 x 128 forward 1.15x, a 4 x 512 forward 1.03x; at batch 8 0.93x
+    (XLA's GEMM reads the kernel faster at 8 rows: do not pack them).
 
     Example: `prepack_linears(model, (1,))`, then `generate(model, ids_1_row, ...)` decodes on the
     copies (its prompt pass, one row of several tokens, reads the kernels)."""

@@ -20,8 +20,10 @@ The torch twin runs four ways: eager attention, fast attention (SDPA), compiled 
 (`generate(..., compile=True)`: each decode step under `torch.compile`, CUDA graphs on a GPU; its
 first call per batch shape compiles, in a warm-up round, untimed), and, on the CPU, eager with
 MKL-packed linears (`prepack_linears` for the workload's row counts, packed outside the clock,
-on a second model sharing the weights). A row says whether the compiled and packed systems'
-tokens equal the eager twin's. Without transformers the HF systems are skipped with a message and the
+on a second model sharing the weights). The Flax twin runs three: eager and fast attention, and,
+on the CPU, with `prepack_linears`'s `[out, in]` kernel copies for the workload's row counts
+("flax-packed", a module of its own over the same arrays). A row says whether the compiled and
+packed systems' tokens equal their eager twin's. Without transformers the HF systems are skipped with a message and the
 twins' figures stand alone.
 
 Environment: TWINLM_BENCH_REPEAT (rounds, default 3), TWINLM_BENCH_SYSTEMS (a comma list of
