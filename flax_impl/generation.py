@@ -423,7 +423,8 @@ def generate(model, input_ids: jax.Array | None = None, attention_mask: jax.Arra
                  hyp_at_max=np.bool_(early_stopping == "never" and length_penalty > 0.0))
     allowed = None if inputs.allowed is None else to_jax(inputs.allowed, bool)
     noise = jnp.asarray(sampling_noise(seed, n, r).astype(np_cdtype)) if options.do_sample else None
-    records, used = _generate_compiled(model, linear_packs(model), to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
+    packs = linear_packs(model)  # the packed linears whose kernels are unchanged (prepack_linears)
+    records, used = _generate_compiled(model, packs, to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
                                        to_jax(position_ids, np.int32), noise, allowed, knobs, options=options)
     records = tuple(x[:, :int(used)] for x in records)
     # Beam search returns its best hypotheses per prompt; sampled rows were repeated already.

@@ -1,8 +1,8 @@
 """`prepack_linears` (CPU float32), in each twin: packed weights (torch: packed by MKL per row
-count; Flax: an `[out, in]` copy for one-row products) give the plain product's logits within the
-tolerance table, and are taken only where they apply: at a packed row count, on a weight
-unchanged since it was packed, outside autograd (torch) and, traced, only inside `generate()`
-(Flax). Every other call is the plain product, bit for bit."""
+count; Flax: one `[out, in]` copy of the kernel for the row counts named) give the plain
+product's logits within the tolerance table, and are taken only where they apply: at a packed
+row count, on a weight unchanged since it was packed, outside autograd (torch) and, traced,
+only inside `generate()` (Flax). Every other call is the plain product, bit for bit."""
 
 from __future__ import annotations
 
