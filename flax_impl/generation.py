@@ -423,9 +423,10 @@ def generate(model, input_ids: jax.Array | None = None, attention_mask: jax.Arra
                  hyp_at_max=np.bool_(early_stopping == "never" and length_penalty > 0.0))
     allowed = None if inputs.allowed is None else to_jax(inputs.allowed, bool)
     noise = jnp.asarray(sampling_noise(seed, n, r).astype(np_cdtype)) if options.do_sample else None
-    packs = linear_packs(model)  # the packed linears whose kernels are unchanged (prepack_linears)
-    records, used = _generate_compiled(model, packs, to_jax(ids_np, np.int32), to_jax(full_mask, np.int32),
-                                       to_jax(position_ids, np.int32), noise, allowed, knobs, options=options)
+    # The packed linears whose kernels are unchanged since `prepack_linears` ride along as arguments.
+    records, used = _generate_compiled(model, linear_packs(model), to_jax(ids_np, np.int32),
+                                       to_jax(full_mask, np.int32), to_jax(position_ids, np.int32), noise, allowed,
+                                       knobs, options=options)
     records = tuple(x[:, :int(used)] for x in records)
     # Beam search returns its best hypotheses per prompt; sampled rows were repeated already.
     prompt = np.repeat(inputs.input_ids, options.num_return_sequences if nb > 1 else 1, axis=0)
