@@ -29,7 +29,8 @@ program pays a set-up), with a progress bar. Prompt lengths
 within a bucket, slots and settings are values, not shapes, so calls never trace or compile
 again; the cache buffers are donated, so each step updates them in place. With the layers
 scanned (`DecoderModel.scan_layers`) every program reads one stack of their parameters, made when
-the runner is built (and remade if the weights change), passed in as an argument.
+the runner is built (and remade if the weights change), passed in as an argument; so do the
+packed linears' `[out, in]` copies (`prepack_linears`) fresh when the runner is built.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from weights.shared.serving import DEFAULT_BUCKETS, ServingLoop, SlotSettings, S
 
 from .generation import greedy, sample_from_weights, sampling_weights, token_scores, top_k
 from .layers.attention import KVCache
+from .layers.linear import linear_layers, linear_packs, reading_packed_linears
 from .layers.precision import compute_dtype
 from .model import reading_layer_stack, stack_layers
 
@@ -75,18 +77,19 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Arra
     return token, chosen, top_ids, top_probs, filtered_ids, filtered
 
 
-def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None, cache: KVCache,
-                     ids: jax.Array, positions: jax.Array, last: jax.Array, slots: jax.Array,
+def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None, packs: dict,
+                     cache: KVCache, ids: jax.Array, positions: jax.Array, last: jax.Array, slots: jax.Array,
                      *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
     """Prefill `ids [R, L]` in one forward pass, row r into cache row `slots[r]` (a slot index
     past the cache is a padding row: dropped); each row's token chosen at its `last` position.
-    `layer_stack`: the layers' stacked parameters when they are scanned (`Runner`), else None."""
+    `layer_stack`: the layers' stacked parameters when they are scanned (`Runner`), else None;
+    `packs`: the packed linears' copies (`Runner._linear_packs`)."""
     model = nnx.merge(graphdef, state)
     rows = KVCache.init(model.config, ids.shape[0], ids.shape[1], dtype=cache.keys[0].dtype)
-    with reading_layer_stack(model.model, layer_stack):
+    with reading_layer_stack(model.model, layer_stack), reading_packed_linears(model, packs):
         out = model.model(ids, None, positions, rows, use_cache=True)
-    hidden = jnp.take_along_axis(out.last_hidden_state, last[:, None, None], axis=1)
-    logits = model.logits(hidden)[:, 0]
+        hidden = jnp.take_along_axis(out.last_hidden_state, last[:, None, None], axis=1)
+        logits = model.logits(hidden)[:, 0]
     rows = out.past_key_values
     pad = ((0, 0), (0, 0), (0, cache.capacity - ids.shape[1]), (0, 0))
     keys = tuple(k.at[slots].set(jnp.pad(r, pad), mode="drop") for k, r in zip(cache.keys, rows.keys))
@@ -96,7 +99,7 @@ def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.
 
 
 def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None,
-                    cache: KVCache, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
+                    packs: dict, cache: KVCache, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
                     *settings: jax.Array) -> tuple[KVCache, tuple[jax.Array, ...]]:
     """One token for each of the first R slots (R = `tokens.shape[0]`), attending over the first
     `key_length` cache positions; only `active` slots move their position."""
@@ -104,15 +107,15 @@ def _decode_program(key_length: int, graphdef: nnx.GraphDef, state: nnx.State, l
     rows = tokens.shape[0]
     view = KVCache(tuple(k[:rows, :, :key_length] for k in cache.keys),
                    tuple(v[:rows, :, :key_length] for v in cache.values), lengths)
-    with reading_layer_stack(model.model, layer_stack):
+    with reading_layer_stack(model.model, layer_stack), reading_packed_linears(model, packs):
         out = model.model(tokens[:, None], None, lengths[:, None], view, use_cache=True)
+        logits = model.logits(out.last_hidden_state)[:, 0]
     view = out.past_key_values
     # The written first rows and positions go back into the (donated) buffers, in place.
     keys = tuple(jax.lax.dynamic_update_slice(k, w, (0, 0, 0, 0)) for k, w in zip(cache.keys, view.keys))
     values = tuple(jax.lax.dynamic_update_slice(v, w, (0, 0, 0, 0)) for v, w in zip(cache.values, view.values))
     cache = cache.replace(keys=keys, values=values,
                           length=cache.length.at[:rows].set(jnp.where(active, lengths + 1, lengths)))
-    logits = model.logits(out.last_hidden_state)[:, 0]
     return cache, sample_rows(logits, *settings)
 
 
@@ -147,6 +150,12 @@ class Runner(ServingLoop):
         self.layer_variables = [v for layer in model.model.layers for _, v in nnx.to_flat_state(nnx.state(layer))]
         self.scanned = model.model.scan_layers
         self.stacked_from, self.layer_stack = [], None
+        # Packed linears (`prepack_linears`) fresh when the runner is built are read by every
+        # program, passed in as an argument whose structure the programs are compiled for; a
+        # kernel changed later gets a new copy here (`_linear_packs`), as the stack does.
+        self.packs = linear_packs(model)
+        self.packed_layers = {key: layer for key, layer in linear_layers(model).items() if key in self.packs}
+        self.packed_from = {key: layer.kernel.get_value() for key, layer in self.packed_layers.items()}
         self.compiled = {}
         s, v = self.num_slots, config.vocab_size
         settings = lambda r: (np.ones(r, cdtype), np.ones(r, np.int32), np.ones(r, cdtype), np.ones((r, v), bool),  # noqa: E731
@@ -158,11 +167,12 @@ class Runner(ServingLoop):
                   (np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, bool)) + settings(r))
                  for r in self.row_buckets for k in self.key_buckets]
         for name, fn, args in tqdm(jobs, desc=f"compiling {len(jobs)} programs ({s} slots)", disable=not progress):
-            self.compiled[name] = jax.jit(fn, donate_argnums=(2,)).lower(self.state, self._layer_stack(), self.cache,
-                                                                         *args).compile()
+            self.compiled[name] = jax.jit(fn, donate_argnums=(3,)).lower(
+                self.state, self._layer_stack(), self._linear_packs(), self.cache, *args).compile()
             # A program's first run pays a one-time set-up on XLA:CPU (measured: 0.3 to 1 s for the
             # bench's mid-size model): each runs once here, on dummy inputs, so no request pays it.
-            self.cache, _ = self.compiled[name](self.state, self._layer_stack(), self.cache, *args)
+            self.cache, _ = self.compiled[name](self.state, self._layer_stack(), self._linear_packs(), self.cache,
+                                                *args)
         self.cache = KVCache.init(config, self.num_slots, self.max_len, dtype=self.dtype)  # the dummy runs wrote in it
 
     def _layer_stack(self) -> nnx.State | None:
@@ -175,6 +185,18 @@ class Runner(ServingLoop):
             self.layer_stack = stack_layers(self.model.model.layers)
             self.stacked_from = current
         return self.layer_stack
+
+    def _linear_packs(self) -> dict[str, dict[int, jax.Array]]:
+        """The packed linears' `[out, in]` copies the programs were compiled with (`linear_packs`
+        when the runner was built), a layer's made again when its kernel is no longer the array
+        it was copied from (the model's weights were changed)."""
+        for key, layer in self.packed_layers.items():
+            kernel = layer.kernel.get_value()
+            if kernel is not self.packed_from[key]:
+                weight = jnp.transpose(kernel)
+                self.packs[key] = {r: weight for r in self.packs[key]}
+                self.packed_from[key] = kernel
+        return self.packs
 
     def _settings(self, settings: SlotSettings, u: np.ndarray) -> tuple[np.ndarray, ...]:
         return (settings.temperature, settings.top_k.astype(np.int32), settings.top_p, settings.allowed,
@@ -191,8 +213,8 @@ class Runner(ServingLoop):
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - r, axis=0)])  # noqa: E731
         index = np.concatenate([slots, np.full(rows - r, self.num_slots)]).astype(np.int32)
         self.cache, out = self.compiled[rows, ids.shape[1]](
-            self.state, self._layer_stack(), self.cache, pad(ids).astype(np.int32), pad(positions).astype(np.int32),
-            pad(last).astype(np.int32), index, *map(pad, self._settings(settings, u)))
+            self.state, self._layer_stack(), self._linear_packs(), self.cache, pad(ids).astype(np.int32),
+            pad(positions).astype(np.int32), pad(last).astype(np.int32), index, *map(pad, self._settings(settings, u)))
         return StepOutput(*(a[:r] for a in jax.device_get(out)))
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray, key_length: int,
@@ -200,8 +222,7 @@ class Runner(ServingLoop):
         """One token for each of the first R slots (`tokens [R]`: each slot's last token, written
         at `lengths [R]`), attending over the first `key_length` cache positions; only `active`
         slots move on."""
-        self.cache, out = self.compiled["decode", len(tokens), key_length](self.state, self._layer_stack(), self.cache,
-                                                              tokens.astype(np.int32),
-                                                              lengths.astype(np.int32), active,
-                                                              *self._settings(settings, u))
+        self.cache, out = self.compiled["decode", len(tokens), key_length](
+            self.state, self._layer_stack(), self._linear_packs(), self.cache, tokens.astype(np.int32),
+            lengths.astype(np.int32), active, *self._settings(settings, u))
         return StepOutput(*jax.device_get(out))

@@ -100,11 +100,12 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
     The torch twin's switch of the same name, in XLA's terms: the pack is one `[out, in]` copy of
     the kernel (the same copy for every row count), and a call with a packed row count multiplies
     by it (the same dot products, summed in another order: within the tolerance table). It is
-    read by eager calls while the kernel is still the array it was copied from, and by
-    `generate()`, which checks that before it compiles (`linear_packs`), as may a jitted
-    function of your own (`reading_packed_linears`); any other traced call (`jax.jit`,
-    `nnx.grad`, the scanned layers' stack, the serving `Runner`'s programs) multiplies by the
-    kernel. A kernel given a new value drops its pack: pack again. The copy costs one more copy of
+    read by eager calls while the kernel is still the array it was copied from, by `generate()`,
+    which checks that before it compiles (`linear_packs`), by the serving `Runner`'s programs
+    (the packs fresh when it is built; it copies a changed kernel again itself), and by a jitted
+    function of your own that does the same (`reading_packed_linears`); any other traced call
+    (`jax.jit`, `nnx.grad`, the scanned layers' stack) multiplies by the kernel. Elsewhere a
+    kernel given a new value drops its pack: pack again. The copy costs one more copy of
     the linears' weights: 488 MB for the bench's mid-size model, about 4 GB at 1.1 B float32
     parameters. Measured on the 2-core CPU (`make bench` section `side_by_side`, system
     "flax-packed", packed for the workload's row counts): greedy decoding at batch 1 1.23x faster
@@ -134,6 +135,11 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
     return model
 
 
+def linear_layers(model: nnx.Module) -> dict[str, Linear]:
+    """`model`'s linears by their path ("model/layers/0/mlp/up_proj"): the keys of `linear_packs`."""
+    return {"/".join(map(str, path)): m for path, m in nnx.iter_graph(model) if isinstance(m, Linear)}
+
+
 def linear_packs(model: nnx.Module) -> dict[str, dict[int, jax.Array]]:
     """The packed weights of `model`'s linears whose kernels have not changed since they were
     packed, by the layer's path and row count: what `reading_packed_linears` takes into a jitted
@@ -141,14 +147,14 @@ def linear_packs(model: nnx.Module) -> dict[str, dict[int, jax.Array]]:
     if not _PACKS:
         return {}
     packs = {}
-    for path, layer in nnx.iter_graph(model):
-        if isinstance(layer, Linear) and layer.packed:
+    for key, layer in linear_layers(model).items():
+        if layer.packed:
             kernel = layer.kernel.get_value()
             fresh = {r: p.weight for r, p in layer.packed.items() if p.source is kernel}
             if len(fresh) < len(layer.packed):
                 _PACKS[layer] = {r: p for r, p in layer.packed.items() if r in fresh}
             if fresh:
-                packs["/".join(map(str, path))] = fresh
+                packs[key] = fresh
     return packs
 
 
@@ -159,17 +165,15 @@ def reading_packed_linears(model: nnx.Module, packs: dict[str, dict[int, jax.Arr
     if not packs:
         yield
         return
+    layers = linear_layers(model)
+    unknown = sorted(set(packs) - set(layers))
+    if unknown:
+        raise ValueError(f"reading_packed_linears: {len(unknown)} packs name no Linear of this model (first: "
+                         f"{unknown[0]}): they are not linear_packs() of it")
     traced = {}
-    for path, layer in nnx.iter_graph(model):
-        key = "/".join(map(str, path))
-        if key in packs:
-            if not isinstance(layer, Linear):
-                raise ValueError(f"reading_packed_linears: {key} is a {type(layer).__name__}, not a Linear: "
-                                 f"the packs are not linear_packs() of this model")
-            kernel = layer.kernel.get_value()
-            traced[id(kernel)] = (kernel, packs[key])
-    if len(traced) != len(packs):
-        raise ValueError(f"reading_packed_linears: {len(packs) - len(traced)} packs name no Linear of this model")
+    for key, pack in packs.items():
+        kernel = layers[key].kernel.get_value()
+        traced[id(kernel)] = (kernel, pack)
     token = _TRACED_PACKS.set({**_TRACED_PACKS.get(), **traced})
     try:
         yield

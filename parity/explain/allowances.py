@@ -197,9 +197,11 @@ ALLOWANCES: dict[str, Allowance] = {
                                            "sampling scan eagerly when no row uses them (each a chain of eager "
                                            "kernels over [R, V]); under jit Flax chooses with lax.cond, and XLA "
                                            "fuses the mask into passes it makes anyway"),
-    "serving.py:Runner.__init__": Allowance(14, SERVING + "; with scanned layers (Flax only: scan_layers) the Flax "
+    "serving.py:Runner.__init__": Allowance(17, SERVING + "; with scanned layers (Flax only: scan_layers) the Flax "
                                                           "runner holds the layers' variables, to remake their "
-                                                          "parameter stack when the weights change"),
+                                                          "parameter stack when the weights change, and with packed "
+                                                          "linears the layers and kernels the copies were made from "
+                                                          "(torch reads its packs at every call)"),
     "serving.py:Runner._settings": Allowance(2, SERVING),
     "serving.py:Runner.prefill": Allowance(15, SERVING),
     "serving.py:Runner.decode": Allowance(9, SERVING),

@@ -150,3 +150,18 @@ def decode_matches_full_pass(config: ModelConfig, dtype: str = "float64", prompt
 
 __all__ = ["assert_close", "batch", "decode_matches_full_pass", "fcall", "layer_pair", "randomize", "randomized_pair",
            "run_flax", "run_torch", "to_jax", "to_numpy", "to_torch"]
+
+
+def spy_on_packs(monkeypatch: Any, linear_module: Any) -> list[bool]:
+    """Whether each call of `linear_module.Linear.packed_for` (either twin's `layers.linear`) found
+    a packed weight, in call order (a traced program calls it once per linear, when traced)."""
+    calls = []
+    real = linear_module.Linear.packed_for
+
+    def spy(self, x):
+        packed = real(self, x)
+        calls.append(packed is not None)
+        return packed
+
+    monkeypatch.setattr(linear_module.Linear, "packed_for", spy)
+    return calls

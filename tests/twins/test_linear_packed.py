@@ -2,7 +2,8 @@
 count; Flax: one `[out, in]` copy of the kernel for the row counts named) give the plain
 product's logits within the tolerance table, and are taken only where they apply: at a packed
 row count, on a weight unchanged since it was packed, outside autograd (torch) and, traced,
-only inside `generate()` (Flax). Every other call is the plain product, bit for bit."""
+only inside `generate()` and the serving `Runner` (Flax). Every other call is the plain product,
+bit for bit."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch_impl
 import torch_impl.layers.linear as t_linear
 from parity.loading import copy_weights, twins_from_config
 from tests.helpers.configs import TINY
-from tests.helpers.twins import assert_close, batch, randomize
+from tests.helpers.twins import assert_close, batch, randomize, spy_on_packs
 from torch_impl.generation import generate
 from flax_impl.layers.linear import prepack_linears as prepack_linears_flax
 from torch_impl.layers.linear import prepack_linears
@@ -38,23 +39,9 @@ def tiny_model(dtype: torch.dtype = torch.float32) -> torch_impl.ForCausalLM:
     return model
 
 
-def spy_on(monkeypatch, module) -> list[bool]:
-    """Whether each call of `module.Linear.packed_for` found a packed weight, in call order."""
-    calls = []
-    real = module.Linear.packed_for
-
-    def spy(self, x):
-        packed = real(self, x)
-        calls.append(packed is not None)
-        return packed
-
-    monkeypatch.setattr(module.Linear, "packed_for", spy)
-    return calls
-
-
 @pytest.fixture
 def taken(monkeypatch) -> list[bool]:
-    return spy_on(monkeypatch, t_linear)
+    return spy_on_packs(monkeypatch, t_linear)
 
 
 @needs_mkl
@@ -146,7 +133,7 @@ def flax_model(dtype: str = "float32") -> nnx.Module:
 
 @pytest.fixture
 def flax_taken(monkeypatch) -> list[bool]:
-    return spy_on(monkeypatch, f_linear)
+    return spy_on_packs(monkeypatch, f_linear)
 
 
 def test_flax_one_row_reads_the_transposed_copy_and_other_rows_the_kernel(flax_taken):

@@ -69,7 +69,7 @@ ONE_SIDED = {
     # torch keeps a layer's packs on the module and takes them in any call outside autograd; NNX
     # keeps them beside the module (its state stays its parameters), and a jitted program reads
     # only the packs its caller checked against the kernels and passed in.
-    "layers/linear.py": {"Linear.packed", "linear_packs", "reading_packed_linears"},
+    "layers/linear.py": {"Linear.packed", "linear_layers", "linear_packs", "reading_packed_linears"},
     # FSDP2 gathers parameters in module hooks that generate()'s calls bypass: torch gathers them
     # for the whole generation; a sharded JAX array is one global array that jit reads as it is.
     "sharding.py": {"gathered_for_generation"},

@@ -19,11 +19,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import flax_impl.layers.linear as f_linear
 import flax_impl.serving as fs
 import torch_impl.serving as ts
 from parity.tolerances import tolerance
 from tests.helpers.generation import twin_pair
+from tests.helpers.twins import spy_on_packs
 from torch_impl.generation import generate as torch_generate
+from torch_impl.layers.linear import prepack_linears as t_prepack
 from weights.config import ModelConfig, RopeScaling
 from weights.shared.serving import Request, resolve_key_buckets, resolve_row_buckets
 
@@ -198,7 +201,8 @@ def test_new_prompt_length_in_a_bucket_compiles_nothing():
     assert len(COMPILES) == before, "a prompt length within a bucket recompiled"
 
 
-def test_float32_streams_equal_solo_generate():
+@pytest.mark.parametrize("switch", ["scan_layers", "packed"])
+def test_float32_streams_equal_solo_generate(switch, monkeypatch):
     """float32: the torch runner gives every request the tokens of `generate()` on it alone, and
     the Flax runner the same tokens (so also those of the Flax `generate()`, which the generation
     tests hold equal to the torch one). Runner and solo differ only in summation order (cache
@@ -206,21 +210,28 @@ def test_float32_streams_equal_solo_generate():
     logits are closer than twice that may legitimately flip; this fixed set of requests has
     none (asserted), so every token is compared. The Flax runner here scans its layers
     (`scan_layers`: every program reads one stack of the layers' parameters, made when the runner
-    is built and remade when the weights change); the float64 tests hold the loop's runner.
-    The last request ends first, so the one before it finishes decoding alone, in one row."""
+    is built and remade when the weights change), or both runners multiply by packed linears
+    (`prepack_linears` for the decode steps' 1 and 2 rows, made before the runners are built:
+    the Flax programs read the copies, passed in, and a changed kernel gets a new one); the
+    float64 tests hold the loop's runner. The last request ends first, so the one before it
+    finishes decoding alone, in one row."""
     t_model, f_model = pair("float32")
     rng = np.random.default_rng(5)
     reqs = [Request([int(x) for x in rng.integers(1, CONFIG.vocab_size, n)], max_new_tokens=new, do_sample=s,
                     top_k=9, seed=n) for n, s, new in ((3, False, 8), (12, True, 8), (7, True, 8), (16, False, 4))]
+    taken = spy_on_packs(monkeypatch, f_linear)
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
-        if twin == "flax":
+        if switch == "scan_layers" and twin == "flax":
             model.model.scan_layers = True
+        if switch == "packed":
+            (t_prepack if twin == "torch" else f_linear.prepack_linears)(model, (1, 2))
         try:
             r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(1, 2))  # 4 programs
         finally:
-            if twin == "flax":
-                model.model.scan_layers = False
+            model.model.scan_layers = False
+            if switch == "packed" and twin == "torch":
+                t_prepack(model, ())
         events = list(r.run(reqs))
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
@@ -231,12 +242,25 @@ def test_float32_streams_equal_solo_generate():
                                  do_sample=req.do_sample, top_k=req.top_k, seed=req.seed)
             assert r.result(i) == out[0, len(req.prompt):].tolist()
     assert streams["torch"] == streams["flax"]
-    # The stack follows the weights: the same stack while they stay, a new one once one changes.
-    stack = r._layer_stack()
-    assert r._layer_stack() is stack
     kernel = f_model.model.layers[1].self_attn.o_proj.kernel
-    kernel.set_value(kernel.get_value() * 1)
-    assert r._layer_stack() is not stack
+    if switch == "scan_layers":
+        # The stack follows the weights: the same stack while they stay, a new one once one changes.
+        stack = r._layer_stack()
+        assert r._layer_stack() is stack
+        kernel.set_value(kernel.get_value() * 1)
+        assert r._layer_stack() is not stack
+        return
+    # Every linear of the two decode programs took its copy when they were traced, and the LM head
+    # of the two prefill programs (one row per prompt); the experts' kernels are stacked, not called.
+    called = [k for k in f_linear.linear_layers(f_model) if "/experts/" not in k]
+    assert taken.count(True) == 2 * len(called) + 2
+    f_linear.prepack_linears(f_model, ())
+    key = "model/layers/1/self_attn/o_proj"
+    copy = r._linear_packs()[key][1]
+    assert r._linear_packs()[key][1] is copy
+    kernel.set_value(kernel.get_value() * 2)
+    assert np.array_equal(r._linear_packs()[key][1], np.asarray(kernel.get_value()).T)
+    kernel.set_value(kernel.get_value() / 2)
 
 
 def test_key_and_row_buckets():
