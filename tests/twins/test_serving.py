@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 import flax_impl.layers.linear as f_linear
 import flax_impl.serving as fs
+import torch_impl.layers.linear as t_linear
 import torch_impl.serving as ts
 from parity.tolerances import tolerance
 from tests.helpers.generation import twin_pair
 from tests.helpers.twins import spy_on_packs
 from torch_impl.generation import generate as torch_generate
-from torch_impl.layers.linear import prepack_linears as t_prepack
 from weights.config import ModelConfig, RopeScaling
 from weights.shared.serving import Request, resolve_key_buckets, resolve_row_buckets
 
@@ -219,20 +219,21 @@ def test_float32_streams_equal_solo_generate(switch, monkeypatch):
     rng = np.random.default_rng(5)
     reqs = [Request([int(x) for x in rng.integers(1, CONFIG.vocab_size, n)], max_new_tokens=new, do_sample=s,
                     top_k=9, seed=n) for n, s, new in ((3, False, 8), (12, True, 8), (7, True, 8), (16, False, 4))]
-    taken = spy_on_packs(monkeypatch, f_linear)
+    taken, t_taken = spy_on_packs(monkeypatch, f_linear), spy_on_packs(monkeypatch, t_linear)
     streams = {}
     for twin, model, cls in (("torch", t_model, ts.Runner), ("flax", f_model, fs.Runner)):
         if switch == "scan_layers" and twin == "flax":
             model.model.scan_layers = True
         if switch == "packed":
-            (t_prepack if twin == "torch" else f_linear.prepack_linears)(model, (1, 2))
+            (t_linear if twin == "torch" else f_linear).prepack_linears(model, (1, 2))
         try:
             r = cls(model, 2, MAX_LEN, (16,), key_buckets=(MAX_LEN,), row_buckets=(1, 2))  # 4 programs
         finally:
             model.model.scan_layers = False
-            if switch == "packed" and twin == "torch":
-                t_prepack(model, ())
         events = list(r.run(reqs))
+        if switch == "packed" and twin == "torch":
+            assert any(t_taken)  # the eager runner's one- and two-row products
+            t_linear.prepack_linears(model, ())  # the solo references below run on the plain weights
         streams[twin] = [(e.request_id, e.token) for e in events]
         bound = 2 * tolerance("float32", "logits") * 3.0  # final_logit_softcapping bounds |logits| by 3
         for e in events:
