@@ -98,7 +98,8 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
     of `rows` rows, replacing the packs it had; `rows=()` drops them. Returns `model`.
 
     The torch twin's switch of the same name, in XLA's terms: the pack is one `[out, in]` copy of
-    the kernel (the same copy for every row count), and a call with a packed row count multiplies
+    the kernel (the same copy for every row count; MoE experts get none, as the MoE block
+    multiplies their kernels stacked), and a call with a packed row count multiplies
     by it (the same dot products, summed in another order: within the tolerance table). It is
     read by eager calls while the kernel is still the array it was copied from, by `generate()`,
     which checks that before it compiles (`linear_packs`), by the serving `Runner`'s programs
@@ -119,8 +120,11 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
         raise ValueError(f"rows: expected positive integers (tokens per call), got {rows!r}")
     rows = tuple(int(r) for r in rows)
     linears = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear)]
+    # Both MoE paths multiply the experts' kernels stacked, never through their Linears (the
+    # torch twin's sparse path calls each expert): a copy of theirs would never be read.
+    stacked = {id(m) for key, m in linear_layers(model).items() if "/experts/" in key}
     # A sharded kernel is one global array over several devices: XLA lays its pieces out itself.
-    eligible = [m for m in linears if m.dtype == m.kernel.get_value().dtype == jnp.float32
+    eligible = [m for m in linears if id(m) not in stacked and m.dtype == m.kernel.get_value().dtype == jnp.float32
                 and _placement(m.kernel.get_value()) == "cpu"]
     if rows and not eligible:
         dtypes = sorted({f"{m.kernel.get_value().dtype} on {_placement(m.kernel.get_value())}" for m in linears})

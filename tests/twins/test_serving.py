@@ -253,9 +253,12 @@ def test_float32_streams_equal_solo_generate(switch, monkeypatch):
         assert r._layer_stack() is not stack
         return
     # Every linear of the two decode programs took its copy when they were traced, and the LM head
-    # of the two prefill programs (one row per prompt); the experts' kernels are stacked, not called.
-    called = [k for k in f_linear.linear_layers(f_model) if "/experts/" not in k]
+    # of the two prefill programs (one row per prompt); the experts' kernels are stacked, never
+    # called, and get no copy.
+    layers = f_linear.linear_layers(f_model)
+    called = [k for k in layers if "/experts/" not in k]
     assert taken.count(True) == 2 * len(called) + 2
+    assert {k for k, layer in layers.items() if layer.packed} == set(called)
     f_linear.prepack_linears(f_model, ())
     key = "model/layers/1/self_attn/o_proj"
     copy = r._linear_packs()[key][1]
