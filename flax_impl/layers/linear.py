@@ -119,12 +119,11 @@ def prepack_linears(model: nnx.Module, rows: Iterable[int]) -> nnx.Module:
     if any(not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1 for r in rows):
         raise ValueError(f"rows: expected positive integers (tokens per call), got {rows!r}")
     rows = tuple(int(r) for r in rows)
-    linears = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear)]
     # Both MoE paths multiply the experts' kernels stacked, never through their Linears (the
     # torch twin's sparse path calls each expert): a copy of theirs would never be read.
-    stacked = {id(m) for key, m in linear_layers(model).items() if "/experts/" in key}
+    linears = [m for key, m in linear_layers(model).items() if "/experts/" not in key]
     # A sharded kernel is one global array over several devices: XLA lays its pieces out itself.
-    eligible = [m for m in linears if id(m) not in stacked and m.dtype == m.kernel.get_value().dtype == jnp.float32
+    eligible = [m for m in linears if m.dtype == m.kernel.get_value().dtype == jnp.float32
                 and _placement(m.kernel.get_value()) == "cpu"]
     if rows and not eligible:
         dtypes = sorted({f"{m.kernel.get_value().dtype} on {_placement(m.kernel.get_value())}" for m in linears})

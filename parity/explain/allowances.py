@@ -113,7 +113,7 @@ ALLOWANCES: dict[str, Allowance] = {
                                                        "weight by address and version; JAX arrays are immutable, so an "
                                                        "unchanged kernel is the same array, and traced (jit, grad) only "
                                                        "the packs generate() checked and passed in apply"),
-    "layers/linear.py:prepack_linears": Allowance(13, "torch walks model.modules() and keeps packs on the module, made by "
+    "layers/linear.py:prepack_linears": Allowance(12, "torch walks model.modules() and keeps packs on the module, made by "
                                                       "MKL for every row count; NNX walks nnx.iter_graph and keeps them "
                                                       "beside it (its state stays its parameters): one [out, in] copy "
                                                       "of the kernel for every row count, checked by array identity, "
