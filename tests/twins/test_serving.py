@@ -28,7 +28,7 @@ from tests.helpers.generation import twin_pair
 from tests.helpers.twins import spy_on_packs
 from torch_impl.generation import generate as torch_generate
 from weights.config import ModelConfig, RopeScaling
-from weights.shared.serving import Request, resolve_key_buckets, resolve_row_buckets
+from weights.shared.serving import Request, RunnerStats, resolve_key_buckets, resolve_row_buckets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,7 +164,15 @@ def test_reused_slot_keeps_nothing_of_its_previous_request(twin):
                 allowed_tokens=np.arange(CONFIG.vocab_size) % 2 == 0, seed=3, filter_order="grok")
     b = Request([5, 6, 7], max_new_tokens=4)
     used = runner(twin, 1)
+    stats = used.stats
+    stats.reset()  # the runner is the module's, and earlier tests ran on it
     list(used.run([a]))
+    # The runner's stats: A's one prefill of its 14 prompt tokens, then a one-row step per other token.
+    assert (stats.prefills, stats.prefill_requests, stats.prefill_tokens) == (1, 1, 14)
+    assert stats.decode_steps == stats.decode_rows == stats.decode_tokens == MAX_NEW - 1
+    assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
+    stats.reset()
+    assert stats == RunnerStats()
     fresh_cls = ts.Runner if twin == "torch" else fs.Runner
     fresh = runner(twin, 3) if twin == "flax" else fresh_cls(pair()[0], 3, MAX_LEN, BUCKETS)
     ids = []

@@ -18,6 +18,7 @@ when it was admitted, or on what else is running.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -25,9 +26,9 @@ import numpy as np
 
 from .generation import FILTER_ORDERS, sampling_noise
 
-__all__ = ["DEFAULT_BUCKETS", "FILTER_ORDERS", "Request", "Scheduler", "ServingLoop", "SlotSettings", "StepOutput",
-           "TokenEvent", "TopTokens", "check_request", "check_runner_config", "choose_bucket", "prefill_inputs",
-           "request_noise", "resolve_key_buckets", "resolve_row_buckets"]
+__all__ = ["DEFAULT_BUCKETS", "FILTER_ORDERS", "Request", "RunnerStats", "Scheduler", "ServingLoop", "SlotSettings",
+           "StepOutput", "TokenEvent", "TopTokens", "check_request", "check_runner_config", "choose_bucket",
+           "prefill_inputs", "request_noise", "resolve_key_buckets", "resolve_row_buckets"]
 
 DEFAULT_BUCKETS = (16, 32, 64, 128)
 
@@ -348,6 +349,43 @@ class StepOutput(NamedTuple):
         return TokenEvent(request_id, int(self.tokens[row]), float(self.logprobs[row]), top)
 
 
+@dataclass
+class RunnerStats:
+    """Where a runner's time went since it was built (or since `stats.reset()`): the prefill and
+    decode calls, each timed from its inputs to its outputs as numpy (so the Flax programs are
+    waited for). With `tokens / decode_seconds` and `prefill_tokens / prefill_seconds` they give
+    the decode and prefill rates a serving dashboard shows; `bench serve` reads them to split a
+    pass's time."""
+
+    prefills: int = 0  # prefill calls (each admits every request that found a free slot)
+    prefill_requests: int = 0  # requests admitted
+    prefill_tokens: int = 0  # their prompt tokens, without the bucket padding
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0  # rows run (the row bucket), active or not
+    decode_tokens: int = 0  # tokens emitted by decode steps (active rows)
+    decode_seconds: float = 0.0
+
+    def count_prefill(self, seconds: float, prompt_sizes: Sequence[int]) -> None:
+        """Add one prefill call of `len(prompt_sizes)` requests."""
+        self.prefills += 1
+        self.prefill_requests += len(prompt_sizes)
+        self.prefill_tokens += sum(prompt_sizes)
+        self.prefill_seconds += seconds
+
+    def count_decode(self, seconds: float, rows: int, active: int) -> None:
+        """Add one decode step of `rows` rows, `active` of them holding a request."""
+        self.decode_steps += 1
+        self.decode_rows += rows
+        self.decode_tokens += active
+        self.decode_seconds += seconds
+
+    def reset(self) -> None:
+        """Zero every count."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, type(getattr(self, name))())
+
+
 class ServingLoop:
     """The framework-free half of a twin's `Runner`: submit, the step loop, and `run`.
 
@@ -361,6 +399,7 @@ class ServingLoop:
     def __init__(self, num_slots: int, max_len: int, pad_buckets: Sequence[int], vocab_size: int, dtype: np.dtype,
                  tokenizer=None, key_buckets: Sequence[int] | None = None, row_buckets: Sequence[int] | None = None):
         self.scheduler = Scheduler(num_slots, max_len, pad_buckets, vocab_size, dtype)
+        self.stats = RunnerStats()
         self.tokenizer = tokenizer
         self.key_buckets = resolve_key_buckets(self.scheduler.buckets, self.scheduler.max_len, key_buckets)
         self.row_buckets = resolve_row_buckets(self.scheduler.num_slots, row_buckets)
@@ -404,7 +443,9 @@ class ServingLoop:
             bucket = max(choose_bucket(entry.prompt.size, sched.buckets) for _, entry in admitted)
             ids, positions, last = prefill_inputs([entry.prompt for _, entry in admitted], bucket)
             u = np.array([entry.noise[0] for _, entry in admitted], sched.dtype)
+            start = time.perf_counter()
             out = self.prefill(slots, ids, positions, last, sched.settings.rows(slots), u)
+            self.stats.count_prefill(time.perf_counter() - start, [entry.prompt.size for _, entry in admitted])
             for row, (slot, entry) in enumerate(admitted):
                 events.append(out.event(entry.request_id, row))
                 sched.record(slot, int(out.tokens[row]))
@@ -414,8 +455,10 @@ class ServingLoop:
             tokens = np.array([a.tokens[-1] if a is not None else 0 for a in sched.slots[:rows]], np.int64)
             lengths = sched.lengths()[:rows]
             key_length = choose_bucket(int(lengths.max()) + 1, self.key_buckets)
+            start = time.perf_counter()
             out = self.decode(tokens, lengths, active[:rows], key_length, sched.settings.rows(np.arange(rows)),
                               sched.noise()[:rows])
+            self.stats.count_decode(time.perf_counter() - start, rows, int(active.sum()))
             for slot in np.flatnonzero(active):
                 events.append(out.event(sched.slots[slot].request_id, slot))
                 sched.record(slot, int(out.tokens[slot]))
