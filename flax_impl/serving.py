@@ -65,16 +65,28 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_k_value: jax.Arra
     x = logits.astype(compute_dtype(logits.dtype))
     # top-k and top-p sort the vocabulary: skipped when no row asks for them (k = V, p = 1 keep all).
     use_filters = (top_k_value < x.shape[-1]).any() | (top_p_value < 1.0).any()
-    weights = jax.lax.cond(use_filters,
-                           lambda: sampling_weights(x, temperature, top_k_value, top_p_value, allowed, allowed_first),
-                           lambda: sampling_weights(x, temperature, None, None, allowed, allowed_first))
+    sampling = do_sample.any()
     best = greedy(x, allowed)
-    # Inverse-CDF sampling scans the vocabulary (a cumulative sum): skipped when every row is greedy.
-    sampled = jax.lax.cond(do_sample.any(), lambda: sample_from_weights(weights, u), lambda: best)
-    token = jnp.where(do_sample, sampled, best)
-    chosen, top_ids, top_probs = token_scores(jax.nn.log_softmax(x, axis=-1), token)
-    filtered, filtered_ids = top_k(weights / weights.sum(-1, keepdims=True), top_ids.shape[-1])
-    return token, chosen, top_ids, top_probs, filtered_ids, filtered
+
+    def model_distribution() -> tuple[jax.Array, ...]:
+        # Greedy rows allowing every token hold the neutral settings (temperature 1, no filter):
+        # their filtered distribution is the model's own, so its top-8 is the one token_scores
+        # reports, and the filtered weights (a softmax and a top-8 over [R, V]) are not needed.
+        chosen, top_ids, top_probs = token_scores(jax.nn.log_softmax(x, axis=-1), best)
+        return best, chosen, top_ids, top_probs, top_ids, top_probs
+
+    def filtered_distribution() -> tuple[jax.Array, ...]:
+        weights = jax.lax.cond(
+            use_filters, lambda: sampling_weights(x, temperature, top_k_value, top_p_value, allowed, allowed_first),
+            lambda: sampling_weights(x, temperature, None, None, allowed, allowed_first))
+        # Inverse-CDF sampling scans the vocabulary (a cumulative sum): skipped when every row is greedy.
+        sampled = jax.lax.cond(sampling, lambda: sample_from_weights(weights, u), lambda: best)
+        token = jnp.where(do_sample, sampled, best)
+        chosen, top_ids, top_probs = token_scores(jax.nn.log_softmax(x, axis=-1), token)
+        filtered, filtered_ids = top_k(weights / weights.sum(-1, keepdims=True), top_ids.shape[-1])
+        return token, chosen, top_ids, top_probs, filtered_ids, filtered
+
+    return jax.lax.cond(allowed.all() & ~sampling, model_distribution, filtered_distribution)
 
 
 def _prefill_program(graphdef: nnx.GraphDef, state: nnx.State, layer_stack: nnx.State | None, packs: dict,

@@ -194,10 +194,11 @@ ALLOWANCES: dict[str, Allowance] = {
                                              "the loss over the ranks and weighs its labels by their number, as "
                                              "FSDP2 averages gradients (a Flax batch is global)"),
     # serving.py
-    "serving.py:sample_rows": Allowance(8, "torch skips the top-k/top-p filters, the allowed-token mask and the "
-                                           "sampling scan eagerly when no row uses them (each a chain of eager "
-                                           "kernels over [R, V]); under jit Flax chooses with lax.cond, and XLA "
-                                           "fuses the mask into passes it makes anyway"),
+    "serving.py:sample_rows": Allowance(11, "torch skips the top-k/top-p filters, the allowed-token mask, the "
+                                            "sampling scan and the filtered distribution eagerly when no row uses "
+                                            "them (each a chain of eager kernels over [R, V]); under jit Flax "
+                                            "chooses with lax.cond, and XLA fuses the mask into passes it makes "
+                                            "anyway"),
     "serving.py:Runner.__init__": Allowance(17, SERVING + "; with scanned layers (Flax only: scan_layers) the Flax "
                                                           "runner holds the layers' variables, to remake their "
                                                           "parameter stack when the weights change, and with packed "
