@@ -353,8 +353,8 @@ class StepOutput(NamedTuple):
 class RunnerStats:
     """Where a runner's time went since it was built (or since `stats.reset()`): the prefill and
     decode calls, each timed from its inputs to its outputs as numpy (so the Flax programs are
-    waited for). With `tokens / decode_seconds` and `prefill_tokens / prefill_seconds` they give
-    the decode and prefill rates a serving dashboard shows; `bench serve` reads them to split a
+    waited for). `decode_tokens / decode_seconds` and `prefill_tokens / prefill_seconds` are the
+    decode and prefill rates a serving dashboard shows; `bench serve` reads them to split a
     pass's time."""
 
     prefills: int = 0  # prefill calls (each admits every request that found a free slot)
